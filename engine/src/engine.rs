@@ -1,0 +1,308 @@
+//! Loading a model with its tokenizer, and running one generation as a batch of one over the
+//! paged KV cache (the CLI's `generate`). The server's scheduler drives the same model with
+//! larger batches.
+
+use crate::batch::{BatchInput, LogitsWanted};
+use crate::error::{EngineError, Result};
+use crate::kv_cache::{BlockAllocator, KvCache, DEFAULT_BLOCK_SIZE};
+use crate::loader::{GgufSource, ModelPath, SafetensorsSource, WeightFormat, WeightSource};
+use crate::model::Llama;
+use crate::parallel::{Communicator, SingleRank};
+use crate::sampling::SamplingParams;
+use crate::sequence::{FinishReason, SequenceState, TokenStep};
+use crate::tokenizer::Tokenizer;
+use candle_core::{DType, Device};
+use serde::Serialize;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Numeric mode requested by the user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DTypeChoice {
+    /// GGUF: keep quantized weights (f32 activations); safetensors: f32 on CPU.
+    #[default]
+    Auto,
+    F32,
+    Bf16,
+    F16,
+}
+
+impl std::str::FromStr for DTypeChoice {
+    type Err = EngineError;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "auto" => Self::Auto,
+            "f32" | "float32" => Self::F32,
+            "bf16" | "bfloat16" => Self::Bf16,
+            "f16" | "float16" | "half" => Self::F16,
+            other => {
+                return Err(EngineError::InvalidConfig(format!(
+                    "unknown dtype '{other}' (auto, f32, bf16, f16)"
+                )))
+            }
+        })
+    }
+}
+
+impl DTypeChoice {
+    /// The weight format this choice means for a model of kind `path`.
+    pub fn weight_format(&self, path: &ModelPath) -> WeightFormat {
+        match (self, path) {
+            (Self::Auto, ModelPath::Gguf(_)) => WeightFormat::Quantized(DType::F32),
+            (Self::Auto, ModelPath::HfDir(_)) | (Self::F32, _) => WeightFormat::Dense(DType::F32),
+            (Self::Bf16, _) => WeightFormat::Dense(DType::BF16),
+            (Self::F16, _) => WeightFormat::Dense(DType::F16),
+        }
+    }
+}
+
+/// What to load and how.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    pub model: PathBuf,
+    pub dtype: DTypeChoice,
+    /// Longest prompt + output; defaults to the model's context length.
+    pub max_seq_len: Option<usize>,
+    /// KV-cache blocks; defaults to enough for one sequence of `max_seq_len`.
+    pub num_kv_blocks: Option<usize>,
+    pub block_size: usize,
+    /// Largest number of tokens in one forward pass (longer prompts are prefilled in chunks).
+    pub max_batched_tokens: usize,
+}
+
+impl EngineOptions {
+    /// Defaults for `model`.
+    pub fn new(model: impl Into<PathBuf>) -> Self {
+        Self {
+            model: model.into(),
+            dtype: DTypeChoice::Auto,
+            max_seq_len: None,
+            num_kv_blocks: None,
+            block_size: DEFAULT_BLOCK_SIZE,
+            max_batched_tokens: 2048,
+        }
+    }
+}
+
+/// A model shard with its tokenizer, as a worker holds it.
+pub struct LoadedModel {
+    pub model: Llama,
+    pub tokenizer: Tokenizer,
+    pub format: WeightFormat,
+    pub path: ModelPath,
+}
+
+impl LoadedModel {
+    /// Loads rank `comm.rank()`'s shard of the model at `opts.model`.
+    pub fn load(opts: &EngineOptions, device: &Device, comm: Arc<dyn Communicator>) -> Result<Self> {
+        let path = ModelPath::resolve(&opts.model)?;
+        let format = opts.dtype.weight_format(&path);
+        let (source, tokenizer): (Box<dyn WeightSource>, Tokenizer) = match &path {
+            ModelPath::Gguf(p) => {
+                let src = GgufSource::open(p, device)?;
+                let tok = Tokenizer::from_gguf(src.metadata())?;
+                (Box::new(src), tok)
+            }
+            ModelPath::HfDir(dir) => {
+                let src = SafetensorsSource::open(dir, device)?;
+                let mut eos = src.config().eos_token_ids.clone();
+                eos.extend(generation_config_eos(dir));
+                let tok = Tokenizer::from_hf_dir(dir, eos)?;
+                (Box::new(src), tok)
+            }
+        };
+        let cfg = source.config();
+        let max_seq_len = opts
+            .max_seq_len
+            .unwrap_or(cfg.max_position_embeddings)
+            .min(cfg.max_position_embeddings);
+        if tokenizer.vocab_size() > cfg.vocab_size {
+            return Err(EngineError::InvalidConfig(format!(
+                "the tokenizer has {} tokens but the model's vocabulary has {}",
+                tokenizer.vocab_size(),
+                cfg.vocab_size
+            )));
+        }
+        let model = Llama::load(source.as_ref(), format, comm, max_seq_len)?;
+        Ok(Self {
+            model,
+            tokenizer,
+            format,
+            path,
+        })
+    }
+}
+
+/// EOS ids from `generation_config.json`, if present.
+fn generation_config_eos(dir: &std::path::Path) -> Vec<u32> {
+    let Ok(text) = std::fs::read_to_string(dir.join("generation_config.json")) else {
+        return Vec::new();
+    };
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return Vec::new();
+    };
+    match v.get("eos_token_id") {
+        Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The result of one generation.
+#[derive(Debug, Clone, Serialize)]
+pub struct Generation {
+    pub prompt_token_ids: Vec<u32>,
+    pub token_ids: Vec<u32>,
+    pub text: String,
+    pub finish_reason: FinishReason,
+    /// Per generated token, the top `[token_id, logprob]` pairs (when asked for).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top_logprobs: Option<Vec<Vec<(u32, f32)>>>,
+    pub prompt_tokens_per_s: f64,
+    pub decode_tokens_per_s: f64,
+}
+
+/// A single-process engine: one model shard, its KV cache and block allocator.
+pub struct Engine {
+    loaded: LoadedModel,
+    cache: KvCache,
+    allocator: BlockAllocator,
+    max_batched_tokens: usize,
+}
+
+impl Engine {
+    /// Loads the model on the CPU as a group of one rank.
+    pub fn load(opts: &EngineOptions) -> Result<Self> {
+        Self::load_sharded(opts, &Device::Cpu, Arc::new(SingleRank))
+    }
+
+    /// Loads one rank's shard on `device`.
+    pub fn load_sharded(opts: &EngineOptions, device: &Device, comm: Arc<dyn Communicator>) -> Result<Self> {
+        let loaded = LoadedModel::load(opts, device, comm)?;
+        let bs = opts.block_size.max(1);
+        let blocks = opts
+            .num_kv_blocks
+            .unwrap_or_else(|| loaded.model.max_seq_len().div_ceil(bs) + 1);
+        let cache = KvCache::new(loaded.model.kv_cache_config(blocks, bs))?;
+        Ok(Self {
+            loaded,
+            cache,
+            allocator: BlockAllocator::new(blocks, bs),
+            max_batched_tokens: opts.max_batched_tokens.max(1),
+        })
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.loaded.tokenizer
+    }
+
+    /// The model.
+    pub fn model(&self) -> &Llama {
+        &self.loaded.model
+    }
+
+    /// Logits (`[len, vocab]`) at every position of `ids`, from a fresh sequence.
+    pub fn prompt_logits(&mut self, ids: &[u32]) -> Result<Vec<Vec<f32>>> {
+        let mut table = Vec::new();
+        let out = self.prefill(ids, &mut table, LogitsWanted::All);
+        self.allocator.release(&table);
+        let t = out?;
+        Ok(t.to_vec2::<f32>()?)
+    }
+
+    /// Runs `ids` through the model in chunks of at most `max_batched_tokens`, growing `table`.
+    fn prefill(&mut self, ids: &[u32], table: &mut Vec<u32>, wanted: LogitsWanted) -> Result<candle_core::Tensor> {
+        if ids.is_empty() {
+            return Err(EngineError::InvalidRequest("the prompt is empty".into()));
+        }
+        if ids.len() > self.loaded.model.max_seq_len() {
+            return Err(EngineError::InvalidRequest(format!(
+                "the prompt has {} tokens, more than the maximum sequence length {}",
+                ids.len(),
+                self.loaded.model.max_seq_len()
+            )));
+        }
+        if !self.allocator.ensure_capacity(table, ids.len()) {
+            return Err(EngineError::KvCacheExhausted(format!("{} tokens do not fit", ids.len())));
+        }
+        let bs = self.allocator.block_size();
+        let mut outputs = Vec::new();
+        for (c, chunk) in ids.chunks(self.max_batched_tokens).enumerate() {
+            let start = c * self.max_batched_tokens;
+            let last = start + chunk.len() == ids.len();
+            let want = match wanted {
+                LogitsWanted::All => LogitsWanted::All,
+                _ if last => wanted,
+                _ => LogitsWanted::None,
+            };
+            let mut batch = BatchInput::default();
+            batch.push_sequence(chunk, start, table, bs, want);
+            outputs.push(self.loaded.model.forward(&batch, &mut self.cache)?);
+        }
+        Ok(candle_core::Tensor::cat(&outputs, 0)?)
+    }
+
+    /// Generates from `prompt_ids`; `on_step` sees every token as it is produced.
+    pub fn generate(
+        &mut self,
+        prompt_ids: &[u32],
+        params: &SamplingParams,
+        mut on_step: impl FnMut(&TokenStep),
+    ) -> Result<Generation> {
+        params.validate()?;
+        let mut table = Vec::new();
+        let result = self.generate_inner(prompt_ids, params, &mut table, &mut on_step);
+        self.allocator.release(&table);
+        result
+    }
+
+    fn generate_inner(
+        &mut self,
+        prompt_ids: &[u32],
+        params: &SamplingParams,
+        table: &mut Vec<u32>,
+        on_step: &mut dyn FnMut(&TokenStep),
+    ) -> Result<Generation> {
+        let max_len = self.loaded.model.max_seq_len();
+        let eos = self.loaded.tokenizer.eos_token_ids().to_vec();
+        let mut seq = SequenceState::new(prompt_ids.to_vec(), params.clone(), max_len);
+        let t0 = Instant::now();
+        let logits = self.prefill(prompt_ids, table, LogitsWanted::Last)?;
+        let mut logits = logits.squeeze(0)?.to_vec1::<f32>()?;
+        let prefill_s = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        let mut text = String::new();
+        let mut top = Vec::new();
+        let bs = self.allocator.block_size();
+        let finish = loop {
+            let step = seq.step(&mut logits, &self.loaded.tokenizer, &eos)?;
+            text.push_str(&step.text);
+            on_step(&step);
+            top.push(step.top_logprobs.clone());
+            if let Some(f) = step.finished {
+                break f;
+            }
+            let pos = seq.total_len() - 1;
+            if !self.allocator.ensure_capacity(table, pos + 1) {
+                return Err(EngineError::KvCacheExhausted(format!("no block for position {pos}")));
+            }
+            let mut batch = BatchInput::default();
+            batch.push_sequence(&[step.token_id], pos, table, bs, LogitsWanted::Last);
+            logits = self.loaded.model.forward(&batch, &mut self.cache)?.squeeze(0)?.to_vec1::<f32>()?;
+        };
+        let decode_s = t1.elapsed().as_secs_f64();
+        let generated = seq.generated().to_vec();
+        let decode_tokens = generated.len().saturating_sub(1);
+        Ok(Generation {
+            prompt_tokens_per_s: prompt_ids.len() as f64 / prefill_s.max(1e-9),
+            decode_tokens_per_s: if decode_tokens > 0 { decode_tokens as f64 / decode_s.max(1e-9) } else { 0.0 },
+            prompt_token_ids: prompt_ids.to_vec(),
+            token_ids: generated,
+            text,
+            finish_reason: if finish == FinishReason::Cancelled { FinishReason::Stop } else { finish },
+            top_logprobs: (params.logprobs > 0).then_some(top),
+        })
+    }
+}

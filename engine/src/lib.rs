@@ -1,0 +1,19 @@
+//! liftoff's engine: Llama-family models with sharded weights, a paged KV cache, and sampling.
+
+pub mod batch;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod kv_cache;
+pub mod loader;
+pub mod model;
+pub mod parallel;
+pub mod quant;
+pub mod sampling;
+pub mod sequence;
+pub mod stop;
+pub mod tokenizer;
+
+pub use error::{EngineError, Result};
+
+pub use engine::{DTypeChoice, Engine, EngineOptions, Generation, LoadedModel};

@@ -1,0 +1,269 @@
+//! The Llama model (Llama 2/3/3.1/3.2, SmolLM, Mistral-style), tensor-parallel by construction:
+//! every linear is a parallel layer type, and a group of one rank uses [`SingleRank`].
+//!
+//! [`SingleRank`]: crate::parallel::SingleRank
+
+use super::rope::RotaryEmbedding;
+use crate::batch::BatchInput;
+use crate::config::LlamaConfig;
+use crate::error::{EngineError, Result};
+use crate::kv_cache::{paged_attention, KvCache, KvCacheConfig};
+use crate::loader::{WeightFormat, WeightSource};
+use crate::parallel::{
+    shard_range, ColumnParallelLinear, Communicator, HeadSharding, ParallelLmHead, RowParallelLinear,
+    VocabParallelEmbedding,
+};
+use crate::kv_cache::attention::AttentionShape;
+use candle_core::{DType, Device, Tensor};
+use std::sync::Arc;
+
+/// RMS normalisation with a learned scale.
+#[derive(Debug, Clone)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    fn load(src: &dyn WeightSource, name: &str, dtype: DType, eps: f64) -> Result<Self> {
+        let weight = src.vector(name)?;
+        crate::loader::expect_shape(name, weight.dims(), &[src.config().hidden_size])?;
+        Ok(Self {
+            weight: weight.to_dtype(dtype)?,
+            eps: eps as f32,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps)?)
+    }
+}
+
+/// Self-attention over this rank's heads.
+struct Attention {
+    qkv: ColumnParallelLinear,
+    o: RowParallelLinear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn load(src: &dyn WeightSource, prefix: &str, sharding: &HeadSharding, format: WeightFormat, comm: Arc<dyn Communicator>) -> Result<Self> {
+        let cfg = src.config();
+        let d = cfg.head_dim;
+        let heads = sharding.local_heads();
+        let kv = sharding.local_kv_heads();
+        let q_name = format!("{prefix}.q_proj.weight");
+        let k_name = format!("{prefix}.k_proj.weight");
+        let v_name = format!("{prefix}.v_proj.weight");
+        let o_name = format!("{prefix}.o_proj.weight");
+        let hidden = cfg.hidden_size;
+        crate::loader::expect_shape(&q_name, &src.shape(&q_name)?, &[cfg.num_attention_heads * d, hidden])?;
+        crate::loader::expect_shape(&k_name, &src.shape(&k_name)?, &[cfg.num_key_value_heads * d, hidden])?;
+        crate::loader::expect_shape(&v_name, &src.shape(&v_name)?, &[cfg.num_key_value_heads * d, hidden])?;
+        crate::loader::expect_shape(&o_name, &src.shape(&o_name)?, &[hidden, cfg.num_attention_heads * d])?;
+        let qkv = ColumnParallelLinear::load(
+            src,
+            &[
+                (q_name.as_str(), heads.start * d..heads.end * d),
+                (k_name.as_str(), kv.start * d..kv.end * d),
+                (v_name.as_str(), kv.start * d..kv.end * d),
+            ],
+            format,
+        )?;
+        let o = RowParallelLinear::load(src, &o_name, heads.start * d..heads.end * d, format, comm)?;
+        Ok(Self {
+            qkv,
+            o,
+            heads: heads.len(),
+            kv_heads: kv.len(),
+            head_dim: d,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, layer: usize, batch: &BatchInput, rope: &RotaryEmbedding, cache: &mut KvCache) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let parts = self.qkv.forward(x)?;
+        let flat = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?) };
+        let mut q = flat(&parts[0])?;
+        let mut k = flat(&parts[1])?;
+        let v = flat(&parts[2])?;
+        rope.apply(&mut q, self.heads, &batch.positions);
+        rope.apply(&mut k, self.kv_heads, &batch.positions);
+        cache.write(layer, &k, &v, &batch.slot_mapping);
+        let shape = AttentionShape {
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            block_size: cache.config().block_size,
+        };
+        let out = paged_attention(&q, cache.layer_mut(layer), batch, shape);
+        let out = Tensor::from_vec(out, (batch.num_tokens(), self.heads * self.head_dim), x.device())?.to_dtype(dtype)?;
+        self.o.forward(&out)
+    }
+}
+
+/// The SwiGLU feed-forward block over this rank's share of the intermediate features.
+struct Mlp {
+    gate_up: ColumnParallelLinear,
+    down: RowParallelLinear,
+}
+
+impl Mlp {
+    fn load(src: &dyn WeightSource, prefix: &str, format: WeightFormat, comm: Arc<dyn Communicator>) -> Result<Self> {
+        let cfg = src.config();
+        let (i, h) = (cfg.intermediate_size, cfg.hidden_size);
+        let gate = format!("{prefix}.gate_proj.weight");
+        let up = format!("{prefix}.up_proj.weight");
+        let down = format!("{prefix}.down_proj.weight");
+        crate::loader::expect_shape(&gate, &src.shape(&gate)?, &[i, h])?;
+        crate::loader::expect_shape(&up, &src.shape(&up)?, &[i, h])?;
+        crate::loader::expect_shape(&down, &src.shape(&down)?, &[h, i])?;
+        let local = shard_range(i, comm.rank(), comm.world_size());
+        Ok(Self {
+            gate_up: ColumnParallelLinear::load(src, &[(gate.as_str(), local.clone()), (up.as_str(), local.clone())], format)?,
+            down: RowParallelLinear::load(src, &down, local, format, comm)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gu = self.gate_up.forward(x)?;
+        let act = (candle_nn::ops::silu(&gu[0])? * &gu[1])?;
+        self.down.forward(&act)
+    }
+}
+
+/// One transformer block.
+struct DecoderLayer {
+    input_norm: RmsNorm,
+    attn: Attention,
+    post_attention_norm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl DecoderLayer {
+    fn forward(&self, x: &Tensor, layer: usize, batch: &BatchInput, rope: &RotaryEmbedding, cache: &mut KvCache) -> Result<Tensor> {
+        let h = self.attn.forward(&self.input_norm.forward(x)?, layer, batch, rope, cache)?;
+        let x = (x + h)?;
+        let h = self.mlp.forward(&self.post_attention_norm.forward(&x)?)?;
+        Ok((x + h)?)
+    }
+}
+
+/// A Llama model shard.
+pub struct Llama {
+    config: LlamaConfig,
+    embed: VocabParallelEmbedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: ParallelLmHead,
+    rope: RotaryEmbedding,
+    sharding: HeadSharding,
+    device: Device,
+}
+
+impl Llama {
+    /// Loads this rank's shard of the model; `max_seq_len` sizes the RoPE tables.
+    pub fn load(src: &dyn WeightSource, format: WeightFormat, comm: Arc<dyn Communicator>, max_seq_len: usize) -> Result<Self> {
+        let cfg = src.config().clone();
+        let sharding = HeadSharding::new(comm.rank(), comm.world_size(), cfg.num_attention_heads, cfg.num_key_value_heads)?;
+        if cfg.intermediate_size % comm.world_size() != 0 || cfg.vocab_size % comm.world_size() != 0 {
+            return Err(EngineError::Parallel(format!(
+                "tensor parallel size {} must divide intermediate_size {} and vocab_size {}",
+                comm.world_size(),
+                cfg.intermediate_size,
+                cfg.vocab_size
+            )));
+        }
+        let dtype = format.activation_dtype();
+        let embed_name = "model.embed_tokens.weight";
+        crate::loader::expect_shape(embed_name, &src.shape(embed_name)?, &[cfg.vocab_size, cfg.hidden_size])?;
+        let embed = VocabParallelEmbedding::load(src, embed_name, format, comm.clone())?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            layers.push(DecoderLayer {
+                input_norm: RmsNorm::load(src, &format!("{p}.input_layernorm.weight"), dtype, cfg.rms_norm_eps)?,
+                attn: Attention::load(src, &format!("{p}.self_attn"), &sharding, format, comm.clone())?,
+                post_attention_norm: RmsNorm::load(src, &format!("{p}.post_attention_layernorm.weight"), dtype, cfg.rms_norm_eps)?,
+                mlp: Mlp::load(src, &format!("{p}.mlp"), format, comm.clone())?,
+            });
+        }
+        let norm = RmsNorm::load(src, "model.norm.weight", dtype, cfg.rms_norm_eps)?;
+        let lm_head = if src.contains("lm_head.weight") {
+            crate::loader::expect_shape("lm_head.weight", &src.shape("lm_head.weight")?, &[cfg.vocab_size, cfg.hidden_size])?;
+            ParallelLmHead::load(src, "lm_head.weight", format, comm.clone())?
+        } else {
+            ParallelLmHead::tied(&embed, comm.clone())?
+        };
+        let rope = RotaryEmbedding::new(&cfg, max_seq_len.min(cfg.max_position_embeddings).max(1));
+        Ok(Self {
+            config: cfg,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            sharding,
+            device: src.device().clone(),
+        })
+    }
+
+    /// The model configuration.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// Longest sequence the model was set up for.
+    pub fn max_seq_len(&self) -> usize {
+        self.rope.max_positions()
+    }
+
+    /// KV-cache geometry of this shard for `num_blocks` blocks of `block_size`.
+    pub fn kv_cache_config(&self, num_blocks: usize, block_size: usize) -> KvCacheConfig {
+        KvCacheConfig {
+            num_layers: self.config.num_hidden_layers,
+            num_blocks,
+            block_size,
+            kv_heads: self.sharding.local_kv_heads().len(),
+            head_dim: self.config.head_dim,
+        }
+    }
+
+    /// Runs the batch; returns the logits (`[rows, vocab]`, f32) of the rows
+    /// [`BatchInput::logits_rows`] names.
+    pub fn forward(&self, batch: &BatchInput, cache: &mut KvCache) -> Result<Tensor> {
+        if batch.num_tokens() == 0 {
+            return Ok(Tensor::zeros((0, self.config.vocab_size), DType::F32, &self.device)?);
+        }
+        if let Some(&p) = batch.positions.iter().max() {
+            if p as usize >= self.max_seq_len() {
+                return Err(EngineError::InvalidRequest(format!(
+                    "position {p} is beyond the maximum sequence length {}",
+                    self.max_seq_len()
+                )));
+            }
+        }
+        if let Some(&t) = batch.token_ids.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+            return Err(EngineError::InvalidRequest(format!(
+                "token id {t} is outside the vocabulary of {}",
+                self.config.vocab_size
+            )));
+        }
+        let mut x = self.embed.forward(&batch.token_ids)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(&x, i, batch, &self.rope, cache)?;
+        }
+        let rows = batch.logits_rows();
+        if rows.is_empty() {
+            return Ok(Tensor::zeros((0, self.config.vocab_size), DType::F32, &self.device)?);
+        }
+        let x = if rows.len() == batch.num_tokens() {
+            x
+        } else {
+            x.index_select(&Tensor::new(rows.as_slice(), &self.device)?, 0)?
+        };
+        self.lm_head.forward(&self.norm.forward(&x)?)
+    }
+}

@@ -1,0 +1,6 @@
+//! Model definitions.
+
+pub mod llama;
+pub mod rope;
+
+pub use llama::Llama;

@@ -1,0 +1,115 @@
+//! Tensor parallelism: the [`Communicator`] between the ranks of a group, and the layer types
+//! that shard weights over it.
+
+mod layers;
+mod linear;
+
+pub use layers::{ColumnParallelLinear, ParallelLmHead, RowParallelLinear, VocabParallelEmbedding};
+pub use linear::Linear;
+
+use crate::error::Result;
+use candle_core::Tensor;
+use std::ops::Range;
+
+/// Collective operations between the ranks of one tensor-parallel group.
+pub trait Communicator: Send + Sync {
+    /// This process's rank in the group.
+    fn rank(&self) -> usize;
+    /// Number of ranks in the group.
+    fn world_size(&self) -> usize;
+    /// Element-wise sum of `x` over all ranks; every rank gets the result.
+    fn all_reduce_sum(&self, x: &Tensor) -> Result<Tensor>;
+    /// Concatenation of every rank's `x` along `dim`, in rank order; every rank gets the result.
+    fn all_gather(&self, x: &Tensor, dim: usize) -> Result<Tensor>;
+}
+
+/// The communicator of a group of one: every collective is the identity.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SingleRank;
+
+impl Communicator for SingleRank {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+    fn all_reduce_sum(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.clone())
+    }
+    fn all_gather(&self, x: &Tensor, _dim: usize) -> Result<Tensor> {
+        Ok(x.clone())
+    }
+}
+
+/// The even share of `total` items that `rank` of `world` owns.
+pub fn shard_range(total: usize, rank: usize, world: usize) -> Range<usize> {
+    let per = total / world;
+    rank * per..(rank + 1) * per
+}
+
+/// How the attention heads of a model split over the ranks of a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeadSharding {
+    pub rank: usize,
+    pub world: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+}
+
+impl HeadSharding {
+    /// Validates that `world` ranks can split `num_heads` query heads and `num_kv_heads` KV heads.
+    pub fn new(rank: usize, world: usize, num_heads: usize, num_kv_heads: usize) -> Result<Self> {
+        use crate::error::EngineError;
+        if num_heads % world != 0 {
+            return Err(EngineError::Parallel(format!(
+                "tensor parallel size {world} does not divide the {num_heads} attention heads"
+            )));
+        }
+        if num_kv_heads % world != 0 && world % num_kv_heads != 0 {
+            return Err(EngineError::Parallel(format!(
+                "tensor parallel size {world} and the {num_kv_heads} KV heads do not divide one another"
+            )));
+        }
+        Ok(Self {
+            rank,
+            world,
+            num_heads,
+            num_kv_heads,
+        })
+    }
+
+    /// Query heads on this rank.
+    pub fn local_heads(&self) -> Range<usize> {
+        shard_range(self.num_heads, self.rank, self.world)
+    }
+
+    /// KV heads on this rank; one replicated head when there are fewer KV heads than ranks.
+    pub fn local_kv_heads(&self) -> Range<usize> {
+        if self.num_kv_heads >= self.world {
+            shard_range(self.num_kv_heads, self.rank, self.world)
+        } else {
+            let h = self.rank * self.num_kv_heads / self.world;
+            h..h + 1
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kv_heads_split_or_replicate() {
+        let s = HeadSharding::new(1, 2, 8, 4).unwrap();
+        assert_eq!(s.local_heads(), 4..8);
+        assert_eq!(s.local_kv_heads(), 2..4);
+        // 4 ranks, 2 KV heads: ranks 0,1 share head 0; ranks 2,3 share head 1.
+        let kv: Vec<_> = (0..4)
+            .map(|r| HeadSharding::new(r, 4, 8, 2).unwrap().local_kv_heads())
+            .collect();
+        assert_eq!(kv, vec![0..1, 0..1, 1..2, 1..2]);
+        let err = HeadSharding::new(0, 2, 9, 3).unwrap_err().to_string();
+        assert!(err.contains("tensor parallel size 2 does not divide the 9 attention heads"), "{err}");
+    }
+}

