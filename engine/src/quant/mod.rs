@@ -127,9 +127,10 @@ mod tests {
         let scalar = fast.with_scalar_kernel().forward(&x).unwrap().to_vec2::<f32>().unwrap();
         for i in 0..m {
             for j in 0..n {
-                // Same integer dot products; only the float summation order differs.
-                assert!((simd[i][j] - reference[i][j]).abs() < 1e-3, "{i},{j}");
-                assert!((scalar[i][j] - reference[i][j]).abs() < 1e-3, "{i},{j}");
+                // SIMD and scalar run the same integer dot products; only float order differs.
+                assert!((simd[i][j] - scalar[i][j]).abs() < 1e-4, "{i},{j}: {} vs {}", simd[i][j], scalar[i][j]);
+                // candle rounds the 8-bit activation scales slightly differently (f16 storage).
+                assert!((simd[i][j] - reference[i][j]).abs() < 5e-3, "{i},{j}: {} vs {}", simd[i][j], reference[i][j]);
             }
         }
     }

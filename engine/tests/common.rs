@@ -1,0 +1,62 @@
+//! Shared helpers for the engine's model tests.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+/// The workspace's `tests/fixtures`.
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+/// The default SmolLM2 GGUF: `$LIFTOFF_DEFAULT_MODEL`, else the cache that
+/// `scripts/fetch_default_model.sh` fills.
+pub fn smollm2_gguf() -> PathBuf {
+    if let Some(p) = std::env::var_os("LIFTOFF_DEFAULT_MODEL") {
+        return PathBuf::from(p);
+    }
+    let base = std::env::var_os("LIFTOFF_CACHE")
+        .map(|c| PathBuf::from(c).join("models"))
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/liftoff/models"));
+    let p = base.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(p.is_file(), "{} is missing: run scripts/fetch_default_model.sh", p.display());
+    p
+}
+
+/// One reference case written by scripts/make_reference.py.
+#[derive(serde::Deserialize, Debug)]
+pub struct RefCase {
+    pub name: String,
+    pub prompt: Option<String>,
+    pub chat: Option<bool>,
+    pub prompt_ids: Vec<u32>,
+    pub greedy_ids: Vec<u32>,
+    /// Per position of prompt + greedy: the top-k `[id, logit]`.
+    pub topk: Vec<Vec<(u32, f32)>>,
+}
+
+#[derive(serde::Deserialize, Debug)]
+pub struct RefFile {
+    pub cases: Vec<RefCase>,
+}
+
+pub fn load_ref(name: &str) -> RefFile {
+    let p = fixtures().join("reference").join(name);
+    serde_json::from_str(&std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
+}
+
+/// Largest |ours - reference| over the reference's top-k logits at every position.
+pub fn max_topk_error(ours: &[Vec<f32>], reference: &[Vec<(u32, f32)>]) -> f32 {
+    assert_eq!(ours.len(), reference.len());
+    let mut worst = 0f32;
+    for (row, refs) in ours.iter().zip(reference) {
+        for &(id, logit) in refs {
+            worst = worst.max((row[id as usize] - logit).abs());
+        }
+    }
+    worst
+}
+
+/// Index of the largest value.
+pub fn argmax(row: &[f32]) -> u32 {
+    liftoff_engine::sampling::Sampler::new(Some(0)).sample(row, &liftoff_engine::sampling::SamplingParams::greedy(1))
+}
