@@ -44,14 +44,22 @@ pub struct BatchInput {
 impl BatchInput {
     /// Appends a chunk of `tokens` starting at position `first_pos` for a sequence whose
     /// blocks are `block_table`.
-    pub fn push_sequence(&mut self, tokens: &[u32], first_pos: usize, block_table: &[u32], block_size: usize, logits: LogitsWanted) {
+    pub fn push_sequence(
+        &mut self,
+        tokens: &[u32],
+        first_pos: usize,
+        block_table: &[u32],
+        block_size: usize,
+        logits: LogitsWanted,
+    ) {
         let start = self.token_ids.len();
         for (i, &t) in tokens.iter().enumerate() {
             let pos = first_pos + i;
             self.token_ids.push(t);
             self.positions.push(pos as u32);
-            self.slot_mapping
-                .push(block_table[pos / block_size] * block_size as u32 + (pos % block_size) as u32);
+            self.slot_mapping.push(
+                block_table[pos / block_size] * block_size as u32 + (pos % block_size) as u32,
+            );
         }
         self.sequences.push(SequenceChunk {
             start,

@@ -198,7 +198,10 @@ impl LlamaConfig {
             ));
         }
         if self.head_dim == 0 || self.head_dim % 2 != 0 {
-            return bad(format!("head_dim {} must be even and positive", self.head_dim));
+            return bad(format!(
+                "head_dim {} must be even and positive",
+                self.head_dim
+            ));
         }
         if self.max_position_embeddings == 0 {
             return bad("max_position_embeddings must be positive".into());
@@ -221,7 +224,9 @@ fn parse_rope_scaling(rope: &HfRope) -> Result<RopeScaling> {
         }),
         "llama3" => {
             let need = |v: Option<f32>, name: &str| {
-                v.ok_or_else(|| EngineError::InvalidConfig(format!("rope_scaling llama3 lacks {name}")))
+                v.ok_or_else(|| {
+                    EngineError::InvalidConfig(format!("rope_scaling llama3 lacks {name}"))
+                })
             };
             Ok(RopeScaling::Llama3 {
                 factor: need(rope.factor, "factor")?,
@@ -269,7 +274,10 @@ mod tests {
             r#""rope_theta":500000.0,"rope_scaling""#,
             r#""rope_parameters""#,
         );
-        let text = text.replace(r#""rope_type":"llama3""#, r#""rope_type":"llama3","rope_theta":250000.0"#);
+        let text = text.replace(
+            r#""rope_type":"llama3""#,
+            r#""rope_type":"llama3","rope_theta":250000.0"#,
+        );
         let c = LlamaConfig::from_hf_json(&text).unwrap();
         assert_eq!(c.rope_theta, 250000.0);
     }
@@ -278,14 +286,21 @@ mod tests {
     fn rejects_inconsistent_heads() {
         let text = LLAMA3.replace(r#""num_key_value_heads":4"#, r#""num_key_value_heads":3"#);
         let err = LlamaConfig::from_hf_json(&text).unwrap_err().to_string();
-        assert!(err.contains("num_attention_heads 8 is not a multiple of num_key_value_heads 3"), "{err}");
+        assert!(
+            err.contains("num_attention_heads 8 is not a multiple of num_key_value_heads 3"),
+            "{err}"
+        );
     }
 
     #[test]
     fn rejects_unknown_architecture() {
-        let text = LLAMA3.replace(r#""model_type":"llama""#, r#""model_type":"gpt2""#)
+        let text = LLAMA3
+            .replace(r#""model_type":"llama""#, r#""model_type":"gpt2""#)
             .replace("LlamaForCausalLM", "GPT2LMHeadModel");
         let err = LlamaConfig::from_hf_json(&text).unwrap_err().to_string();
-        assert!(err.contains("unsupported model architecture 'gpt2'"), "{err}");
+        assert!(
+            err.contains("unsupported model architecture 'gpt2'"),
+            "{err}"
+        );
     }
 }

@@ -95,7 +95,11 @@ pub struct LoadedModel {
 
 impl LoadedModel {
     /// Loads rank `comm.rank()`'s shard of the model at `opts.model`.
-    pub fn load(opts: &EngineOptions, device: &Device, comm: Arc<dyn Communicator>) -> Result<Self> {
+    pub fn load(
+        opts: &EngineOptions,
+        device: &Device,
+        comm: Arc<dyn Communicator>,
+    ) -> Result<Self> {
         let path = ModelPath::resolve(&opts.model)?;
         let format = opts.dtype.weight_format(&path);
         let (source, tokenizer): (Box<dyn WeightSource>, Tokenizer) = match &path {
@@ -143,8 +147,13 @@ fn generation_config_eos(dir: &std::path::Path) -> Vec<u32> {
         return Vec::new();
     };
     match v.get("eos_token_id") {
-        Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect(),
+        Some(serde_json::Value::Number(n)) => {
+            n.as_u64().map(|x| vec![x as u32]).unwrap_or_default()
+        }
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64().map(|x| x as u32))
+            .collect(),
         _ => Vec::new(),
     }
 }
@@ -178,7 +187,11 @@ impl Engine {
     }
 
     /// Loads one rank's shard on `device`.
-    pub fn load_sharded(opts: &EngineOptions, device: &Device, comm: Arc<dyn Communicator>) -> Result<Self> {
+    pub fn load_sharded(
+        opts: &EngineOptions,
+        device: &Device,
+        comm: Arc<dyn Communicator>,
+    ) -> Result<Self> {
         let loaded = LoadedModel::load(opts, device, comm)?;
         let bs = opts.block_size.max(1);
         let blocks = opts
@@ -213,7 +226,12 @@ impl Engine {
     }
 
     /// Runs `ids` through the model in chunks of at most `max_batched_tokens`, growing `table`.
-    fn prefill(&mut self, ids: &[u32], table: &mut Vec<u32>, wanted: LogitsWanted) -> Result<candle_core::Tensor> {
+    fn prefill(
+        &mut self,
+        ids: &[u32],
+        table: &mut Vec<u32>,
+        wanted: LogitsWanted,
+    ) -> Result<candle_core::Tensor> {
         if ids.is_empty() {
             return Err(EngineError::InvalidRequest("the prompt is empty".into()));
         }
@@ -225,7 +243,10 @@ impl Engine {
             )));
         }
         if !self.allocator.ensure_capacity(table, ids.len()) {
-            return Err(EngineError::KvCacheExhausted(format!("{} tokens do not fit", ids.len())));
+            return Err(EngineError::KvCacheExhausted(format!(
+                "{} tokens do not fit",
+                ids.len()
+            )));
         }
         let bs = self.allocator.block_size();
         let mut outputs = Vec::new();
@@ -286,22 +307,37 @@ impl Engine {
             }
             let pos = seq.total_len() - 1;
             if !self.allocator.ensure_capacity(table, pos + 1) {
-                return Err(EngineError::KvCacheExhausted(format!("no block for position {pos}")));
+                return Err(EngineError::KvCacheExhausted(format!(
+                    "no block for position {pos}"
+                )));
             }
             let mut batch = BatchInput::default();
             batch.push_sequence(&[step.token_id], pos, table, bs, LogitsWanted::Last);
-            logits = self.loaded.model.forward(&batch, &mut self.cache)?.squeeze(0)?.to_vec1::<f32>()?;
+            logits = self
+                .loaded
+                .model
+                .forward(&batch, &mut self.cache)?
+                .squeeze(0)?
+                .to_vec1::<f32>()?;
         };
         let decode_s = t1.elapsed().as_secs_f64();
         let generated = seq.generated().to_vec();
         let decode_tokens = generated.len().saturating_sub(1);
         Ok(Generation {
             prompt_tokens_per_s: prompt_ids.len() as f64 / prefill_s.max(1e-9),
-            decode_tokens_per_s: if decode_tokens > 0 { decode_tokens as f64 / decode_s.max(1e-9) } else { 0.0 },
+            decode_tokens_per_s: if decode_tokens > 0 {
+                decode_tokens as f64 / decode_s.max(1e-9)
+            } else {
+                0.0
+            },
             prompt_token_ids: prompt_ids.to_vec(),
             token_ids: generated,
             text,
-            finish_reason: if finish == FinishReason::Cancelled { FinishReason::Stop } else { finish },
+            finish_reason: if finish == FinishReason::Cancelled {
+                FinishReason::Stop
+            } else {
+                finish
+            },
             top_logprobs: (params.logprobs > 0).then_some(top),
         })
     }

@@ -39,7 +39,7 @@ pub enum EngineError {
     KvCacheExhausted(String),
     #[error("tensor-parallel: {0}")]
     Parallel(String),
-    #[error(transparent)]
+    #[error("{}", candle_message(.0))]
     Candle(#[from] candle_core::Error),
 }
 
@@ -54,4 +54,10 @@ impl EngineError {
             source,
         }
     }
+}
+
+/// candle's message without the backtrace it appends when `RUST_BACKTRACE` is set.
+pub fn candle_message(e: &candle_core::Error) -> String {
+    let text = e.to_string();
+    text.lines().next().unwrap_or_default().trim().to_string()
 }

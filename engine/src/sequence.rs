@@ -3,7 +3,8 @@
 
 use crate::error::Result;
 use crate::sampling::{
-    apply_min_new_tokens, apply_no_repeat_ngram, apply_repetition_penalty, top_logprobs, Sampler, SamplingParams,
+    apply_min_new_tokens, apply_no_repeat_ngram, apply_repetition_penalty, top_logprobs, Sampler,
+    SamplingParams,
 };
 use crate::stop::StopChecker;
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
@@ -104,7 +105,12 @@ impl SequenceState {
 
     /// Samples the next token from `logits` (modified in place by the processors), appends it,
     /// decodes its text and checks the stop conditions.
-    pub fn step(&mut self, logits: &mut [f32], tokenizer: &Tokenizer, eos: &[u32]) -> Result<TokenStep> {
+    pub fn step(
+        &mut self,
+        logits: &mut [f32],
+        tokenizer: &Tokenizer,
+        eos: &[u32],
+    ) -> Result<TokenStep> {
         let top = if self.params.logprobs > 0 {
             top_logprobs(logits, self.params.logprobs)
         } else {
@@ -114,7 +120,12 @@ impl SequenceState {
         apply_repetition_penalty(logits, &history, self.params.repetition_penalty);
         apply_no_repeat_ngram(logits, &history, self.params.no_repeat_ngram_size);
         if !self.params.ignore_eos {
-            apply_min_new_tokens(logits, self.generated.len(), self.params.min_new_tokens, eos);
+            apply_min_new_tokens(
+                logits,
+                self.generated.len(),
+                self.params.min_new_tokens,
+                eos,
+            );
         }
         let token = self.sampler.sample(logits, &self.params);
         self.generated.push(token);
@@ -134,7 +145,8 @@ impl SequenceState {
             }
         }
         if finished.is_none()
-            && (self.generated.len() >= self.params.max_new_tokens || self.total_len() >= self.max_total_len)
+            && (self.generated.len() >= self.params.max_new_tokens
+                || self.total_len() >= self.max_total_len)
         {
             finished = Some(FinishReason::Length);
         }

@@ -43,7 +43,10 @@ impl StopChecker {
         if let Some(at) = first {
             let emit = self.pending[..at].to_string();
             self.pending.clear();
-            return StopOutcome { emit, stopped: true };
+            return StopOutcome {
+                emit,
+                stopped: true,
+            };
         }
         // Hold back the longest suffix that is a prefix of some stop string.
         let hold = self
@@ -57,7 +60,10 @@ impl StopChecker {
             .unwrap_or(self.pending.len());
         let emit = self.pending[..hold].to_string();
         self.pending.drain(..hold);
-        StopOutcome { emit, stopped: false }
+        StopOutcome {
+            emit,
+            stopped: false,
+        }
     }
 
     /// Text held back, released when the sequence ends for another reason.
@@ -76,9 +82,21 @@ mod tests {
         assert_eq!(c.push("Hello").emit, "Hello");
         assert_eq!(c.push(" world\n").emit, " world");
         let o = c.push("\nUs");
-        assert_eq!(o, StopOutcome { emit: String::new(), stopped: false });
+        assert_eq!(
+            o,
+            StopOutcome {
+                emit: String::new(),
+                stopped: false
+            }
+        );
         let o = c.push("er: hi");
-        assert_eq!(o, StopOutcome { emit: String::new(), stopped: true });
+        assert_eq!(
+            o,
+            StopOutcome {
+                emit: String::new(),
+                stopped: true
+            }
+        );
     }
 
     #[test]

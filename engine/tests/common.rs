@@ -16,9 +16,15 @@ pub fn smollm2_gguf() -> PathBuf {
     }
     let base = std::env::var_os("LIFTOFF_CACHE")
         .map(|c| PathBuf::from(c).join("models"))
-        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/liftoff/models"));
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/liftoff/models")
+        });
     let p = base.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(p.is_file(), "{} is missing: run scripts/fetch_default_model.sh", p.display());
+    assert!(
+        p.is_file(),
+        "{} is missing: run scripts/fetch_default_model.sh",
+        p.display()
+    );
     p
 }
 
@@ -41,7 +47,10 @@ pub struct RefFile {
 
 pub fn load_ref(name: &str) -> RefFile {
     let p = fixtures().join("reference").join(name);
-    serde_json::from_str(&std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
+    serde_json::from_str(
+        &std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
+    )
+    .unwrap()
 }
 
 /// Largest |ours - reference| over the reference's top-k logits at every position.
@@ -58,5 +67,6 @@ pub fn max_topk_error(ours: &[Vec<f32>], reference: &[Vec<(u32, f32)>]) -> f32 {
 
 /// Index of the largest value.
 pub fn argmax(row: &[f32]) -> u32 {
-    liftoff_engine::sampling::Sampler::new(Some(0)).sample(row, &liftoff_engine::sampling::SamplingParams::greedy(1))
+    liftoff_engine::sampling::Sampler::new(Some(0))
+        .sample(row, &liftoff_engine::sampling::SamplingParams::greedy(1))
 }

@@ -14,13 +14,23 @@ use liftoff_engine::{Engine, EngineOptions};
 
 fn check(name: &str) {
     let dir = fixtures().join("models").join(name);
-    let mut e = Engine::load(&EngineOptions::new(&dir)).unwrap_or_else(|err| panic!("{name}: {err}"));
+    let mut e =
+        Engine::load(&EngineOptions::new(&dir)).unwrap_or_else(|err| panic!("{name}: {err}"));
     for case in load_ref(&format!("{name}.json")).cases {
         let mut params = SamplingParams::greedy(case.greedy_ids.len());
         params.ignore_eos = true;
         let g = e.generate(&case.prompt_ids, &params, |_| {}).unwrap();
-        assert_eq!(g.token_ids, case.greedy_ids, "{name}/{}: greedy tokens", case.name);
-        let full: Vec<u32> = case.prompt_ids.iter().chain(&case.greedy_ids).copied().collect();
+        assert_eq!(
+            g.token_ids, case.greedy_ids,
+            "{name}/{}: greedy tokens",
+            case.name
+        );
+        let full: Vec<u32> = case
+            .prompt_ids
+            .iter()
+            .chain(&case.greedy_ids)
+            .copied()
+            .collect();
         let logits = e.prompt_logits(&full).unwrap();
         for (pos, (row, refs)) in logits.iter().zip(&case.topk).enumerate() {
             let scale = refs.iter().map(|r| r.1.abs()).fold(1.0f32, f32::max);

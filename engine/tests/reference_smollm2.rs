@@ -46,13 +46,28 @@ struct TokFile {
 fn tokenizer_and_chat_template_match_transformers() {
     let e = engine(DTypeChoice::Auto);
     let tok = e.tokenizer();
-    let f: TokFile = serde_json::from_str(&std::fs::read_to_string(fixtures().join("reference/smollm2_tokenizer.json")).unwrap()).unwrap();
+    let f: TokFile = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("reference/smollm2_tokenizer.json")).unwrap(),
+    )
+    .unwrap();
     for c in &f.cases {
-        assert_eq!(tok.encode(&c.text, true).unwrap(), c.ids, "ids of {:?}", c.text);
+        assert_eq!(
+            tok.encode(&c.text, true).unwrap(),
+            c.ids,
+            "ids of {:?}",
+            c.text
+        );
         // Round trip (special tokens kept).
-        assert_eq!(tok.decode(&c.ids, false).unwrap(), c.text, "decode of {:?}", c.text);
+        assert_eq!(
+            tok.decode(&c.ids, false).unwrap(),
+            c.text,
+            "decode of {:?}",
+            c.text
+        );
     }
-    let rendered = tok.apply_chat_template(&[ChatMessage::new("user", &f.chat_example.user)], true).unwrap();
+    let rendered = tok
+        .apply_chat_template(&[ChatMessage::new("user", &f.chat_example.user)], true)
+        .unwrap();
     assert_eq!(rendered, f.chat_example.rendered);
     assert_eq!(tok.eos_token_ids(), &[2]);
 }
@@ -62,13 +77,25 @@ fn f32_path_matches_transformers_logits_and_greedy_tokens() {
     let mut e = engine(DTypeChoice::F32);
     for case in load_ref("smollm2_f32.json").cases {
         let prompt = case.prompt.as_deref().unwrap();
-        let ids = e.tokenizer().encode_prompt(prompt, case.chat.unwrap_or(false)).unwrap();
+        let ids = e
+            .tokenizer()
+            .encode_prompt(prompt, case.chat.unwrap_or(false))
+            .unwrap();
         assert_eq!(ids, case.prompt_ids, "prompt ids of {}", case.name);
         let mut params = SamplingParams::greedy(case.greedy_ids.len());
         params.ignore_eos = true;
         let g = e.generate(&ids, &params, |_| {}).unwrap();
-        assert_eq!(g.token_ids, case.greedy_ids, "greedy tokens of {}", case.name);
-        let full: Vec<u32> = case.prompt_ids.iter().chain(&case.greedy_ids).copied().collect();
+        assert_eq!(
+            g.token_ids, case.greedy_ids,
+            "greedy tokens of {}",
+            case.name
+        );
+        let full: Vec<u32> = case
+            .prompt_ids
+            .iter()
+            .chain(&case.greedy_ids)
+            .copied()
+            .collect();
         let logits = e.prompt_logits(&full).unwrap();
         let err = max_topk_error(&logits, &case.topk);
         println!("{}: max top-10 logit error {err:.2e}", case.name);
@@ -81,7 +108,12 @@ fn quantized_path_agrees_statistically() {
     let mut e = engine(DTypeChoice::Auto);
     let (mut positions, mut top1, mut overlap) = (0usize, 0usize, 0usize);
     for case in load_ref("smollm2_f32.json").cases {
-        let full: Vec<u32> = case.prompt_ids.iter().chain(&case.greedy_ids).copied().collect();
+        let full: Vec<u32> = case
+            .prompt_ids
+            .iter()
+            .chain(&case.greedy_ids)
+            .copied()
+            .collect();
         let logits = e.prompt_logits(&full).unwrap();
         for (row, refs) in logits.iter().zip(&case.topk) {
             positions += 1;

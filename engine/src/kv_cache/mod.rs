@@ -26,11 +26,21 @@ pub struct KvCacheConfig {
 impl KvCacheConfig {
     /// Bytes one block takes over all layers (K and V, f32).
     pub fn bytes_per_block(&self) -> usize {
-        2 * self.num_layers * self.block_size * self.kv_heads * self.head_dim * std::mem::size_of::<f32>()
+        2 * self.num_layers
+            * self.block_size
+            * self.kv_heads
+            * self.head_dim
+            * std::mem::size_of::<f32>()
     }
 
     /// The number of blocks that fit in `bytes`.
-    pub fn blocks_for_budget(bytes: usize, num_layers: usize, block_size: usize, kv_heads: usize, head_dim: usize) -> usize {
+    pub fn blocks_for_budget(
+        bytes: usize,
+        num_layers: usize,
+        block_size: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> usize {
         let per = 2 * num_layers * block_size * kv_heads * head_dim * std::mem::size_of::<f32>();
         bytes / per.max(1)
     }

@@ -29,7 +29,8 @@ impl GgufSource {
         };
         let file = std::fs::File::open(path).map_err(|e| EngineError::io(path, e))?;
         let mut reader = std::io::BufReader::new(&file);
-        let content = Content::read(&mut reader).map_err(|e| invalid(e.to_string()))?;
+        let content =
+            Content::read(&mut reader).map_err(|e| invalid(crate::error::candle_message(&e)))?;
         // SAFETY: the file is opened read-only; a model file changed while serving is not supported.
         let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| EngineError::io(path, e))?;
         let file_len = mmap.len() as u64;
@@ -79,10 +80,17 @@ impl GgufSource {
             return Ok(None);
         }
         let q = self.qtensor("rope_freqs.weight", &Slice::All)?;
-        Ok(Some(q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?))
+        Ok(Some(
+            q.dequantize(&Device::Cpu)?
+                .flatten_all()?
+                .to_vec1::<f32>()?,
+        ))
     }
 
-    fn info(&self, hf_name: &str) -> Result<(&str, &candle_core::quantized::gguf_file::TensorInfo)> {
+    fn info(
+        &self,
+        hf_name: &str,
+    ) -> Result<(&str, &candle_core::quantized::gguf_file::TensorInfo)> {
         let name = gguf_name(hf_name);
         let (k, v) = self
             .content
@@ -115,7 +123,9 @@ impl GgufSource {
                 };
                 if let Slice::Rows(_) = slice {
                     if r.end > *rows {
-                        return Err(EngineError::Parallel(format!("rows {r:?} out of {rows} in {gguf}")));
+                        return Err(EngineError::Parallel(format!(
+                            "rows {r:?} out of {rows} in {gguf}"
+                        )));
                     }
                     (Cow::Borrowed(layout.rows(data, r)), vec![r.len(), *cols])
                 } else {
@@ -146,7 +156,9 @@ impl WeightSource for GgufSource {
     }
 
     fn contains(&self, name: &str) -> bool {
-        self.content.tensor_infos.contains_key(gguf_name(name).as_str())
+        self.content
+            .tensor_infos
+            .contains_key(gguf_name(name).as_str())
     }
 
     fn shape(&self, name: &str) -> Result<Vec<usize>> {
@@ -155,12 +167,16 @@ impl WeightSource for GgufSource {
 
     fn matrix(&self, name: &str, slice: &Slice, format: WeightFormat) -> Result<MatrixWeight> {
         let (gguf, info) = self.info(name)?;
-        let dense_type = matches!(info.ggml_dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+        let dense_type = matches!(
+            info.ggml_dtype,
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
+        );
         let q = self.qtensor(gguf, slice)?;
         match format {
             WeightFormat::Quantized(_) if !dense_type => Ok(MatrixWeight::Quantized(q)),
             _ => Ok(MatrixWeight::Dense(
-                q.dequantize(&self.device)?.to_dtype(format.activation_dtype())?,
+                q.dequantize(&self.device)?
+                    .to_dtype(format.activation_dtype())?,
             )),
         }
     }
@@ -174,7 +190,10 @@ impl WeightSource for GgufSource {
                 actual: info.shape.dims().to_vec(),
             });
         }
-        Ok(self.qtensor(gguf, &Slice::All)?.dequantize(&self.device)?.to_dtype(DType::F32)?)
+        Ok(self
+            .qtensor(gguf, &Slice::All)?
+            .dequantize(&self.device)?
+            .to_dtype(DType::F32)?)
     }
 
     fn device(&self) -> &Device {
@@ -218,17 +237,18 @@ fn meta_u32(md: &HashMap<String, Value>, key: &str) -> Result<Option<u32>> {
             .or_else(|_| v.to_u64().map(|x| x as u32))
             .or_else(|_| v.to_i32().map(|x| x as u32))
             .map(Some)
-            .map_err(|_| EngineError::InvalidConfig(format!("GGUF metadata '{key}' is not an integer"))),
+            .map_err(|_| {
+                EngineError::InvalidConfig(format!("GGUF metadata '{key}' is not an integer"))
+            }),
     }
 }
 
 fn meta_f32(md: &HashMap<String, Value>, key: &str) -> Result<Option<f32>> {
     match md.get(key) {
         None => Ok(None),
-        Some(v) => v
-            .to_f32()
-            .map(Some)
-            .map_err(|_| EngineError::InvalidConfig(format!("GGUF metadata '{key}' is not a float"))),
+        Some(v) => v.to_f32().map(Some).map_err(|_| {
+            EngineError::InvalidConfig(format!("GGUF metadata '{key}' is not a float"))
+        }),
     }
 }
 
@@ -250,15 +270,17 @@ fn config_from_metadata(md: &HashMap<String, Value>, content: &Content) -> Resul
     let hidden = req("embedding_length")?;
     let heads = req("attention.head_count")?;
     let kv_heads = meta_u32(md, &key("attention.head_count_kv"))?.map_or(heads, |v| v as usize);
-    let head_dim = meta_u32(md, &key("attention.key_length"))?
-        .map_or(hidden / heads.max(1), |v| v as usize);
+    let head_dim =
+        meta_u32(md, &key("attention.key_length"))?.map_or(hidden / heads.max(1), |v| v as usize);
     let tokens_len = md
         .get("tokenizer.ggml.tokens")
         .and_then(|v| v.to_vec().ok())
         .map(|v| v.len());
     let vocab = match meta_u32(md, &key("vocab_size"))? {
         Some(v) => v as usize,
-        None => tokens_len.ok_or_else(|| EngineError::InvalidConfig("GGUF metadata lacks a vocabulary size".into()))?,
+        None => tokens_len.ok_or_else(|| {
+            EngineError::InvalidConfig("GGUF metadata lacks a vocabulary size".into())
+        })?,
     };
     let eos = meta_u32(md, "tokenizer.ggml.eos_token_id")?;
     let cfg = LlamaConfig {
@@ -269,10 +291,17 @@ fn config_from_metadata(md: &HashMap<String, Value>, content: &Content) -> Resul
         num_key_value_heads: kv_heads,
         head_dim,
         vocab_size: vocab,
-        rms_norm_eps: meta_f32(md, &key("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5) as f64,
+        rms_norm_eps: meta_f32(md, &key("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5)
+            as f64,
         rope_theta: meta_f32(md, &key("rope.freq_base"))?.unwrap_or(10_000.0),
         rope_scaling: match meta_f32(md, &key("rope.scaling.factor"))? {
-            Some(f) if f != 1.0 && md.get(&key("rope.scaling.type")).and_then(|v| v.to_string().ok()).is_some_and(|s| s == "linear") => {
+            Some(f)
+                if f != 1.0
+                    && md
+                        .get(&key("rope.scaling.type"))
+                        .and_then(|v| v.to_string().ok())
+                        .is_some_and(|s| s == "linear") =>
+            {
                 RopeScaling::Linear { factor: f }
             }
             _ => RopeScaling::None,
@@ -286,8 +315,11 @@ fn config_from_metadata(md: &HashMap<String, Value>, content: &Content) -> Resul
     cfg.validate()?;
     // Fail early on a GGUF whose tensors disagree with its metadata.
     if let Some(info) = content.tensor_infos.get("token_embd.weight") {
-        expect_shape("token_embd.weight", info.shape.dims(), &[cfg.vocab_size, cfg.hidden_size])?;
+        expect_shape(
+            "token_embd.weight",
+            info.shape.dims(),
+            &[cfg.vocab_size, cfg.hidden_size],
+        )?;
     }
     Ok(cfg)
 }
-

@@ -32,7 +32,8 @@ impl SafetensorsSource {
     /// Opens `config.json` and every safetensors file the directory's index names.
     pub fn open(dir: &Path, device: &Device) -> Result<Self> {
         let config_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&config_path).map_err(|e| EngineError::io(&config_path, e))?;
+        let text =
+            std::fs::read_to_string(&config_path).map_err(|e| EngineError::io(&config_path, e))?;
         let config = LlamaConfig::from_hf_json(&text)?;
         let files = safetensors_files(dir)?;
         if files.is_empty() {
@@ -46,13 +47,13 @@ impl SafetensorsSource {
         for path in files {
             let file = std::fs::File::open(&path).map_err(|e| EngineError::io(&path, e))?;
             // SAFETY: read-only mapping of a model file that is not modified while in use.
-            let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| EngineError::io(&path, e))?;
-            let (header, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| {
-                EngineError::InvalidSafetensors {
+            let mmap =
+                unsafe { memmap2::Mmap::map(&file) }.map_err(|e| EngineError::io(&path, e))?;
+            let (header, metadata) =
+                SafeTensors::read_metadata(&mmap).map_err(|e| EngineError::InvalidSafetensors {
                     path: path.clone(),
                     reason: e.to_string(),
-                }
-            })?;
+                })?;
             let tensors: HashMap<String, TensorInfo> = metadata
                 .tensors()
                 .into_iter()
@@ -98,7 +99,11 @@ impl SafetensorsSource {
             reason: format!("tensor '{name}' has unsupported dtype {:?}", info.dtype),
         })?;
         let (s, e) = info.data_offsets;
-        Ok((&file.mmap[file.data_start + s..file.data_start + e], info, dtype))
+        Ok((
+            &file.mmap[file.data_start + s..file.data_start + e],
+            info,
+            dtype,
+        ))
     }
 }
 
@@ -106,11 +111,13 @@ impl SafetensorsSource {
 fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index_path = dir.join("model.safetensors.index.json");
     if index_path.is_file() {
-        let text = std::fs::read_to_string(&index_path).map_err(|e| EngineError::io(&index_path, e))?;
-        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| EngineError::InvalidSafetensors {
-            path: index_path.clone(),
-            reason: e.to_string(),
-        })?;
+        let text =
+            std::fs::read_to_string(&index_path).map_err(|e| EngineError::io(&index_path, e))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| EngineError::InvalidSafetensors {
+                path: index_path.clone(),
+                reason: e.to_string(),
+            })?;
         let map = json
             .get("weight_map")
             .and_then(|m| m.as_object())
@@ -186,23 +193,42 @@ impl WeightSource for SafetensorsSource {
             Slice::All => Tensor::from_raw_buffer(data, dtype, &[rows, cols], &self.device)?,
             Slice::Rows(r) => {
                 if r.end > rows {
-                    return Err(EngineError::Parallel(format!("rows {r:?} out of {rows} in {name}")));
+                    return Err(EngineError::Parallel(format!(
+                        "rows {r:?} out of {rows} in {name}"
+                    )));
                 }
-                Tensor::from_raw_buffer(layout.rows(data, r), dtype, &[r.len(), cols], &self.device)?
+                Tensor::from_raw_buffer(
+                    layout.rows(data, r),
+                    dtype,
+                    &[r.len(), cols],
+                    &self.device,
+                )?
             }
             Slice::Cols(c) => {
                 if c.end > cols {
-                    return Err(EngineError::Parallel(format!("columns {c:?} out of {cols} in {name}")));
+                    return Err(EngineError::Parallel(format!(
+                        "columns {c:?} out of {cols} in {name}"
+                    )));
                 }
-                Tensor::from_raw_buffer(&layout.cols(data, c), dtype, &[rows, c.len()], &self.device)?
+                Tensor::from_raw_buffer(
+                    &layout.cols(data, c),
+                    dtype,
+                    &[rows, c.len()],
+                    &self.device,
+                )?
             }
         };
-        Ok(MatrixWeight::Dense(tensor.to_dtype(format.activation_dtype())?))
+        Ok(MatrixWeight::Dense(
+            tensor.to_dtype(format.activation_dtype())?,
+        ))
     }
 
     fn vector(&self, name: &str) -> Result<Tensor> {
         let (data, info, dtype) = self.raw(name)?;
-        Ok(Tensor::from_raw_buffer(data, dtype, &info.shape, &self.device)?.to_dtype(DType::F32)?)
+        Ok(
+            Tensor::from_raw_buffer(data, dtype, &info.shape, &self.device)?
+                .to_dtype(DType::F32)?,
+        )
     }
 
     fn device(&self) -> &Device {

@@ -52,10 +52,23 @@ mod tests {
     fn slices_rows_and_columns() {
         // 3x4 matrix of u16 units.
         let data: Vec<u8> = (0u8..24).collect();
-        let l = MatrixLayout { rows: 3, cols: 4, unit_elems: 1, unit_bytes: 2 };
+        let l = MatrixLayout {
+            rows: 3,
+            cols: 4,
+            unit_elems: 1,
+            unit_bytes: 2,
+        };
         assert_eq!(l.rows(&data, &(1..2)), &data[8..16]);
-        assert_eq!(l.cols(&data, &(2..4)), vec![4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23]);
-        let q = MatrixLayout { rows: 2, cols: 64, unit_elems: 32, unit_bytes: 20 };
+        assert_eq!(
+            l.cols(&data, &(2..4)),
+            vec![4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23]
+        );
+        let q = MatrixLayout {
+            rows: 2,
+            cols: 64,
+            unit_elems: 32,
+            unit_bytes: 20,
+        };
         assert_eq!(q.row_bytes(), 40);
         assert!(q.cols_aligned(&(32..64)));
         assert!(!q.cols_aligned(&(16..64)));

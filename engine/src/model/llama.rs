@@ -7,13 +7,13 @@ use super::rope::RotaryEmbedding;
 use crate::batch::BatchInput;
 use crate::config::LlamaConfig;
 use crate::error::{EngineError, Result};
+use crate::kv_cache::attention::AttentionShape;
 use crate::kv_cache::{paged_attention, KvCache, KvCacheConfig};
 use crate::loader::{WeightFormat, WeightSource};
 use crate::parallel::{
-    shard_range, ColumnParallelLinear, Communicator, HeadSharding, ParallelLmHead, RowParallelLinear,
-    VocabParallelEmbedding,
+    shard_range, ColumnParallelLinear, Communicator, HeadSharding, ParallelLmHead,
+    RowParallelLinear, VocabParallelEmbedding,
 };
-use crate::kv_cache::attention::AttentionShape;
 use candle_core::{DType, Device, Tensor};
 use std::sync::Arc;
 
@@ -49,7 +49,13 @@ struct Attention {
 }
 
 impl Attention {
-    fn load(src: &dyn WeightSource, prefix: &str, sharding: &HeadSharding, format: WeightFormat, comm: Arc<dyn Communicator>) -> Result<Self> {
+    fn load(
+        src: &dyn WeightSource,
+        prefix: &str,
+        sharding: &HeadSharding,
+        format: WeightFormat,
+        comm: Arc<dyn Communicator>,
+    ) -> Result<Self> {
         let cfg = src.config();
         let d = cfg.head_dim;
         let heads = sharding.local_heads();
@@ -59,10 +65,26 @@ impl Attention {
         let v_name = format!("{prefix}.v_proj.weight");
         let o_name = format!("{prefix}.o_proj.weight");
         let hidden = cfg.hidden_size;
-        crate::loader::expect_shape(&q_name, &src.shape(&q_name)?, &[cfg.num_attention_heads * d, hidden])?;
-        crate::loader::expect_shape(&k_name, &src.shape(&k_name)?, &[cfg.num_key_value_heads * d, hidden])?;
-        crate::loader::expect_shape(&v_name, &src.shape(&v_name)?, &[cfg.num_key_value_heads * d, hidden])?;
-        crate::loader::expect_shape(&o_name, &src.shape(&o_name)?, &[hidden, cfg.num_attention_heads * d])?;
+        crate::loader::expect_shape(
+            &q_name,
+            &src.shape(&q_name)?,
+            &[cfg.num_attention_heads * d, hidden],
+        )?;
+        crate::loader::expect_shape(
+            &k_name,
+            &src.shape(&k_name)?,
+            &[cfg.num_key_value_heads * d, hidden],
+        )?;
+        crate::loader::expect_shape(
+            &v_name,
+            &src.shape(&v_name)?,
+            &[cfg.num_key_value_heads * d, hidden],
+        )?;
+        crate::loader::expect_shape(
+            &o_name,
+            &src.shape(&o_name)?,
+            &[hidden, cfg.num_attention_heads * d],
+        )?;
         let qkv = ColumnParallelLinear::load(
             src,
             &[
@@ -72,7 +94,8 @@ impl Attention {
             ],
             format,
         )?;
-        let o = RowParallelLinear::load(src, &o_name, heads.start * d..heads.end * d, format, comm)?;
+        let o =
+            RowParallelLinear::load(src, &o_name, heads.start * d..heads.end * d, format, comm)?;
         Ok(Self {
             qkv,
             o,
@@ -82,10 +105,19 @@ impl Attention {
         })
     }
 
-    fn forward(&self, x: &Tensor, layer: usize, batch: &BatchInput, rope: &RotaryEmbedding, cache: &mut KvCache) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        batch: &BatchInput,
+        rope: &RotaryEmbedding,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
         let dtype = x.dtype();
         let parts = self.qkv.forward(x)?;
-        let flat = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?) };
+        let flat = |t: &Tensor| -> Result<Vec<f32>> {
+            Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+        };
         let mut q = flat(&parts[0])?;
         let mut k = flat(&parts[1])?;
         let v = flat(&parts[2])?;
@@ -99,7 +131,12 @@ impl Attention {
             block_size: cache.config().block_size,
         };
         let out = paged_attention(&q, cache.layer_mut(layer), batch, shape);
-        let out = Tensor::from_vec(out, (batch.num_tokens(), self.heads * self.head_dim), x.device())?.to_dtype(dtype)?;
+        let out = Tensor::from_vec(
+            out,
+            (batch.num_tokens(), self.heads * self.head_dim),
+            x.device(),
+        )?
+        .to_dtype(dtype)?;
         self.o.forward(&out)
     }
 }
@@ -111,7 +148,12 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn load(src: &dyn WeightSource, prefix: &str, format: WeightFormat, comm: Arc<dyn Communicator>) -> Result<Self> {
+    fn load(
+        src: &dyn WeightSource,
+        prefix: &str,
+        format: WeightFormat,
+        comm: Arc<dyn Communicator>,
+    ) -> Result<Self> {
         let cfg = src.config();
         let (i, h) = (cfg.intermediate_size, cfg.hidden_size);
         let gate = format!("{prefix}.gate_proj.weight");
@@ -122,7 +164,11 @@ impl Mlp {
         crate::loader::expect_shape(&down, &src.shape(&down)?, &[h, i])?;
         let local = shard_range(i, comm.rank(), comm.world_size());
         Ok(Self {
-            gate_up: ColumnParallelLinear::load(src, &[(gate.as_str(), local.clone()), (up.as_str(), local.clone())], format)?,
+            gate_up: ColumnParallelLinear::load(
+                src,
+                &[(gate.as_str(), local.clone()), (up.as_str(), local.clone())],
+                format,
+            )?,
             down: RowParallelLinear::load(src, &down, local, format, comm)?,
         })
     }
@@ -143,8 +189,17 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn forward(&self, x: &Tensor, layer: usize, batch: &BatchInput, rope: &RotaryEmbedding, cache: &mut KvCache) -> Result<Tensor> {
-        let h = self.attn.forward(&self.input_norm.forward(x)?, layer, batch, rope, cache)?;
+    fn forward(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        batch: &BatchInput,
+        rope: &RotaryEmbedding,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let h = self
+            .attn
+            .forward(&self.input_norm.forward(x)?, layer, batch, rope, cache)?;
         let x = (x + h)?;
         let h = self.mlp.forward(&self.post_attention_norm.forward(&x)?)?;
         Ok((x + h)?)
@@ -161,14 +216,28 @@ pub struct Llama {
     rope: RotaryEmbedding,
     sharding: HeadSharding,
     device: Device,
+    /// CPU threads for the kernels; the forward runs inside this pool so the calling thread
+    /// is one of its workers instead of waking a pool for every matmul.
+    pool: Arc<rayon::ThreadPool>,
 }
 
 impl Llama {
     /// Loads this rank's shard of the model; `max_seq_len` sizes the RoPE tables.
-    pub fn load(src: &dyn WeightSource, format: WeightFormat, comm: Arc<dyn Communicator>, max_seq_len: usize) -> Result<Self> {
+    pub fn load(
+        src: &dyn WeightSource,
+        format: WeightFormat,
+        comm: Arc<dyn Communicator>,
+        max_seq_len: usize,
+    ) -> Result<Self> {
         let cfg = src.config().clone();
-        let sharding = HeadSharding::new(comm.rank(), comm.world_size(), cfg.num_attention_heads, cfg.num_key_value_heads)?;
-        if cfg.intermediate_size % comm.world_size() != 0 || cfg.vocab_size % comm.world_size() != 0 {
+        let sharding = HeadSharding::new(
+            comm.rank(),
+            comm.world_size(),
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+        )?;
+        if cfg.intermediate_size % comm.world_size() != 0 || cfg.vocab_size % comm.world_size() != 0
+        {
             return Err(EngineError::Parallel(format!(
                 "tensor parallel size {} must divide intermediate_size {} and vocab_size {}",
                 comm.world_size(),
@@ -178,26 +247,56 @@ impl Llama {
         }
         let dtype = format.activation_dtype();
         let embed_name = "model.embed_tokens.weight";
-        crate::loader::expect_shape(embed_name, &src.shape(embed_name)?, &[cfg.vocab_size, cfg.hidden_size])?;
+        crate::loader::expect_shape(
+            embed_name,
+            &src.shape(embed_name)?,
+            &[cfg.vocab_size, cfg.hidden_size],
+        )?;
         let embed = VocabParallelEmbedding::load(src, embed_name, format, comm.clone())?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
             layers.push(DecoderLayer {
-                input_norm: RmsNorm::load(src, &format!("{p}.input_layernorm.weight"), dtype, cfg.rms_norm_eps)?,
-                attn: Attention::load(src, &format!("{p}.self_attn"), &sharding, format, comm.clone())?,
-                post_attention_norm: RmsNorm::load(src, &format!("{p}.post_attention_layernorm.weight"), dtype, cfg.rms_norm_eps)?,
+                input_norm: RmsNorm::load(
+                    src,
+                    &format!("{p}.input_layernorm.weight"),
+                    dtype,
+                    cfg.rms_norm_eps,
+                )?,
+                attn: Attention::load(
+                    src,
+                    &format!("{p}.self_attn"),
+                    &sharding,
+                    format,
+                    comm.clone(),
+                )?,
+                post_attention_norm: RmsNorm::load(
+                    src,
+                    &format!("{p}.post_attention_layernorm.weight"),
+                    dtype,
+                    cfg.rms_norm_eps,
+                )?,
                 mlp: Mlp::load(src, &format!("{p}.mlp"), format, comm.clone())?,
             });
         }
         let norm = RmsNorm::load(src, "model.norm.weight", dtype, cfg.rms_norm_eps)?;
         let lm_head = if src.contains("lm_head.weight") {
-            crate::loader::expect_shape("lm_head.weight", &src.shape("lm_head.weight")?, &[cfg.vocab_size, cfg.hidden_size])?;
+            crate::loader::expect_shape(
+                "lm_head.weight",
+                &src.shape("lm_head.weight")?,
+                &[cfg.vocab_size, cfg.hidden_size],
+            )?;
             ParallelLmHead::load(src, "lm_head.weight", format, comm.clone())?
         } else {
             ParallelLmHead::tied(&embed, comm.clone())?
         };
         let rope = RotaryEmbedding::new(&cfg, max_seq_len.min(cfg.max_position_embeddings).max(1));
+        let pool = rayon::ThreadPoolBuilder::new()
+            .thread_name(|i| format!("liftoff-compute-{i}"))
+            .build()
+            .map_err(|e| {
+                EngineError::InvalidConfig(format!("cannot start compute threads: {e}"))
+            })?;
         Ok(Self {
             config: cfg,
             embed,
@@ -207,6 +306,7 @@ impl Llama {
             rope,
             sharding,
             device: src.device().clone(),
+            pool: Arc::new(pool),
         })
     }
 
@@ -234,8 +334,16 @@ impl Llama {
     /// Runs the batch; returns the logits (`[rows, vocab]`, f32) of the rows
     /// [`BatchInput::logits_rows`] names.
     pub fn forward(&self, batch: &BatchInput, cache: &mut KvCache) -> Result<Tensor> {
+        self.pool.install(|| self.forward_in_pool(batch, cache))
+    }
+
+    fn forward_in_pool(&self, batch: &BatchInput, cache: &mut KvCache) -> Result<Tensor> {
         if batch.num_tokens() == 0 {
-            return Ok(Tensor::zeros((0, self.config.vocab_size), DType::F32, &self.device)?);
+            return Ok(Tensor::zeros(
+                (0, self.config.vocab_size),
+                DType::F32,
+                &self.device,
+            )?);
         }
         if let Some(&p) = batch.positions.iter().max() {
             if p as usize >= self.max_seq_len() {
@@ -245,7 +353,11 @@ impl Llama {
                 )));
             }
         }
-        if let Some(&t) = batch.token_ids.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+        if let Some(&t) = batch
+            .token_ids
+            .iter()
+            .find(|&&t| t as usize >= self.config.vocab_size)
+        {
             return Err(EngineError::InvalidRequest(format!(
                 "token id {t} is outside the vocabulary of {}",
                 self.config.vocab_size
@@ -257,7 +369,11 @@ impl Llama {
         }
         let rows = batch.logits_rows();
         if rows.is_empty() {
-            return Ok(Tensor::zeros((0, self.config.vocab_size), DType::F32, &self.device)?);
+            return Ok(Tensor::zeros(
+                (0, self.config.vocab_size),
+                DType::F32,
+                &self.device,
+            )?);
         }
         let x = if rows.len() == batch.num_tokens() {
             x

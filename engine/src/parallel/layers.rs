@@ -19,7 +19,11 @@ pub struct ColumnParallelLinear {
 
 impl ColumnParallelLinear {
     /// Loads rows `rows` of each named matrix and stacks them into one layer.
-    pub fn load(src: &dyn WeightSource, parts: &[(&str, Range<usize>)], format: WeightFormat) -> Result<Self> {
+    pub fn load(
+        src: &dyn WeightSource,
+        parts: &[(&str, Range<usize>)],
+        format: WeightFormat,
+    ) -> Result<Self> {
         let mut weights = Vec::with_capacity(parts.len());
         let mut part_sizes = Vec::with_capacity(parts.len());
         for (name, rows) in parts {
@@ -109,7 +113,12 @@ pub struct VocabParallelEmbedding {
 
 impl VocabParallelEmbedding {
     /// Loads this rank's share of `name` (`[vocab, hidden]`).
-    pub fn load(src: &dyn WeightSource, name: &str, format: WeightFormat, comm: Arc<dyn Communicator>) -> Result<Self> {
+    pub fn load(
+        src: &dyn WeightSource,
+        name: &str,
+        format: WeightFormat,
+        comm: Arc<dyn Communicator>,
+    ) -> Result<Self> {
         let vocab = src.shape(name)?[0];
         let vocab_range = shard_range(vocab, comm.rank(), comm.world_size());
         let slice = if comm.world_size() == 1 {
@@ -147,7 +156,13 @@ impl VocabParallelEmbedding {
         let end = self.vocab_range.end as u32;
         let local: Vec<u32> = ids
             .iter()
-            .map(|&id| if (start..end).contains(&id) { id - start } else { 0 })
+            .map(|&id| {
+                if (start..end).contains(&id) {
+                    id - start
+                } else {
+                    0
+                }
+            })
             .collect();
         let idx = Tensor::new(local.as_slice(), &device)?;
         let rows = match &self.table {
@@ -162,7 +177,9 @@ impl VocabParallelEmbedding {
             .iter()
             .map(|id| if (start..end).contains(id) { 1.0 } else { 0.0 })
             .collect();
-        let mask = Tensor::new(mask.as_slice(), &device)?.to_dtype(self.dtype)?.unsqueeze(1)?;
+        let mask = Tensor::new(mask.as_slice(), &device)?
+            .to_dtype(self.dtype)?
+            .unsqueeze(1)?;
         self.comm.all_reduce_sum(&rows.broadcast_mul(&mask)?)
     }
 }
@@ -176,7 +193,12 @@ pub struct ParallelLmHead {
 
 impl ParallelLmHead {
     /// Loads this rank's vocabulary rows of `name`.
-    pub fn load(src: &dyn WeightSource, name: &str, format: WeightFormat, comm: Arc<dyn Communicator>) -> Result<Self> {
+    pub fn load(
+        src: &dyn WeightSource,
+        name: &str,
+        format: WeightFormat,
+        comm: Arc<dyn Communicator>,
+    ) -> Result<Self> {
         let vocab = src.shape(name)?[0];
         let slice = if comm.world_size() == 1 {
             Slice::All

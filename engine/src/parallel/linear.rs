@@ -15,7 +15,7 @@ pub enum Linear {
     Dense(Tensor),
     /// GGML-quantized weight through candle's quantized matmul.
     Quantized(Arc<QMatMul>),
-    /// GGML-quantized weight through liftoff's own SIMD kernel.
+    /// Q4_1 / Q8_0 weight through liftoff's own SIMD kernels.
     Fast(Arc<FastQMatMul>),
 }
 
@@ -39,7 +39,12 @@ impl Linear {
     /// Stacks weights along the output dimension into one layer (fused QKV, fused gate/up).
     pub fn fuse_rows(parts: Vec<MatrixWeight>) -> Result<Self> {
         if parts.len() == 1 {
-            return Self::new(parts.into_iter().next().ok_or_else(|| EngineError::Parallel("empty fuse".into()))?);
+            return Self::new(
+                parts
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| EngineError::Parallel("empty fuse".into()))?,
+            );
         }
         if parts.iter().all(|p| matches!(p, MatrixWeight::Dense(_))) {
             let ts: Vec<Tensor> = parts
@@ -55,7 +60,10 @@ impl Linear {
             .into_iter()
             .map(|p| match p {
                 MatrixWeight::Quantized(q) => Ok(q),
-                MatrixWeight::Dense(t) => Ok(QTensor::quantize(&t.to_dtype(candle_core::DType::F32)?, candle_core::quantized::GgmlDType::F32)?),
+                MatrixWeight::Dense(t) => Ok(QTensor::quantize(
+                    &t.to_dtype(candle_core::DType::F32)?,
+                    candle_core::quantized::GgmlDType::F32,
+                )?),
             })
             .collect::<Result<_>>()?;
         let dtype = qs[0].dtype();

@@ -110,6 +110,9 @@ mod tests {
             .collect();
         assert_eq!(kv, vec![0..1, 0..1, 1..2, 1..2]);
         let err = HeadSharding::new(0, 2, 9, 3).unwrap_err().to_string();
-        assert!(err.contains("tensor parallel size 2 does not divide the 9 attention heads"), "{err}");
+        assert!(
+            err.contains("tensor parallel size 2 does not divide the 9 attention heads"),
+            "{err}"
+        );
     }
 }

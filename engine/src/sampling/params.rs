@@ -63,15 +63,22 @@ impl SamplingParams {
 
     /// Checks every field, naming the first one that is out of range.
     pub fn validate(&self) -> Result<()> {
-        let bad = |field: &str, why: String| Err(EngineError::InvalidRequest(format!("{field}: {why}")));
+        let bad =
+            |field: &str, why: String| Err(EngineError::InvalidRequest(format!("{field}: {why}")));
         if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return bad("temperature", format!("must be a finite number >= 0, got {}", self.temperature));
+            return bad(
+                "temperature",
+                format!("must be a finite number >= 0, got {}", self.temperature),
+            );
         }
         if !self.top_p.is_finite() || self.top_p <= 0.0 || self.top_p > 1.0 {
             return bad("top_p", format!("must be in (0, 1], got {}", self.top_p));
         }
         if !self.repetition_penalty.is_finite() || self.repetition_penalty <= 0.0 {
-            return bad("repetition_penalty", format!("must be > 0, got {}", self.repetition_penalty));
+            return bad(
+                "repetition_penalty",
+                format!("must be > 0, got {}", self.repetition_penalty),
+            );
         }
         if self.max_new_tokens == 0 {
             return bad("max_new_tokens", "must be at least 1".into());
@@ -79,11 +86,17 @@ impl SamplingParams {
         if self.min_new_tokens > self.max_new_tokens {
             return bad(
                 "min_new_tokens",
-                format!("{} is larger than max_new_tokens {}", self.min_new_tokens, self.max_new_tokens),
+                format!(
+                    "{} is larger than max_new_tokens {}",
+                    self.min_new_tokens, self.max_new_tokens
+                ),
             );
         }
         if self.logprobs > MAX_LOGPROBS {
-            return bad("logprobs", format!("at most {MAX_LOGPROBS}, got {}", self.logprobs));
+            return bad(
+                "logprobs",
+                format!("at most {MAX_LOGPROBS}, got {}", self.logprobs),
+            );
         }
         if self.stop.iter().any(|s| s.is_empty()) {
             return bad("stop", "stop sequences must not be empty".into());
@@ -98,12 +111,30 @@ mod tests {
 
     #[test]
     fn validation_names_the_field() {
-        let p = SamplingParams { top_p: 1.5, ..Default::default() };
+        let p = SamplingParams {
+            top_p: 1.5,
+            ..Default::default()
+        };
         assert!(p.validate().unwrap_err().to_string().contains("top_p"));
-        let p = SamplingParams { min_new_tokens: 9, max_new_tokens: 4, ..Default::default() };
-        assert!(p.validate().unwrap_err().to_string().contains("min_new_tokens"));
-        let p = SamplingParams { temperature: f32::NAN, ..Default::default() };
-        assert!(p.validate().unwrap_err().to_string().contains("temperature"));
+        let p = SamplingParams {
+            min_new_tokens: 9,
+            max_new_tokens: 4,
+            ..Default::default()
+        };
+        assert!(p
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("min_new_tokens"));
+        let p = SamplingParams {
+            temperature: f32::NAN,
+            ..Default::default()
+        };
+        assert!(p
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("temperature"));
         assert!(SamplingParams::default().validate().is_ok());
     }
 }

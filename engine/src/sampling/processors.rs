@@ -33,7 +33,12 @@ pub fn apply_no_repeat_ngram(logits: &mut [f32], history: &[u32], n: usize) {
 }
 
 /// Masks the EOS tokens while fewer than `min_new_tokens` tokens were generated.
-pub fn apply_min_new_tokens(logits: &mut [f32], generated: usize, min_new_tokens: usize, eos: &[u32]) {
+pub fn apply_min_new_tokens(
+    logits: &mut [f32],
+    generated: usize,
+    min_new_tokens: usize,
+    eos: &[u32],
+) {
     if generated < min_new_tokens {
         for &e in eos {
             if let Some(l) = logits.get_mut(e as usize) {

@@ -42,7 +42,11 @@ impl Sampler {
             .collect();
         let by_prob = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         let total: f32 = cand.iter().map(|c| c.1).sum();
-        let mut keep = if params.top_k > 0 { params.top_k.min(cand.len()) } else { cand.len() };
+        let mut keep = if params.top_k > 0 {
+            params.top_k.min(cand.len())
+        } else {
+            cand.len()
+        };
         if keep < cand.len() || params.top_p < 1.0 {
             let head = keep.min(TOP_P_FAST_CANDIDATES).max(1);
             if head < cand.len() {
@@ -95,7 +99,11 @@ pub fn argmax(logits: &[f32]) -> u32 {
 pub fn top_logprobs(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
     let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
     let lse = max + logits.iter().map(|l| (l - max).exp()).sum::<f32>().ln();
-    let mut idx: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l - lse)).collect();
+    let mut idx: Vec<(u32, f32)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (i as u32, l - lse))
+        .collect();
     let k = k.min(idx.len());
     if k == 0 {
         return Vec::new();
@@ -120,7 +128,10 @@ mod tests {
     #[test]
     fn same_seed_same_tokens() {
         let logits: Vec<f32> = (0..100).map(|i| (i as f32 * 0.13).sin()).collect();
-        let p = SamplingParams { temperature: 1.0, ..Default::default() };
+        let p = SamplingParams {
+            temperature: 1.0,
+            ..Default::default()
+        };
         let draw = |seed| {
             let mut s = Sampler::new(Some(seed));
             (0..20).map(|_| s.sample(&logits, &p)).collect::<Vec<_>>()
@@ -133,10 +144,19 @@ mod tests {
     fn top_k_one_is_greedy_and_top_p_restricts() {
         let logits = vec![1.0, 5.0, 4.9, -3.0];
         let mut s = Sampler::new(Some(1));
-        let p = SamplingParams { temperature: 5.0, top_k: 1, ..Default::default() };
+        let p = SamplingParams {
+            temperature: 5.0,
+            top_k: 1,
+            ..Default::default()
+        };
         assert!((0..50).all(|_| s.sample(&logits, &p) == 1));
-        let p = SamplingParams { temperature: 1.0, top_p: 0.6, ..Default::default() };
-        let drawn: std::collections::HashSet<u32> = (0..200).map(|_| s.sample(&logits, &p)).collect();
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_p: 0.6,
+            ..Default::default()
+        };
+        let drawn: std::collections::HashSet<u32> =
+            (0..200).map(|_| s.sample(&logits, &p)).collect();
         assert!(drawn.is_subset(&[1, 2].into_iter().collect()), "{drawn:?}");
         assert_eq!(drawn.len(), 2);
     }

@@ -30,7 +30,11 @@ fn strings(md: &HashMap<String, Value>, key: &str) -> Result<Vec<String>> {
         .to_vec()
         .map_err(|_| err(format!("GGUF metadata '{key}' is not an array")))?;
     list.iter()
-        .map(|v| v.to_string().cloned().map_err(|_| err(format!("'{key}' holds a non-string"))))
+        .map(|v| {
+            v.to_string()
+                .cloned()
+                .map_err(|_| err(format!("'{key}' holds a non-string")))
+        })
         .collect()
 }
 
@@ -42,10 +46,12 @@ fn id(md: &HashMap<String, Value>, key: &str) -> Option<u32> {
 fn pre_tokenizer(pre: &str) -> serde_json::Value {
     let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
     match pre {
-        "llama-bpe" | "llama3" | "llama-v3" | "dbrx" | "smaug-bpe" => json!({"type": "Sequence", "pretokenizers": [
+        "llama-bpe" | "llama3" | "llama-v3" | "dbrx" | "smaug-bpe" => {
+            json!({"type": "Sequence", "pretokenizers": [
             {"type": "Split", "pattern": {"Regex": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"},
              "behavior": "Isolated", "invert": false},
-            byte_level(false)]}),
+            byte_level(false)]})
+        }
         // SmolLM and StarCoder: GPT-2 splitting with every digit on its own.
         "smollm" | "starcoder" | "refact" => json!({"type": "Sequence", "pretokenizers": [
             {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
@@ -82,7 +88,11 @@ pub fn build(md: &HashMap<String, Value>) -> Result<BuiltTokenizer> {
         .get("tokenizer.ggml.add_bos_token")
         .and_then(|v| v.to_bool().ok())
         .unwrap_or(false);
-    let token_name = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize)).cloned().unwrap_or_default();
+    let token_name = |id: Option<u32>| {
+        id.and_then(|i| tokens.get(i as usize))
+            .cloned()
+            .unwrap_or_default()
+    };
     let (bos_token, eos_token) = (token_name(bos), token_name(eos));
 
     let vocab: serde_json::Map<String, serde_json::Value> = tokens
@@ -93,7 +103,12 @@ pub fn build(md: &HashMap<String, Value>) -> Result<BuiltTokenizer> {
     let added: Vec<serde_json::Value> = tokens
         .iter()
         .enumerate()
-        .filter(|(i, _)| matches!(types.get(*i), Some(&TOKEN_TYPE_CONTROL) | Some(&TOKEN_TYPE_USER_DEFINED)))
+        .filter(|(i, _)| {
+            matches!(
+                types.get(*i),
+                Some(&TOKEN_TYPE_CONTROL) | Some(&TOKEN_TYPE_USER_DEFINED)
+            )
+        })
         .map(|(i, t)| {
             json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
                    "normalized": false, "special": types[i] == TOKEN_TYPE_CONTROL})
@@ -122,7 +137,8 @@ pub fn build(md: &HashMap<String, Value>) -> Result<BuiltTokenizer> {
                   "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
                   "vocab": vocab, "merges": merges}
     });
-    let tokenizer = tokenizers::Tokenizer::from_str(&spec.to_string()).map_err(|e| err(format!("GGUF vocabulary: {e}")))?;
+    let tokenizer = tokenizers::Tokenizer::from_str(&spec.to_string())
+        .map_err(|e| err(format!("GGUF vocabulary: {e}")))?;
     Ok(BuiltTokenizer {
         tokenizer,
         bos_token,

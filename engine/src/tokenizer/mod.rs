@@ -49,7 +49,10 @@ impl Tokenizer {
     pub fn from_hf_dir(dir: &Path, mut eos_token_ids: Vec<u32>) -> Result<Self> {
         let path = dir.join("tokenizer.json");
         if !path.is_file() {
-            return Err(EngineError::Tokenizer(format!("{} not found", path.display())));
+            return Err(EngineError::Tokenizer(format!(
+                "{} not found",
+                path.display()
+            )));
         }
         let inner = tokenizers::Tokenizer::from_file(&path)
             .map_err(|e| EngineError::Tokenizer(format!("{}: {e}", path.display())))?;
@@ -79,7 +82,9 @@ impl Tokenizer {
             Some(t) => Some(t),
             None => std::fs::read_to_string(dir.join("chat_template.jinja")).ok(),
         };
-        let chat_template = template.map(|t| ChatTemplate::new(&t, &bos, &eos)).transpose()?;
+        let chat_template = template
+            .map(|t| ChatTemplate::new(&t, &bos, &eos))
+            .transpose()?;
         Ok(Self {
             inner,
             eos_token_ids,
@@ -90,7 +95,10 @@ impl Tokenizer {
     /// Rebuilds the tokenizer a GGUF file describes (`tokenizer.ggml.*` metadata).
     pub fn from_gguf(metadata: &HashMap<String, Value>) -> Result<Self> {
         let built = gguf_vocab::build(metadata)?;
-        let chat_template = match metadata.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()) {
+        let chat_template = match metadata
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.to_string().ok())
+        {
             Some(t) => Some(ChatTemplate::new(t, &built.bos_token, &built.eos_token)?),
             None => None,
         };
@@ -149,7 +157,11 @@ impl Tokenizer {
 
     /// Renders `messages` with the chat template, ending with the assistant's turn when
     /// `add_generation_prompt` is set.
-    pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         self.chat_template
             .as_ref()
             .ok_or_else(|| EngineError::ChatTemplate("the model has no chat template".into()))?
