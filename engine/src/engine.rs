@@ -4,7 +4,7 @@
 
 use crate::batch::{BatchInput, LogitsWanted};
 use crate::error::{EngineError, Result};
-use crate::kv_cache::{BlockAllocator, KvCache, DEFAULT_BLOCK_SIZE};
+use crate::kv_cache::{BlockManager, KvCache, DEFAULT_BLOCK_SIZE};
 use crate::loader::{GgufSource, ModelPath, SafetensorsSource, WeightFormat, WeightSource};
 use crate::model::Llama;
 use crate::parallel::{Communicator, SingleRank};
@@ -176,7 +176,7 @@ pub struct Generation {
 pub struct Engine {
     loaded: LoadedModel,
     cache: KvCache,
-    allocator: BlockAllocator,
+    allocator: BlockManager,
     max_batched_tokens: usize,
 }
 
@@ -201,7 +201,7 @@ impl Engine {
         Ok(Self {
             loaded,
             cache,
-            allocator: BlockAllocator::new(blocks, bs),
+            allocator: BlockManager::new(blocks, bs, false),
             max_batched_tokens: opts.max_batched_tokens.max(1),
         })
     }

@@ -10,6 +10,7 @@ pub mod model;
 pub mod parallel;
 pub mod quant;
 pub mod sampling;
+pub mod scheduler;
 pub mod sequence;
 pub mod stop;
 pub mod tokenizer;

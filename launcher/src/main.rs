@@ -2,6 +2,7 @@
 
 mod generate;
 mod model_resolve;
+mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -13,11 +14,20 @@ struct Cli {
     #[arg(long, global = true, env = "TAKEOFF_LOG_LEVEL", default_value = "info")]
     log_level: String,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+}
+
+/// `liftoff` with no subcommand: serve, configured by TAKEOFF_* variables.
+#[derive(Parser, Debug)]
+struct ServeOnly {
+    #[command(flatten)]
+    args: serve::ServeArgs,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Serve the HTTP APIs (Takeoff and OpenAI) on the model.
+    Serve(serve::ServeArgs),
     /// Generate text from one prompt and print it.
     Generate(generate::GenerateArgs),
 }
@@ -29,7 +39,9 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
-        Command::Generate(args) => generate::run(args),
+        Some(Command::Generate(args)) => generate::run(args),
+        Some(Command::Serve(args)) => serve::run(args),
+        None => serve::run(ServeOnly::parse_from(["liftoff"]).args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,11 +1,11 @@
 //! The paged KV cache: fixed-size blocks in one pool per worker, block tables per sequence,
 //! and attention that reads keys and values through the block table.
 
-mod allocator;
 pub mod attention;
+mod block_manager;
 
-pub use allocator::BlockAllocator;
 pub use attention::paged_attention;
+pub use block_manager::{block_hash, BlockManager, PrefixCacheStats};
 
 use crate::error::{EngineError, Result};
 

@@ -1,0 +1,115 @@
+//! The scheduler's thread and the handle the server submits requests through.
+
+use super::{Executor, GenerationRequest, Scheduler, SchedulerStats, SeqEvent};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::Arc;
+
+/// Why a request was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the request queue is full ({0} waiting)")]
+    QueueFull(usize),
+    #[error("the replica group is not running")]
+    Unavailable,
+}
+
+/// A cloneable handle to a running scheduler thread.
+#[derive(Clone)]
+pub struct SchedulerHandle {
+    tx: Sender<GenerationRequest>,
+    stats: Arc<SchedulerStats>,
+    alive: Arc<AtomicBool>,
+    max_waiting: usize,
+}
+
+impl SchedulerHandle {
+    /// Starts `scheduler` on its own thread.
+    pub fn spawn<E: Executor>(scheduler: Scheduler<E>, name: &str) -> std::io::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stats = scheduler.stats();
+        let alive = Arc::new(AtomicBool::new(true));
+        let max_waiting = scheduler.config.max_waiting;
+        let flag = alive.clone();
+        std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || {
+                run(scheduler, rx);
+                flag.store(false, Ordering::SeqCst);
+            })?;
+        Ok(Self {
+            tx,
+            stats,
+            alive,
+            max_waiting,
+        })
+    }
+
+    /// Hands a request to the scheduler, unless its queue is full or it has stopped.
+    pub fn submit(&self, req: GenerationRequest) -> Result<(), SubmitError> {
+        if !self.is_alive() {
+            return Err(SubmitError::Unavailable);
+        }
+        let queued = self.stats.queued.fetch_add(1, Ordering::SeqCst) as usize;
+        let waiting = self.stats.waiting.load(Ordering::Relaxed) as usize;
+        if queued.max(waiting) >= self.max_waiting {
+            self.stats.queued.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::QueueFull(queued.max(waiting)));
+        }
+        self.tx.send(req).map_err(|_| {
+            self.stats.queued.fetch_sub(1, Ordering::SeqCst);
+            SubmitError::Unavailable
+        })
+    }
+
+    /// The scheduler's counters.
+    pub fn stats(&self) -> &Arc<SchedulerStats> {
+        &self.stats
+    }
+
+    /// Whether the scheduler thread is still running.
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::SeqCst)
+    }
+}
+
+fn run<E: Executor>(mut s: Scheduler<E>, rx: Receiver<GenerationRequest>) {
+    loop {
+        if s.is_idle() {
+            match rx.recv() {
+                Ok(req) => {
+                    s.stats.queued.fetch_sub(1, Ordering::SeqCst);
+                    s.add(req)
+                }
+                Err(_) => return,
+            }
+        }
+        loop {
+            match rx.try_recv() {
+                Ok(req) => {
+                    s.stats.queued.fetch_sub(1, Ordering::SeqCst);
+                    s.add(req)
+                }
+                Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    // Server gone: finish what is in flight, then stop.
+                    while !s.is_idle() {
+                        if !s.step() {
+                            break;
+                        }
+                    }
+                    return;
+                }
+            }
+        }
+        if !s.step() && !s.is_idle() {
+            // Nothing could be scheduled although work is queued (should not happen): fail it
+            // rather than spin.
+            for e in s.waiting.drain(..) {
+                let _ = e
+                    .events
+                    .send(SeqEvent::Error("the request cannot be scheduled".into()));
+            }
+        }
+    }
+}

@@ -1,0 +1,415 @@
+//! Continuous batching for one replica group: waiting and running queues, a token budget per
+//! step mixing decodes with (chunked) prefills, prefix caching, and preemption by recompute
+//! when KV blocks run out. One scheduler thread owns the group's executor; requests arrive on
+//! a channel and every token goes back on the request's own channel.
+
+mod executor;
+mod handle;
+mod stats;
+
+pub use executor::{Executor, LocalExecutor};
+pub use handle::{SchedulerHandle, SubmitError};
+pub use stats::SchedulerStats;
+
+use crate::batch::{BatchInput, LogitsWanted};
+use crate::kv_cache::{block_hash, BlockManager};
+use crate::sampling::SamplingParams;
+use crate::sequence::{FinishReason, SequenceState};
+use crate::tokenizer::Tokenizer;
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc::UnboundedSender;
+
+/// Limits of one scheduler.
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// Most sequences running at once.
+    pub max_batch_size: usize,
+    /// Most tokens in one forward pass (decodes + prefill chunks).
+    pub max_num_batched_tokens: usize,
+    /// Most requests waiting; more are refused (HTTP 503).
+    pub max_waiting: usize,
+    /// Longest prompt + output.
+    pub max_seq_len: usize,
+    /// Share full prompt blocks between requests with the same prefix.
+    pub enable_prefix_caching: bool,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            max_batch_size: 16,
+            max_num_batched_tokens: 512,
+            max_waiting: 256,
+            max_seq_len: 2048,
+            enable_prefix_caching: true,
+        }
+    }
+}
+
+/// A request for the scheduler.
+#[derive(Debug)]
+pub struct GenerationRequest {
+    pub prompt: Vec<u32>,
+    pub params: SamplingParams,
+    /// Where the tokens go; dropping the receiver cancels the request.
+    pub events: UnboundedSender<SeqEvent>,
+    pub arrival: Instant,
+}
+
+/// One token of a sequence, as sent to its client.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenEvent {
+    pub token_id: u32,
+    /// Text that became final with this token (may be empty).
+    pub text: String,
+    pub top_logprobs: Vec<(u32, f32)>,
+    pub finished: Option<FinishReason>,
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    /// Time from arrival to admission, on the first token only.
+    pub queue_time: Option<Duration>,
+}
+
+/// What a request's channel carries.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SeqEvent {
+    Token(TokenEvent),
+    /// The request failed; nothing more follows.
+    Error(String),
+}
+
+struct Entry {
+    state: SequenceState,
+    table: Vec<u32>,
+    /// Tokens whose keys and values are in the cache.
+    computed: usize,
+    /// Full blocks registered in the prefix cache, and the chained hash of the last one.
+    registered: usize,
+    last_hash: u64,
+    events: UnboundedSender<SeqEvent>,
+    arrival: Instant,
+    queue_time: Option<Duration>,
+}
+
+impl Entry {
+    fn tokens(&self) -> Vec<u32> {
+        self.state
+            .prompt()
+            .iter()
+            .chain(self.state.generated())
+            .copied()
+            .collect()
+    }
+}
+
+/// The scheduler of one replica group.
+pub struct Scheduler<E: Executor> {
+    config: SchedulerConfig,
+    executor: E,
+    blocks: BlockManager,
+    tokenizer: Tokenizer,
+    eos: Vec<u32>,
+    waiting: VecDeque<Entry>,
+    running: Vec<Entry>,
+    stats: Arc<SchedulerStats>,
+}
+
+impl<E: Executor> Scheduler<E> {
+    /// A scheduler over `executor`'s KV cache.
+    pub fn new(config: SchedulerConfig, executor: E, tokenizer: Tokenizer) -> Self {
+        let (num_blocks, block_size) = executor.kv_blocks();
+        let stats = Arc::new(SchedulerStats::default());
+        stats
+            .kv_blocks_total
+            .store(num_blocks as u64, Ordering::Relaxed);
+        Self {
+            eos: tokenizer.eos_token_ids().to_vec(),
+            blocks: BlockManager::new(num_blocks, block_size, config.enable_prefix_caching),
+            config,
+            executor,
+            tokenizer,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            stats,
+        }
+    }
+
+    /// Shared counters (read by `/metrics`).
+    pub fn stats(&self) -> Arc<SchedulerStats> {
+        self.stats.clone()
+    }
+
+    /// Whether nothing is waiting or running.
+    pub fn is_idle(&self) -> bool {
+        self.waiting.is_empty() && self.running.is_empty()
+    }
+
+    /// Queues a request (it is checked here; bad ones get an error event).
+    pub fn add(&mut self, req: GenerationRequest) {
+        let fail = |msg: String| {
+            let _ = req.events.send(SeqEvent::Error(msg));
+        };
+        if let Err(e) = req.params.validate() {
+            return fail(e.to_string());
+        }
+        if req.prompt.is_empty() {
+            return fail("the prompt is empty".into());
+        }
+        if req.prompt.len() >= self.config.max_seq_len {
+            return fail(format!(
+                "the prompt has {} tokens; the maximum sequence length is {}",
+                req.prompt.len(),
+                self.config.max_seq_len
+            ));
+        }
+        if self.blocks.blocks_for(req.prompt.len() + 1) > self.blocks.num_blocks() {
+            return fail(format!(
+                "the prompt has {} tokens, more than the KV cache holds",
+                req.prompt.len()
+            ));
+        }
+        self.waiting.push_back(Entry {
+            state: SequenceState::new(req.prompt, req.params, self.config.max_seq_len),
+            table: Vec::new(),
+            computed: 0,
+            registered: 0,
+            last_hash: 0,
+            events: req.events,
+            arrival: req.arrival,
+            queue_time: None,
+        });
+        self.publish_stats();
+    }
+
+    fn publish_stats(&self) {
+        let s = &self.stats;
+        s.running
+            .store(self.running.len() as u64, Ordering::Relaxed);
+        s.waiting
+            .store(self.waiting.len() as u64, Ordering::Relaxed);
+        s.kv_blocks_used
+            .store(self.blocks.num_used() as u64, Ordering::Relaxed);
+        let p = self.blocks.stats();
+        s.prefix_queried_blocks
+            .store(p.queried_blocks, Ordering::Relaxed);
+        s.prefix_hit_blocks.store(p.hit_blocks, Ordering::Relaxed);
+    }
+
+    /// Drops sequences whose client went away, returning their blocks.
+    fn drop_cancelled(&mut self) {
+        let blocks = &mut self.blocks;
+        let stats = &self.stats;
+        let mut drop = |e: &Entry| {
+            if e.events.is_closed() {
+                blocks.release(&e.table);
+                stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                false
+            } else {
+                true
+            }
+        };
+        self.running.retain(&mut drop);
+        self.waiting.retain(&mut drop);
+    }
+
+    /// Frees a running sequence's blocks and puts it back at the head of the queue; it will be
+    /// recomputed from its prompt and generated tokens.
+    fn preempt(&mut self, idx: usize) {
+        let mut e = self.running.remove(idx);
+        self.blocks.release(&e.table);
+        e.table.clear();
+        e.computed = 0;
+        e.registered = 0;
+        e.last_hash = 0;
+        self.stats.preemptions.fetch_add(1, Ordering::Relaxed);
+        self.waiting.push_front(e);
+    }
+
+    /// Plans and runs one step. Returns false when there was nothing to do.
+    pub fn step(&mut self) -> bool {
+        self.drop_cancelled();
+        let bs = self.blocks.block_size();
+        let mut budget = self.config.max_num_batched_tokens;
+        let mut batch = BatchInput::default();
+        // (index in running, tokens taken, wants logits)
+        let mut plan: Vec<(usize, usize, bool)> = Vec::new();
+
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let total = self.running[i].state.total_len();
+            let take = (total - self.running[i].computed).min(budget);
+            let e = &mut self.running[i];
+            if !self.blocks.ensure_capacity(&mut e.table, e.computed + take) {
+                let victim = self.running.len() - 1;
+                if victim == 0 {
+                    // Alone and out of memory: end it rather than loop.
+                    let e = self.running.remove(0);
+                    self.finish_early(e, FinishReason::Length);
+                    break;
+                }
+                self.preempt(victim);
+                if victim == i {
+                    break;
+                }
+                continue;
+            }
+            let tokens = e.tokens();
+            let wants = e.computed + take == total;
+            batch.push_sequence(
+                &tokens[e.computed..e.computed + take],
+                e.computed,
+                &e.table,
+                bs,
+                if wants {
+                    LogitsWanted::Last
+                } else {
+                    LogitsWanted::None
+                },
+            );
+            plan.push((i, take, wants));
+            budget -= take;
+            i += 1;
+        }
+
+        while budget > 0 && self.running.len() < self.config.max_batch_size {
+            let Some(mut e) = self.waiting.pop_front() else {
+                break;
+            };
+            let tokens = e.tokens();
+            if e.computed == 0 && e.table.is_empty() {
+                let (table, hash) = self.blocks.match_prefix(&tokens);
+                e.computed = table.len() * bs;
+                e.registered = table.len();
+                e.last_hash = hash;
+                e.table = table;
+            }
+            let take = (tokens.len() - e.computed).min(budget);
+            if !self.blocks.ensure_capacity(&mut e.table, e.computed + take) {
+                self.blocks.release(&e.table);
+                e.table.clear();
+                e.computed = 0;
+                e.registered = 0;
+                e.last_hash = 0;
+                self.waiting.push_front(e);
+                break;
+            }
+            e.queue_time.get_or_insert_with(|| e.arrival.elapsed());
+            let wants = e.computed + take == tokens.len();
+            batch.push_sequence(
+                &tokens[e.computed..e.computed + take],
+                e.computed,
+                &e.table,
+                bs,
+                if wants {
+                    LogitsWanted::Last
+                } else {
+                    LogitsWanted::None
+                },
+            );
+            plan.push((self.running.len(), take, wants));
+            self.running.push(e);
+            budget -= take;
+        }
+
+        if plan.is_empty() {
+            self.publish_stats();
+            return false;
+        }
+        let t0 = Instant::now();
+        let result = self.executor.execute(&batch);
+        self.stats.record_step(batch.num_tokens(), t0.elapsed());
+        match result {
+            Ok(rows) => self.apply(plan, rows),
+            Err(e) => {
+                let msg = format!("model step failed: {e}");
+                tracing::error!("{msg}");
+                let mut idx: Vec<usize> = plan.iter().map(|p| p.0).collect();
+                idx.sort_unstable_by(|a, b| b.cmp(a));
+                for i in idx {
+                    let e = self.running.remove(i);
+                    self.blocks.release(&e.table);
+                    let _ = e.events.send(SeqEvent::Error(msg.clone()));
+                }
+            }
+        }
+        self.publish_stats();
+        true
+    }
+
+    fn finish_early(&mut self, e: Entry, reason: FinishReason) {
+        self.blocks.release(&e.table);
+        let _ = e.events.send(SeqEvent::Token(TokenEvent {
+            token_id: 0,
+            text: String::new(),
+            top_logprobs: Vec::new(),
+            finished: Some(reason),
+            prompt_tokens: e.state.prompt().len(),
+            generated_tokens: e.state.generated().len(),
+            queue_time: e.queue_time,
+        }));
+    }
+
+    fn apply(&mut self, plan: Vec<(usize, usize, bool)>, rows: Vec<Vec<f32>>) {
+        let bs = self.blocks.block_size();
+        let mut rows = rows.into_iter();
+        let mut finished = Vec::new();
+        for (idx, took, wants) in plan {
+            let e = &mut self.running[idx];
+            e.computed += took;
+            // Register blocks that became full.
+            if (e.registered + 1) * bs <= e.computed {
+                let tokens = e.tokens();
+                while (e.registered + 1) * bs <= e.computed {
+                    let h = block_hash(
+                        e.last_hash,
+                        &tokens[e.registered * bs..(e.registered + 1) * bs],
+                    );
+                    self.blocks.register(e.table[e.registered], h);
+                    e.last_hash = h;
+                    e.registered += 1;
+                }
+            }
+            if !wants {
+                continue;
+            }
+            let Some(mut logits) = rows.next() else {
+                let _ = e
+                    .events
+                    .send(SeqEvent::Error("internal error: missing logits".into()));
+                finished.push(idx);
+                continue;
+            };
+            let first = e.state.generated().is_empty();
+            match e.state.step(&mut logits, &self.tokenizer, &self.eos) {
+                Ok(step) => {
+                    self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
+                    let ev = TokenEvent {
+                        token_id: step.token_id,
+                        text: step.text,
+                        top_logprobs: step.top_logprobs,
+                        finished: step.finished,
+                        prompt_tokens: e.state.prompt().len(),
+                        generated_tokens: e.state.generated().len(),
+                        queue_time: if first { e.queue_time } else { None },
+                    };
+                    let gone = e.events.send(SeqEvent::Token(ev)).is_err();
+                    if step.finished.is_some() || gone {
+                        finished.push(idx);
+                    }
+                }
+                Err(err) => {
+                    let _ = e.events.send(SeqEvent::Error(err.to_string()));
+                    finished.push(idx);
+                }
+            }
+        }
+        finished.sort_unstable_by(|a, b| b.cmp(a));
+        for idx in finished {
+            let e = self.running.remove(idx);
+            self.blocks.release(&e.table);
+        }
+    }
+}

@@ -1,0 +1,318 @@
+//! The OpenAI API: `/v1/completions`, `/v1/chat/completions` (streaming or not, with usage in
+//! the last chunk when `stream_options.include_usage`), `/v1/models`.
+
+use crate::error::{ApiError, ApiJson};
+use crate::service::{ModelService, TokenStream};
+use crate::AppState;
+use axum::extract::State;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::stream::{self, StreamExt};
+use liftoff_engine::sampling::SamplingParams;
+use liftoff_engine::tokenizer::ChatMessage;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// `stop`: one string or several.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum StopInput {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// `prompt`: a string or a list of one string.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum PromptInput {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize, Default)]
+pub struct StreamOptions {
+    pub include_usage: Option<bool>,
+}
+
+/// Fields shared by both endpoints.
+#[derive(Debug, Deserialize)]
+pub struct SamplingFields {
+    pub model: Option<String>,
+    pub max_tokens: Option<usize>,
+    pub max_completion_tokens: Option<usize>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<usize>,
+    pub seed: Option<u64>,
+    pub stop: Option<StopInput>,
+    pub stream: Option<bool>,
+    pub stream_options: Option<StreamOptions>,
+    pub n: Option<usize>,
+    pub frequency_penalty: Option<f32>,
+    pub presence_penalty: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub min_tokens: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct CompletionRequest {
+    pub prompt: PromptInput,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChatRequest {
+    pub messages: Vec<ChatMessage>,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn request_id(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    format!(
+        "{prefix}-{}-{}",
+        now(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn params(
+    service: &ModelService,
+    f: &SamplingFields,
+    prompt_len: usize,
+) -> Result<SamplingParams, ApiError> {
+    if f.n.is_some_and(|n| n != 1) {
+        return Err(ApiError::invalid("n", "only n = 1 is supported"));
+    }
+    for (name, v) in [
+        ("frequency_penalty", f.frequency_penalty),
+        ("presence_penalty", f.presence_penalty),
+    ] {
+        if v.is_some_and(|v| v != 0.0) {
+            return Err(ApiError::invalid(
+                name,
+                format!("{name} is not supported; use repetition_penalty"),
+            ));
+        }
+    }
+    let requested = f.max_completion_tokens.or(f.max_tokens);
+    let field = if f.max_completion_tokens.is_some() {
+        "max_completion_tokens"
+    } else {
+        "max_tokens"
+    };
+    let max_new = service.max_new_tokens(prompt_len, requested, field)?;
+    let p = SamplingParams {
+        temperature: f.temperature.unwrap_or(1.0),
+        top_k: f.top_k.unwrap_or(0),
+        top_p: f.top_p.unwrap_or(1.0),
+        repetition_penalty: f.repetition_penalty.unwrap_or(1.0),
+        no_repeat_ngram_size: 0,
+        min_new_tokens: f.min_tokens.unwrap_or(0).min(max_new),
+        max_new_tokens: max_new,
+        stop: match &f.stop {
+            None => Vec::new(),
+            Some(StopInput::One(s)) => vec![s.clone()],
+            Some(StopInput::Many(v)) => v.clone(),
+        },
+        seed: f.seed,
+        ignore_eos: false,
+        logprobs: 0,
+    };
+    p.validate().map_err(|e| {
+        let msg = e
+            .to_string()
+            .trim_start_matches("invalid request: ")
+            .to_string();
+        let field = msg.split(':').next().unwrap_or("").to_string();
+        ApiError::invalid(&field, msg)
+    })?;
+    Ok(p)
+}
+
+fn usage(prompt: usize, completion: usize) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+/// `POST /v1/completions`.
+pub async fn completions(
+    State(state): State<Arc<AppState>>,
+    ApiJson(req): ApiJson<CompletionRequest>,
+) -> Result<Response, ApiError> {
+    let service = state.service_for_model(req.sampling.model.as_deref())?;
+    let prompt = match req.prompt {
+        PromptInput::One(p) => p,
+        PromptInput::Many(mut v) if v.len() == 1 => v.remove(0),
+        PromptInput::Many(_) => {
+            return Err(ApiError::invalid(
+                "prompt",
+                "prompt must be one string (batches: send several requests)",
+            ))
+        }
+    };
+    let ids = service.prompt_ids(&prompt, false, None, "prompt")?;
+    let p = params(&service, &req.sampling, ids.len())?;
+    let stream = service.submit(ids, p, &state.metrics)?;
+    let model = service.info.model_name.clone();
+    let id = request_id("cmpl");
+    if req.sampling.stream.unwrap_or(false) {
+        let include_usage = req
+            .sampling
+            .stream_options
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false);
+        return Ok(sse(stream, id, model, include_usage, Kind::Completion));
+    }
+    let c = stream.collect().await?;
+    Ok(Json(json!({
+        "id": id, "object": "text_completion", "created": now(), "model": model,
+        "choices": [{"index": 0, "text": c.text, "logprobs": null, "finish_reason": c.finish_reason.map(|f| f.as_str())}],
+        "usage": usage(c.prompt_tokens, c.token_ids.len()),
+    }))
+    .into_response())
+}
+
+/// `POST /v1/chat/completions`.
+pub async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    ApiJson(req): ApiJson<ChatRequest>,
+) -> Result<Response, ApiError> {
+    let service = state.service_for_model(req.sampling.model.as_deref())?;
+    if req.messages.is_empty() {
+        return Err(ApiError::invalid("messages", "messages must not be empty"));
+    }
+    let text = service
+        .tokenizer
+        .apply_chat_template(&req.messages, true)
+        .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+    let ids = service
+        .tokenizer
+        .encode(&text, false)
+        .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+    service.check_prompt_len(ids.len(), "messages")?;
+    let p = params(&service, &req.sampling, ids.len())?;
+    let stream = service.submit(ids, p, &state.metrics)?;
+    let model = service.info.model_name.clone();
+    let id = request_id("chatcmpl");
+    if req.sampling.stream.unwrap_or(false) {
+        let include_usage = req
+            .sampling
+            .stream_options
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false);
+        return Ok(sse(stream, id, model, include_usage, Kind::Chat));
+    }
+    let c = stream.collect().await?;
+    Ok(Json(json!({
+        "id": id, "object": "chat.completion", "created": now(), "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
+                     "logprobs": null, "finish_reason": c.finish_reason.map(|f| f.as_str())}],
+        "usage": usage(c.prompt_tokens, c.token_ids.len()),
+    }))
+    .into_response())
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Completion,
+    Chat,
+}
+
+fn chunk(
+    kind: Kind,
+    id: &str,
+    model: &str,
+    text: Option<&str>,
+    finish: Option<&str>,
+    first: bool,
+) -> Value {
+    match kind {
+        Kind::Completion => {
+            json!({"id": id, "object": "text_completion", "created": now(), "model": model,
+            "choices": [{"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish}]})
+        }
+        Kind::Chat => {
+            let mut delta = json!({});
+            if first {
+                delta["role"] = json!("assistant");
+            }
+            if let Some(t) = text {
+                delta["content"] = json!(t);
+            }
+            json!({"id": id, "object": "chat.completion.chunk", "created": now(), "model": model,
+                "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]})
+        }
+    }
+}
+
+fn sse(
+    stream: TokenStream,
+    id: String,
+    model: String,
+    include_usage: bool,
+    kind: Kind,
+) -> Response {
+    let events = stream::unfold((Some(stream), true), move |(s, first)| {
+        let (id, model) = (id.clone(), model.clone());
+        async move {
+            let mut s = s?;
+            let mut out = Vec::new();
+            match s.next().await? {
+                Err(e) => {
+                    out.push(Event::default().data(e.body().to_string()));
+                    out.push(Event::default().data("[DONE]"));
+                    Some((out, (None, false)))
+                }
+                Ok(ev) => {
+                    let finish = ev.finished.map(|f| f.as_str());
+                    if !ev.text.is_empty() || first || finish.is_some() {
+                        let text = (!ev.text.is_empty()).then_some(ev.text.as_str());
+                        out.push(Event::default().data(chunk(kind, &id, &model, text, finish, first).to_string()));
+                    }
+                    if finish.is_some() {
+                        if include_usage {
+                            let object = match kind {
+                                Kind::Completion => "text_completion",
+                                Kind::Chat => "chat.completion.chunk",
+                            };
+                            let u = json!({"id": id, "object": object, "created": now(), "model": model, "choices": [],
+                                           "usage": usage(ev.prompt_tokens, ev.generated_tokens)});
+                            out.push(Event::default().data(u.to_string()));
+                        }
+                        out.push(Event::default().data("[DONE]"));
+                        return Some((out, (None, false)));
+                    }
+                    Some((out, (Some(s), false)))
+                }
+            }
+        }
+    })
+    .flat_map(|events| stream::iter(events.into_iter().map(Ok::<_, Infallible>)));
+    Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+/// `GET /v1/models`.
+pub async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
+    let data: Vec<Value> = state
+        .services()
+        .iter()
+        .map(|s| json!({"id": s.info.model_name, "object": "model", "created": now(), "owned_by": "liftoff",
+                        "consumer_group": s.info.consumer_group, "max_model_len": s.info.max_sequence_length}))
+        .collect();
+    Json(json!({"object": "list", "data": data}))
+}

@@ -1,0 +1,282 @@
+//! A served model: its tokenizer and replica groups, request validation shared by the APIs,
+//! routing to the least-loaded group, and the token stream of one request with its metrics.
+
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use liftoff_engine::sampling::SamplingParams;
+use liftoff_engine::scheduler::{
+    GenerationRequest, SchedulerHandle, SeqEvent, SubmitError, TokenEvent,
+};
+use liftoff_engine::sequence::FinishReason;
+use liftoff_engine::tokenizer::Tokenizer;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+/// Facts about a model shown by `/info` and `/v1/models`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelInfo {
+    pub model_name: String,
+    pub model_path: String,
+    pub consumer_group: String,
+    pub dtype: String,
+    pub device: String,
+    pub tensor_parallel: usize,
+    pub replicas: usize,
+    pub max_batch_size: usize,
+    pub max_sequence_length: usize,
+    pub max_num_batched_tokens: usize,
+    pub kv_cache_blocks: usize,
+    pub block_size: usize,
+}
+
+/// One model, served by one or more replica groups.
+pub struct ModelService {
+    pub info: ModelInfo,
+    pub tokenizer: Tokenizer,
+    pub replicas: Vec<SchedulerHandle>,
+}
+
+/// Defaults applied to requests that leave a field unset.
+pub const DEFAULT_MAX_NEW_TOKENS: usize = 128;
+
+impl ModelService {
+    /// Whether at least one replica group is serving.
+    pub fn is_healthy(&self) -> bool {
+        self.replicas.iter().any(|r| r.is_alive())
+    }
+
+    /// Index of the live replica group with the least outstanding work.
+    fn pick_replica(&self) -> Option<usize> {
+        self.replicas
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.is_alive())
+            .min_by_key(|(_, r)| {
+                let s = r.stats();
+                s.running.load(Ordering::Relaxed)
+                    + s.waiting.load(Ordering::Relaxed)
+                    + s.queued.load(Ordering::Relaxed)
+            })
+            .map(|(i, _)| i)
+    }
+
+    /// Tokenizes a prompt, applying `prompt_max_tokens` (keeps the last tokens) and checking
+    /// it against the model's limits; `field` names the request field in errors.
+    pub fn prompt_ids(
+        &self,
+        text: &str,
+        chat: bool,
+        prompt_max_tokens: Option<usize>,
+        field: &str,
+    ) -> Result<Vec<u32>, ApiError> {
+        if text.is_empty() {
+            return Err(ApiError::invalid(
+                field,
+                format!("{field} must not be empty"),
+            ));
+        }
+        let mut ids = self
+            .tokenizer
+            .encode_prompt(text, chat)
+            .map_err(|e| ApiError::invalid(field, e.to_string()))?;
+        if let Some(max) = prompt_max_tokens {
+            if max == 0 {
+                return Err(ApiError::invalid(
+                    "prompt_max_tokens",
+                    "prompt_max_tokens must be at least 1",
+                ));
+            }
+            if ids.len() > max {
+                ids.drain(..ids.len() - max);
+            }
+        }
+        self.check_prompt_len(ids.len(), field)?;
+        Ok(ids)
+    }
+
+    /// Rejects prompts that leave no room to generate.
+    pub fn check_prompt_len(&self, len: usize, field: &str) -> Result<(), ApiError> {
+        if len >= self.info.max_sequence_length {
+            return Err(ApiError::invalid(
+                field,
+                format!(
+                    "the prompt has {len} tokens; the maximum sequence length is {} (prompt and output together)",
+                    self.info.max_sequence_length
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Fits `max_new_tokens` into the context: an explicit value that does not fit is an
+    /// error; the default is shortened.
+    pub fn max_new_tokens(
+        &self,
+        prompt_len: usize,
+        requested: Option<usize>,
+        field: &str,
+    ) -> Result<usize, ApiError> {
+        let room = self.info.max_sequence_length.saturating_sub(prompt_len);
+        match requested {
+            Some(0) => Err(ApiError::invalid(field, format!("{field} must be at least 1"))),
+            Some(n) if n > room => Err(ApiError::invalid(
+                field,
+                format!(
+                    "{field} = {n} does not fit: the prompt has {prompt_len} tokens and the maximum sequence length is {}",
+                    self.info.max_sequence_length
+                ),
+            )),
+            Some(n) => Ok(n),
+            None => Ok(DEFAULT_MAX_NEW_TOKENS.min(room)),
+        }
+    }
+
+    /// Sends a request to a replica group; the returned stream carries its tokens.
+    pub fn submit(
+        self: &Arc<Self>,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+        metrics: &Arc<Metrics>,
+    ) -> Result<TokenStream, ApiError> {
+        params.validate().map_err(|e| {
+            let msg = e.to_string();
+            let field = msg
+                .trim_start_matches("invalid request: ")
+                .split(':')
+                .next()
+                .unwrap_or("")
+                .to_string();
+            ApiError::invalid(&field, msg)
+        })?;
+        let idx = self.pick_replica().ok_or_else(|| {
+            ApiError::unavailable("no healthy replica group is serving this model", Some(5))
+        })?;
+        let (tx, rx) = unbounded_channel();
+        let prompt_len = prompt.len();
+        let arrival = Instant::now();
+        self.replicas[idx]
+            .submit(GenerationRequest {
+                prompt,
+                params,
+                events: tx,
+                arrival,
+            })
+            .map_err(|e| match e {
+                SubmitError::QueueFull(_) => {
+                    ApiError::unavailable(format!("{e}; retry later"), Some(1))
+                }
+                SubmitError::Unavailable => ApiError::unavailable(e.to_string(), Some(5)),
+            })?;
+        let model = self.info.model_name.clone();
+        metrics
+            .group_requests
+            .with_label_values(&[&model, &idx.to_string()])
+            .inc();
+        metrics
+            .prompt_tokens
+            .with_label_values(&[&model])
+            .inc_by(prompt_len as u64);
+        Ok(TokenStream {
+            rx,
+            arrival,
+            last: None,
+            metrics: metrics.clone(),
+            model,
+            prompt_tokens: prompt_len,
+        })
+    }
+}
+
+/// The tokens of one request, recording latency metrics as they arrive.
+pub struct TokenStream {
+    rx: UnboundedReceiver<SeqEvent>,
+    arrival: Instant,
+    last: Option<Instant>,
+    metrics: Arc<Metrics>,
+    model: String,
+    pub prompt_tokens: usize,
+}
+
+impl TokenStream {
+    /// The next token; `Err` when the request failed. `None` after the last one.
+    pub async fn next(&mut self) -> Option<Result<TokenEvent, ApiError>> {
+        let ev = match self.rx.recv().await {
+            None => {
+                return Some(Err(ApiError::unavailable(
+                    "the replica group stopped while serving the request",
+                    Some(5),
+                )))
+            }
+            Some(SeqEvent::Error(msg)) => return Some(Err(ApiError::internal(msg))),
+            Some(SeqEvent::Token(t)) => t,
+        };
+        let now = Instant::now();
+        let m = &self.metrics;
+        let l = [self.model.as_str()];
+        match self.last {
+            None => {
+                m.ttft
+                    .with_label_values(&l)
+                    .observe((now - self.arrival).as_secs_f64());
+                if let Some(q) = ev.queue_time {
+                    m.queue_time.with_label_values(&l).observe(q.as_secs_f64());
+                }
+            }
+            Some(prev) => m
+                .inter_token
+                .with_label_values(&l)
+                .observe((now - prev).as_secs_f64()),
+        }
+        self.last = Some(now);
+        if ev.finished.is_none() || ev.generated_tokens > 0 {
+            m.generation_tokens.with_label_values(&l).inc();
+        }
+        if ev.finished.is_some() {
+            m.e2e
+                .with_label_values(&l)
+                .observe((now - self.arrival).as_secs_f64());
+            self.rx.close();
+        }
+        Some(Ok(ev))
+    }
+
+    /// Whether the stream has delivered its last token.
+    pub fn is_done(&self) -> bool {
+        self.rx.is_closed() && self.rx.is_empty()
+    }
+}
+
+/// A whole generation, for the non-streaming routes.
+#[derive(Debug, Clone, Default)]
+pub struct Completion {
+    pub text: String,
+    pub token_ids: Vec<u32>,
+    pub top_logprobs: Vec<Vec<(u32, f32)>>,
+    pub finish_reason: Option<FinishReason>,
+    pub prompt_tokens: usize,
+}
+
+impl TokenStream {
+    /// Reads the stream to its end.
+    pub async fn collect(mut self) -> Result<Completion, ApiError> {
+        let mut c = Completion {
+            prompt_tokens: self.prompt_tokens,
+            ..Default::default()
+        };
+        while let Some(ev) = self.next().await {
+            let ev = ev?;
+            c.text.push_str(&ev.text);
+            if ev.generated_tokens > c.token_ids.len() {
+                c.token_ids.push(ev.token_id);
+                c.top_logprobs.push(ev.top_logprobs);
+            }
+            if ev.finished.is_some() {
+                c.finish_reason = ev.finished;
+                break;
+            }
+        }
+        Ok(c)
+    }
+}
