@@ -1,5 +1,7 @@
 //! `liftoff`: the launcher and command-line interface.
 
+mod bench;
+mod bench_plot;
 mod generate;
 mod model_resolve;
 mod serve;
@@ -30,6 +32,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Generate text from one prompt and print it.
     Generate(generate::GenerateArgs),
+    /// Load-test an OpenAI-compatible server and plot the results.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -41,6 +45,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Some(Command::Generate(args)) => generate::run(args),
         Some(Command::Serve(args)) => serve::run(args),
+        Some(Command::Bench(args)) => bench::run(args),
         None => serve::run(ServeOnly::parse_from(["liftoff"]).args),
     };
     match result {

@@ -56,6 +56,8 @@ pub struct SamplingFields {
     pub presence_penalty: Option<f32>,
     pub repetition_penalty: Option<f32>,
     pub min_tokens: Option<usize>,
+    /// vLLM's extension: keep generating past EOS (benchmarks).
+    pub ignore_eos: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -129,7 +131,7 @@ fn params(
             Some(StopInput::Many(v)) => v.clone(),
         },
         seed: f.seed,
-        ignore_eos: false,
+        ignore_eos: f.ignore_eos.unwrap_or(false),
         logprobs: 0,
     };
     p.validate().map_err(|e| {
