@@ -79,36 +79,22 @@ pub fn simd_available() -> bool {
     }
 }
 
-/// One weight row (raw bytes) against one activation row.
-pub fn dot1(kind: FastType, w: &[u8], a: &[BlockQ8], simd: bool) -> f32 {
+/// `R` consecutive weight rows (`row_bytes` apart) against `A` activation rows;
+/// returns `[row][activation]`.
+pub fn dot_tile<const R: usize, const A: usize>(kind: FastType, w: &[u8], row_bytes: usize, a: [&[BlockQ8]; A], simd: bool) -> [[f32; A]; R] {
     #[cfg(target_arch = "x86_64")]
     if simd {
-        // SAFETY: `simd` is only set when `simd_available()` found AVX2, FMA and F16C.
+        // SAFETY: `simd` is only set when `simd_available()` found AVX2, FMA and F16C, and `w`
+        // holds `R` rows of `row_bytes` (checked inside).
         return unsafe {
             match kind {
-                FastType::Q4_1 => avx2::dot_q4_1::<1>(w, w.len(), a)[0],
-                FastType::Q8_0 => avx2::dot_q8_0::<1>(w, w.len(), a)[0],
+                FastType::Q4_1 => avx2::dot_q4_1::<R, A>(w, row_bytes, a),
+                FastType::Q8_0 => avx2::dot_q8_0::<R, A>(w, row_bytes, a),
             }
         };
     }
     let _ = simd;
-    scalar_dot(kind, w, a)
-}
-
-/// Four consecutive weight rows (`row_bytes` apart) against one activation row.
-pub fn dot4(kind: FastType, w: &[u8], row_bytes: usize, a: &[BlockQ8], simd: bool) -> [f32; 4] {
-    #[cfg(target_arch = "x86_64")]
-    if simd {
-        // SAFETY: as in `dot1`; `w` holds four rows of `row_bytes`.
-        return unsafe {
-            match kind {
-                FastType::Q4_1 => avx2::dot_q4_1::<4>(w, row_bytes, a),
-                FastType::Q8_0 => avx2::dot_q8_0::<4>(w, row_bytes, a),
-            }
-        };
-    }
-    let _ = simd;
-    std::array::from_fn(|r| scalar_dot(kind, &w[r * row_bytes..(r + 1) * row_bytes], a))
+    std::array::from_fn(|r| std::array::from_fn(|j| scalar_dot(kind, &w[r * row_bytes..(r + 1) * row_bytes], a[j])))
 }
 
 fn scalar_dot(kind: FastType, w: &[u8], a: &[BlockQ8]) -> f32 {
@@ -157,55 +143,63 @@ mod avx2 {
         _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(p as *const i32)))
     }
 
-    /// `R` Q4_1 rows against one Q8 activation row.
+    /// `R` Q4_1 rows against `A` Q8 activation rows: each weight block is unpacked once and
+    /// used for every activation row. Returns `[row][activation]`.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q4_1<const R: usize>(w: &[u8], row_bytes: usize, a: &[BlockQ8]) -> [f32; R] {
-        let nb = a.len().min(row_bytes / Q4_1_BYTES);
-        assert!(w.len() >= R * row_bytes);
+    pub unsafe fn dot_q4_1<const R: usize, const A: usize>(w: &[u8], row_bytes: usize, a: [&[BlockQ8]; A]) -> [[f32; A]; R] {
+        let nb = a[0].len().min(row_bytes / Q4_1_BYTES);
+        assert!(w.len() >= R * row_bytes && a.iter().all(|x| x.len() >= nb));
         let low = _mm256_set1_epi8(0x0F);
         let ones = _mm256_set1_epi16(1);
-        let mut acc = [_mm256_setzero_ps(); R];
-        let mut mins = [0f32; R];
+        let mut acc = [[_mm256_setzero_ps(); A]; R];
+        let mut mins = [[0f32; A]; R];
         let wp = w.as_ptr();
         for i in 0..nb {
-            let act = a.get_unchecked(i);
-            let qa = _mm256_load_si256(act.qs.as_ptr() as *const __m256i);
+            let mut qa = [_mm256_setzero_si256(); A];
+            for j in 0..A {
+                qa[j] = _mm256_load_si256(a[j].get_unchecked(i).qs.as_ptr() as *const __m256i);
+            }
             for r in 0..R {
                 let blk = wp.add(r * row_bytes + i * Q4_1_BYTES);
                 let dm = f16_pair(blk);
                 let d = _mm_cvtss_f32(dm);
                 let m = _mm_cvtss_f32(_mm_shuffle_ps(dm, dm, 1));
-                mins[r] += m * act.s;
                 let packed = _mm_loadu_si128(blk.add(4) as *const __m128i);
                 let qw = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), low);
-                let p = _mm256_madd_epi16(_mm256_maddubs_epi16(qw, qa), ones);
-                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * act.d), _mm256_cvtepi32_ps(p), acc[r]);
+                for j in 0..A {
+                    let act = a[j].get_unchecked(i);
+                    mins[r][j] += m * act.s;
+                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(qw, qa[j]), ones);
+                    acc[r][j] = _mm256_fmadd_ps(_mm256_set1_ps(d * act.d), _mm256_cvtepi32_ps(p), acc[r][j]);
+                }
             }
         }
-        std::array::from_fn(|r| hsum(acc[r]) + mins[r])
+        std::array::from_fn(|r| std::array::from_fn(|j| hsum(acc[r][j]) + mins[r][j]))
     }
 
-    /// `R` Q8_0 rows against one Q8 activation row.
+    /// `R` Q8_0 rows against `A` Q8 activation rows. Returns `[row][activation]`.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q8_0<const R: usize>(w: &[u8], row_bytes: usize, a: &[BlockQ8]) -> [f32; R] {
-        let nb = a.len().min(row_bytes / Q8_0_BYTES);
-        assert!(w.len() >= R * row_bytes);
+    pub unsafe fn dot_q8_0<const R: usize, const A: usize>(w: &[u8], row_bytes: usize, a: [&[BlockQ8]; A]) -> [[f32; A]; R] {
+        let nb = a[0].len().min(row_bytes / Q8_0_BYTES);
+        assert!(w.len() >= R * row_bytes && a.iter().all(|x| x.len() >= nb));
         let ones = _mm256_set1_epi16(1);
-        let mut acc = [_mm256_setzero_ps(); R];
+        let mut acc = [[_mm256_setzero_ps(); A]; R];
         let wp = w.as_ptr();
         for i in 0..nb {
-            let act = a.get_unchecked(i);
-            let qa = _mm256_load_si256(act.qs.as_ptr() as *const __m256i);
             for r in 0..R {
                 let blk = wp.add(r * row_bytes + i * Q8_0_BYTES);
                 let d = _mm_cvtss_f32(f16_pair(blk));
                 let qw = _mm256_loadu_si256(blk.add(2) as *const __m256i);
                 // |w| * sign(w)·a: maddubs needs an unsigned left operand.
-                let p = _mm256_maddubs_epi16(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(qa, qw));
-                let p = _mm256_madd_epi16(p, ones);
-                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * act.d), _mm256_cvtepi32_ps(p), acc[r]);
+                let aw = _mm256_sign_epi8(qw, qw);
+                for j in 0..A {
+                    let act = a[j].get_unchecked(i);
+                    let qa = _mm256_load_si256(act.qs.as_ptr() as *const __m256i);
+                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(qa, qw)), ones);
+                    acc[r][j] = _mm256_fmadd_ps(_mm256_set1_ps(d * act.d), _mm256_cvtepi32_ps(p), acc[r][j]);
+                }
             }
         }
-        std::array::from_fn(|r| hsum(acc[r]))
+        std::array::from_fn(|r| std::array::from_fn(|j| hsum(acc[r][j])))
     }
 }

@@ -102,29 +102,40 @@ impl FastQMatMul {
                 let r0 = task * rows_per_task;
                 let rows = chunk.len() / m;
                 let w = &self.data[r0 * row_bytes..(r0 + rows) * row_bytes];
-                for a in 0..m {
-                    let act = &acts[a * bpr..(a + 1) * bpr];
+                let act = |a: usize| &acts[a * bpr..(a + 1) * bpr];
+                let mut a = 0;
+                // Two activation rows at a time share every unpacked weight block.
+                while a + 2 <= m {
+                    let pair = [act(a), act(a + 1)];
                     let mut r = 0;
                     while r + 4 <= rows {
-                        let d = kernels::dot4(
-                            self.kind,
-                            &w[r * row_bytes..(r + 4) * row_bytes],
-                            row_bytes,
-                            act,
-                            self.simd,
-                        );
+                        let d = kernels::dot_tile::<4, 2>(self.kind, &w[r * row_bytes..], row_bytes, pair, self.simd);
                         for (i, v) in d.iter().enumerate() {
-                            chunk[(r + i) * m + a] = *v;
+                            chunk[(r + i) * m + a] = v[0];
+                            chunk[(r + i) * m + a + 1] = v[1];
                         }
                         r += 4;
                     }
                     while r < rows {
-                        chunk[r * m + a] = kernels::dot1(
-                            self.kind,
-                            &w[r * row_bytes..(r + 1) * row_bytes],
-                            act,
-                            self.simd,
-                        );
+                        let d = kernels::dot_tile::<1, 2>(self.kind, &w[r * row_bytes..], row_bytes, pair, self.simd);
+                        chunk[r * m + a] = d[0][0];
+                        chunk[r * m + a + 1] = d[0][1];
+                        r += 1;
+                    }
+                    a += 2;
+                }
+                if a < m {
+                    let one = [act(a)];
+                    let mut r = 0;
+                    while r + 4 <= rows {
+                        let d = kernels::dot_tile::<4, 1>(self.kind, &w[r * row_bytes..], row_bytes, one, self.simd);
+                        for (i, v) in d.iter().enumerate() {
+                            chunk[(r + i) * m + a] = v[0];
+                        }
+                        r += 4;
+                    }
+                    while r < rows {
+                        chunk[r * m + a] = kernels::dot_tile::<1, 1>(self.kind, &w[r * row_bytes..], row_bytes, one, self.simd)[0][0];
                         r += 1;
                     }
                 }
@@ -166,7 +177,7 @@ mod tests {
         let (n, k) = (130, 256);
         let w = Tensor::from_vec(random(n * k, 1), (n, k), &Device::Cpu).unwrap();
         let q = QTensor::quantize(&w, dtype).unwrap();
-        for m in [1, 5] {
+        for m in [1, 2, 5] {
             let x = Tensor::from_vec(random(m * k, 2 + m as u64), (m, k), &Device::Cpu).unwrap();
             let reference = QMatMul::from_qtensor(QTensor::quantize(&w, dtype).unwrap())
                 .unwrap()
