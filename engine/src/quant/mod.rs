@@ -109,7 +109,13 @@ impl FastQMatMul {
                     let pair = [act(a), act(a + 1)];
                     let mut r = 0;
                     while r + 4 <= rows {
-                        let d = kernels::dot_tile::<4, 2>(self.kind, &w[r * row_bytes..], row_bytes, pair, self.simd);
+                        let d = kernels::dot_tile::<4, 2>(
+                            self.kind,
+                            &w[r * row_bytes..],
+                            row_bytes,
+                            pair,
+                            self.simd,
+                        );
                         for (i, v) in d.iter().enumerate() {
                             chunk[(r + i) * m + a] = v[0];
                             chunk[(r + i) * m + a + 1] = v[1];
@@ -117,7 +123,13 @@ impl FastQMatMul {
                         r += 4;
                     }
                     while r < rows {
-                        let d = kernels::dot_tile::<1, 2>(self.kind, &w[r * row_bytes..], row_bytes, pair, self.simd);
+                        let d = kernels::dot_tile::<1, 2>(
+                            self.kind,
+                            &w[r * row_bytes..],
+                            row_bytes,
+                            pair,
+                            self.simd,
+                        );
                         chunk[r * m + a] = d[0][0];
                         chunk[r * m + a + 1] = d[0][1];
                         r += 1;
@@ -128,14 +140,26 @@ impl FastQMatMul {
                     let one = [act(a)];
                     let mut r = 0;
                     while r + 4 <= rows {
-                        let d = kernels::dot_tile::<4, 1>(self.kind, &w[r * row_bytes..], row_bytes, one, self.simd);
+                        let d = kernels::dot_tile::<4, 1>(
+                            self.kind,
+                            &w[r * row_bytes..],
+                            row_bytes,
+                            one,
+                            self.simd,
+                        );
                         for (i, v) in d.iter().enumerate() {
                             chunk[(r + i) * m + a] = v[0];
                         }
                         r += 4;
                     }
                     while r < rows {
-                        chunk[r * m + a] = kernels::dot_tile::<1, 1>(self.kind, &w[r * row_bytes..], row_bytes, one, self.simd)[0][0];
+                        chunk[r * m + a] = kernels::dot_tile::<1, 1>(
+                            self.kind,
+                            &w[r * row_bytes..],
+                            row_bytes,
+                            one,
+                            self.simd,
+                        )[0][0];
                         r += 1;
                     }
                 }

@@ -1,0 +1,96 @@
+"""The official `openai` SDK and Titan's `takeoff-client` against a real `liftoff serve`.
+
+Run by scripts/test.sh with LIFTOFF_BIN pointing at the built binary.
+"""
+import os
+import socket
+import subprocess
+import time
+import urllib.request
+
+import pytest
+from openai import OpenAI
+from takeoff_client import TakeoffClient
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    port, mport = free_port(), free_port()
+    proc = subprocess.Popen(
+        [os.environ.get("LIFTOFF_BIN", "target/release/liftoff"), "serve", "--host", "127.0.0.1",
+         "--port", str(port), "--management-port", str(mport), "--max-sequence-length", "1024"],
+        env=dict(os.environ, TAKEOFF_LOG_LEVEL="warn"), stdout=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except Exception:
+            time.sleep(0.3)
+    else:
+        proc.kill()
+        raise RuntimeError("liftoff did not become healthy")
+    yield port, mport
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_openai_completion_and_models(server):
+    port, _ = server
+    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+    out = client.completions.create(model="primary", prompt="The capital of France is", max_tokens=8, temperature=0)
+    assert out.choices[0].text.startswith(" Paris")
+    assert out.usage.completion_tokens == 8
+    assert [m.id for m in client.models.list().data] == ["SmolLM2-135M-Instruct"]
+
+
+def test_openai_chat_stream_with_usage(server):
+    port, _ = server
+    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+    stream = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "Name a colour."}],
+        max_tokens=16, temperature=0, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip()
+    assert chunks[-1].usage.completion_tokens >= 1
+    full = client.chat.completions.create(
+        model="primary", messages=[{"role": "user", "content": "Name a colour."}], max_tokens=16, temperature=0)
+    assert full.choices[0].message.content == text
+
+
+def test_openai_error_is_raised_cleanly(server):
+    port, _ = server
+    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(Exception) as e:
+        client.completions.create(model="primary", prompt="x", max_tokens=8, top_p=3)
+    assert "top_p" in str(e.value)
+
+
+def test_takeoff_client_generate_and_stream(server):
+    port, mport = server
+    client = TakeoffClient(base_url="http://127.0.0.1", port=port, mgmt_port=mport)
+    one = client.generate("The capital of France is", sampling_temperature=0, max_new_tokens=8)
+    assert one["text"].startswith(" Paris")
+    many = client.generate(["The capital of France is", "1, 2, 3,"], sampling_temperature=0, max_new_tokens=8)
+    assert many["text"][0] == one["text"] and len(many["text"]) == 2
+    streamed = "".join(ev.data for ev in client.generate_stream(
+        "The capital of France is", sampling_temperature=0, max_new_tokens=8))
+    assert streamed == one["text"]
+
+
+def test_takeoff_client_tokenizer_routes(server):
+    port, mport = server
+    client = TakeoffClient(base_url="http://127.0.0.1", port=port, mgmt_port=mport)
+    readers = client.get_readers()
+    reader_id = readers["primary"][0]["reader_id"]
+    assert client.tokens_count("Hello world", reader_id) == 2
+    rendered = client.chat_template([{"role": "user", "content": "Hi"}], reader_id, add_generation_prompt=True)
+    assert rendered[0].endswith("<|im_start|>assistant\n")
