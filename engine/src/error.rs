@@ -35,6 +35,8 @@ pub enum EngineError {
     ChatTemplate(String),
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    #[error("invalid request: {0}")]
+    InvalidParam(#[from] crate::sampling::ParamError),
     #[error("KV cache exhausted: {0}")]
     KvCacheExhausted(String),
     #[error("tensor-parallel: {0}")]

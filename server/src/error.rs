@@ -29,6 +29,16 @@ impl ApiError {
         }
     }
 
+    /// 400 for a sampling parameter out of range, named as the API calls it (`rename` maps
+    /// the engine's field names to the request's).
+    pub fn param(e: &liftoff_engine::sampling::ParamError, rename: &[(&str, &str)]) -> Self {
+        let field = rename
+            .iter()
+            .find(|(engine, _)| *engine == e.field)
+            .map_or(e.field, |(_, api)| api);
+        Self::invalid(field, format!("{field}: {}", e.message))
+    }
+
     /// 404: no such model, reader or consumer group.
     pub fn not_found(param: &str, message: impl Into<String>) -> Self {
         Self {

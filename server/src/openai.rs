@@ -135,12 +135,13 @@ fn params(
         logprobs: 0,
     };
     p.validate().map_err(|e| {
-        let msg = e
-            .to_string()
-            .trim_start_matches("invalid request: ")
-            .to_string();
-        let field = msg.split(':').next().unwrap_or("").to_string();
-        ApiError::invalid(&field, msg)
+        ApiError::param(
+            &e,
+            &[
+                ("max_new_tokens", "max_tokens"),
+                ("min_new_tokens", "min_tokens"),
+            ],
+        )
     })?;
     Ok(p)
 }
@@ -168,23 +169,14 @@ pub async fn completions(
     let ids = service.prompt_ids(&prompt, false, None, "prompt")?;
     let p = params(&service, &req.sampling, ids.len())?;
     let stream = service.submit(ids, p, &state.metrics)?;
-    let model = service.info.model_name.clone();
-    let id = request_id("cmpl");
-    if req.sampling.stream.unwrap_or(false) {
-        let include_usage = req
-            .sampling
-            .stream_options
-            .and_then(|o| o.include_usage)
-            .unwrap_or(false);
-        return Ok(sse(stream, id, model, include_usage, Kind::Completion));
-    }
-    let c = stream.collect().await?;
-    Ok(Json(json!({
-        "id": id, "object": "text_completion", "created": now(), "model": model,
-        "choices": [{"index": 0, "text": c.text, "logprobs": null, "finish_reason": c.finish_reason.map(|f| f.as_str())}],
-        "usage": usage(c.prompt_tokens, c.token_ids.len()),
-    }))
-    .into_response())
+    respond(
+        stream,
+        &service,
+        req.sampling.stream,
+        req.sampling.stream_options,
+        Kind::Completion,
+    )
+    .await
 }
 
 /// `POST /v1/chat/completions`.
@@ -207,21 +199,49 @@ pub async fn chat_completions(
     service.check_prompt_len(ids.len(), "messages")?;
     let p = params(&service, &req.sampling, ids.len())?;
     let stream = service.submit(ids, p, &state.metrics)?;
+    respond(
+        stream,
+        &service,
+        req.sampling.stream,
+        req.sampling.stream_options,
+        Kind::Chat,
+    )
+    .await
+}
+
+/// Streams the tokens as SSE chunks, or collects them into one response object.
+async fn respond(
+    stream: TokenStream,
+    service: &ModelService,
+    streaming: Option<bool>,
+    options: Option<StreamOptions>,
+    kind: Kind,
+) -> Result<Response, ApiError> {
     let model = service.info.model_name.clone();
-    let id = request_id("chatcmpl");
-    if req.sampling.stream.unwrap_or(false) {
-        let include_usage = req
-            .sampling
-            .stream_options
-            .and_then(|o| o.include_usage)
-            .unwrap_or(false);
-        return Ok(sse(stream, id, model, include_usage, Kind::Chat));
+    let id = request_id(match kind {
+        Kind::Completion => "cmpl",
+        Kind::Chat => "chatcmpl",
+    });
+    if streaming.unwrap_or(false) {
+        let include_usage = options.and_then(|o| o.include_usage).unwrap_or(false);
+        return Ok(sse(stream, id, model, include_usage, kind));
     }
     let c = stream.collect().await?;
+    let finish = c.finish_reason.map(|f| f.as_str());
+    let (object, choice) = match kind {
+        Kind::Completion => (
+            "text_completion",
+            json!({"index": 0, "text": c.text, "logprobs": null, "finish_reason": finish}),
+        ),
+        Kind::Chat => (
+            "chat.completion",
+            json!({"index": 0, "message": {"role": "assistant", "content": c.text},
+                                                 "logprobs": null, "finish_reason": finish}),
+        ),
+    };
     Ok(Json(json!({
-        "id": id, "object": "chat.completion", "created": now(), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
-                     "logprobs": null, "finish_reason": c.finish_reason.map(|f| f.as_str())}],
+        "id": id, "object": object, "created": now(), "model": model,
+        "choices": [choice],
         "usage": usage(c.prompt_tokens, c.token_ids.len()),
     }))
     .into_response())

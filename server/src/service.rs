@@ -140,16 +140,7 @@ impl ModelService {
         params: SamplingParams,
         metrics: &Arc<Metrics>,
     ) -> Result<TokenStream, ApiError> {
-        params.validate().map_err(|e| {
-            let msg = e.to_string();
-            let field = msg
-                .trim_start_matches("invalid request: ")
-                .split(':')
-                .next()
-                .unwrap_or("")
-                .to_string();
-            ApiError::invalid(&field, msg)
-        })?;
+        params.validate().map_err(|e| ApiError::param(&e, &[]))?;
         let idx = self.pick_replica().ok_or_else(|| {
             ApiError::unavailable("no healthy replica group is serving this model", Some(5))
         })?;

@@ -104,7 +104,7 @@ fn prepare(state: &AppState, req: GenerateRequest) -> Result<Prepared, ApiError>
         };
         params
             .validate()
-            .map_err(|e| takeoff_param_error(&e.to_string()))?;
+            .map_err(|e| ApiError::param(&e, TAKEOFF_NAMES))?;
         prompts.push((ids, params));
     }
     Ok(Prepared {
@@ -114,18 +114,12 @@ fn prepare(state: &AppState, req: GenerateRequest) -> Result<Prepared, ApiError>
     })
 }
 
-/// Maps an engine parameter name to the Takeoff field name in an error.
-fn takeoff_param_error(msg: &str) -> ApiError {
-    let msg = msg.trim_start_matches("invalid request: ");
-    let field = msg.split(':').next().unwrap_or("");
-    let takeoff = match field {
-        "temperature" => "sampling_temperature",
-        "top_p" => "sampling_topp",
-        "top_k" => "sampling_topk",
-        other => other,
-    };
-    ApiError::invalid(takeoff, msg.replacen(field, takeoff, 1))
-}
+/// Takeoff's names for the engine's sampling fields.
+const TAKEOFF_NAMES: &[(&str, &str)] = &[
+    ("temperature", "sampling_temperature"),
+    ("top_p", "sampling_topp"),
+    ("top_k", "sampling_topk"),
+];
 
 /// `POST /generate`: the whole text at once (`text` is a list when the request's was).
 pub async fn generate(

@@ -94,6 +94,22 @@ impl RowParallelLinear {
     }
 }
 
+/// This rank's vocabulary rows of `name` (`[vocab, hidden]`) and the slice that loads them.
+fn vocab_shard(
+    src: &dyn WeightSource,
+    name: &str,
+    comm: &dyn Communicator,
+) -> Result<(Range<usize>, Slice)> {
+    let vocab = src.shape(name)?[0];
+    let range = shard_range(vocab, comm.rank(), comm.world_size());
+    let slice = if comm.world_size() == 1 {
+        Slice::All
+    } else {
+        Slice::Rows(range.clone())
+    };
+    Ok((range, slice))
+}
+
 /// The embedding table as stored: dense, or quantized rows dequantized on lookup.
 #[derive(Debug, Clone)]
 enum Table {
@@ -119,13 +135,7 @@ impl VocabParallelEmbedding {
         format: WeightFormat,
         comm: Arc<dyn Communicator>,
     ) -> Result<Self> {
-        let vocab = src.shape(name)?[0];
-        let vocab_range = shard_range(vocab, comm.rank(), comm.world_size());
-        let slice = if comm.world_size() == 1 {
-            Slice::All
-        } else {
-            Slice::Rows(vocab_range.clone())
-        };
+        let (vocab_range, slice) = vocab_shard(src, name, comm.as_ref())?;
         let table = match src.matrix(name, &slice, format)? {
             MatrixWeight::Dense(t) => Table::Dense(t),
             MatrixWeight::Quantized(q) => Table::Quantized(Arc::new(q)),
@@ -199,12 +209,7 @@ impl ParallelLmHead {
         format: WeightFormat,
         comm: Arc<dyn Communicator>,
     ) -> Result<Self> {
-        let vocab = src.shape(name)?[0];
-        let slice = if comm.world_size() == 1 {
-            Slice::All
-        } else {
-            Slice::Rows(shard_range(vocab, comm.rank(), comm.world_size()))
-        };
+        let (_, slice) = vocab_shard(src, name, comm.as_ref())?;
         Ok(Self {
             linear: Linear::new(src.matrix(name, &slice, format)?)?,
             comm,

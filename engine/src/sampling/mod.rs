@@ -5,6 +5,6 @@ mod params;
 mod processors;
 mod sampler;
 
-pub use params::SamplingParams;
+pub use params::{ParamError, SamplingParams};
 pub use processors::{apply_min_new_tokens, apply_no_repeat_ngram, apply_repetition_penalty};
 pub use sampler::{top_logprobs, Sampler};

@@ -1,6 +1,5 @@
 //! Per-request generation parameters, named as Takeoff names them.
 
-use crate::error::{EngineError, Result};
 use serde::{Deserialize, Serialize};
 
 /// How one request is sampled and when it stops.
@@ -48,6 +47,15 @@ impl Default for SamplingParams {
     }
 }
 
+/// A sampling parameter out of range: which field, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct ParamError {
+    /// The engine's name of the field (`temperature`, `top_p`, ...).
+    pub field: &'static str,
+    pub message: String,
+}
+
 /// Largest `logprobs` a request may ask for.
 pub const MAX_LOGPROBS: usize = 20;
 
@@ -62,9 +70,8 @@ impl SamplingParams {
     }
 
     /// Checks every field, naming the first one that is out of range.
-    pub fn validate(&self) -> Result<()> {
-        let bad =
-            |field: &str, why: String| Err(EngineError::InvalidRequest(format!("{field}: {why}")));
+    pub fn validate(&self) -> Result<(), ParamError> {
+        let bad = |field: &'static str, message: String| Err(ParamError { field, message });
         if !self.temperature.is_finite() || self.temperature < 0.0 {
             return bad(
                 "temperature",

@@ -103,6 +103,26 @@ impl Entry {
             .copied()
             .collect()
     }
+
+    /// Adds the next `take` uncomputed tokens to `batch`; returns whether they reach the end of
+    /// the sequence (then its next-token logits are wanted).
+    fn push_chunk(&self, batch: &mut BatchInput, take: usize, block_size: usize) -> bool {
+        let tokens = self.tokens();
+        let wants = self.computed + take == tokens.len();
+        let logits = if wants {
+            LogitsWanted::Last
+        } else {
+            LogitsWanted::None
+        };
+        batch.push_sequence(
+            &tokens[self.computed..self.computed + take],
+            self.computed,
+            &self.table,
+            block_size,
+            logits,
+        );
+        wants
+    }
 }
 
 /// The scheduler of one replica group.
@@ -256,20 +276,7 @@ impl<E: Executor> Scheduler<E> {
                 }
                 continue;
             }
-            let tokens = e.tokens();
-            let wants = e.computed + take == total;
-            batch.push_sequence(
-                &tokens[e.computed..e.computed + take],
-                e.computed,
-                &e.table,
-                bs,
-                if wants {
-                    LogitsWanted::Last
-                } else {
-                    LogitsWanted::None
-                },
-            );
-            plan.push((i, take, wants));
+            plan.push((i, take, e.push_chunk(&mut batch, take, bs)));
             budget -= take;
             i += 1;
         }
@@ -297,19 +304,7 @@ impl<E: Executor> Scheduler<E> {
                 break;
             }
             e.queue_time.get_or_insert_with(|| e.arrival.elapsed());
-            let wants = e.computed + take == tokens.len();
-            batch.push_sequence(
-                &tokens[e.computed..e.computed + take],
-                e.computed,
-                &e.table,
-                bs,
-                if wants {
-                    LogitsWanted::Last
-                } else {
-                    LogitsWanted::None
-                },
-            );
-            plan.push((self.running.len(), take, wants));
+            plan.push((self.running.len(), take, e.push_chunk(&mut batch, take, bs)));
             self.running.push(e);
             budget -= take;
         }
