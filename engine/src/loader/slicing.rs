@@ -40,7 +40,7 @@ impl MatrixLayout {
 
     /// Whether a column range can be cut without splitting a storage unit.
     pub fn cols_aligned(&self, cols: &Range<usize>) -> bool {
-        cols.start % self.unit_elems == 0 && cols.end % self.unit_elems == 0
+        cols.start.is_multiple_of(self.unit_elems) && cols.end.is_multiple_of(self.unit_elems)
     }
 }
 

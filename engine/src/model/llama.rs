@@ -236,7 +236,8 @@ impl Llama {
             cfg.num_attention_heads,
             cfg.num_key_value_heads,
         )?;
-        if cfg.intermediate_size % comm.world_size() != 0 || cfg.vocab_size % comm.world_size() != 0
+        if !cfg.intermediate_size.is_multiple_of(comm.world_size())
+            || !cfg.vocab_size.is_multiple_of(comm.world_size())
         {
             return Err(EngineError::Parallel(format!(
                 "tensor parallel size {} must divide intermediate_size {} and vocab_size {}",

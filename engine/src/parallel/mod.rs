@@ -61,12 +61,12 @@ impl HeadSharding {
     /// Validates that `world` ranks can split `num_heads` query heads and `num_kv_heads` KV heads.
     pub fn new(rank: usize, world: usize, num_heads: usize, num_kv_heads: usize) -> Result<Self> {
         use crate::error::EngineError;
-        if num_heads % world != 0 {
+        if !num_heads.is_multiple_of(world) {
             return Err(EngineError::Parallel(format!(
                 "tensor parallel size {world} does not divide the {num_heads} attention heads"
             )));
         }
-        if num_kv_heads % world != 0 && world % num_kv_heads != 0 {
+        if !num_kv_heads.is_multiple_of(world) && !world.is_multiple_of(num_kv_heads) {
             return Err(EngineError::Parallel(format!(
                 "tensor parallel size {world} and the {num_kv_heads} KV heads do not divide one another"
             )));

@@ -105,6 +105,7 @@ pub fn dot_tile<const R: usize, const A: usize>(
     })
 }
 
+#[allow(clippy::needless_range_loop)] // index loops mirror llama.cpp's reference code
 fn scalar_dot(kind: FastType, w: &[u8], a: &[BlockQ8]) -> f32 {
     let half = |b: &[u8], i: usize| f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32();
     let mut sum = 0f32;
@@ -135,6 +136,7 @@ fn scalar_dot(kind: FastType, w: &[u8], a: &[BlockQ8]) -> f32 {
 }
 
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)] // tiles are indexed by row and activation
 mod avx2 {
     use super::{BlockQ8, Q4_1_BYTES, Q8_0_BYTES};
     use std::arch::x86_64::*;

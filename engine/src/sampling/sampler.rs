@@ -48,7 +48,7 @@ impl Sampler {
             cand.len()
         };
         if keep < cand.len() || params.top_p < 1.0 {
-            let head = keep.min(TOP_P_FAST_CANDIDATES).max(1);
+            let head = keep.clamp(1, TOP_P_FAST_CANDIDATES);
             if head < cand.len() {
                 cand.select_nth_unstable_by(head - 1, by_prob);
             }
