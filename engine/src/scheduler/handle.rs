@@ -34,8 +34,10 @@ impl SchedulerHandle {
         std::thread::Builder::new()
             .name(name.to_string())
             .spawn(move || {
+                // Marks the group dead however the thread ends, a panic included, so requests
+                // fail fast and /health reports it.
+                let _alive = AliveGuard(flag);
                 run(scheduler, rx);
-                flag.store(false, Ordering::SeqCst);
             })?;
         Ok(Self {
             tx,
@@ -70,6 +72,14 @@ impl SchedulerHandle {
     /// Whether the scheduler thread is still running.
     pub fn is_alive(&self) -> bool {
         self.alive.load(Ordering::SeqCst)
+    }
+}
+
+struct AliveGuard(Arc<AtomicBool>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
     }
 }
 
