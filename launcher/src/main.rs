@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_plot;
+mod config_doc;
 mod generate;
 mod model_resolve;
 mod serve;

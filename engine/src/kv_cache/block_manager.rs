@@ -172,6 +172,7 @@ impl BlockManager {
         }
         let full = tokens.len().saturating_sub(1) / self.block_size;
         for i in 0..full {
+            // A lookup is counted when made: every hit, and the first miss that ends the walk.
             self.stats.queried_blocks += 1;
             let h = block_hash(
                 hash,
@@ -189,8 +190,6 @@ impl BlockManager {
             table.push(b);
             hash = h;
         }
-        // The misses after the first are not real lookups.
-        self.stats.queried_blocks -= (full - table.len()).saturating_sub(1) as u64;
         (table, hash)
     }
 
@@ -249,10 +248,11 @@ mod tests {
         let tb = fill(&mut m, &b);
         assert_eq!(&tb[..2], &ta[..2]);
         assert_eq!(m.ref_count(ta[0]), 2);
+        // a's one lookup missed; b's two hit.
         assert_eq!(
             m.stats(),
             PrefixCacheStats {
-                queried_blocks: 2,
+                queried_blocks: 3,
                 hit_blocks: 2
             }
         );
