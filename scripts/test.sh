@@ -14,4 +14,4 @@ if ! "$VENV/bin/python" -c "import openai, takeoff_client, pytest" 2>/dev/null; 
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install --quiet --disable-pip-version-check "openai>=1.40,<4" takeoff-client==0.7.0 pytest
 fi
-LIFTOFF_BIN="$PWD/target/debug/liftoff" "$VENV/bin/python" -m pytest -q tests/python
+LIFTOFF_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/liftoff" "$VENV/bin/python" -m pytest -q tests/python
