@@ -48,8 +48,9 @@ pub struct TokenStep {
 /// A generating sequence.
 #[derive(Debug, Clone)]
 pub struct SequenceState {
-    prompt: Vec<u32>,
-    generated: Vec<u32>,
+    /// Prompt then generated ids, in one list (the history the processors read).
+    tokens: Vec<u32>,
+    prompt_len: usize,
     params: SamplingParams,
     sampler: Sampler,
     decoder: IncrementalDecoder,
@@ -65,8 +66,8 @@ impl SequenceState {
             decoder: IncrementalDecoder::new(&prompt),
             sampler: Sampler::new(params.seed),
             stop: StopChecker::new(params.stop.clone()),
-            prompt,
-            generated: Vec::new(),
+            prompt_len: prompt.len(),
+            tokens: prompt,
             params,
             max_total_len,
             finished: None,
@@ -75,17 +76,22 @@ impl SequenceState {
 
     /// The prompt ids.
     pub fn prompt(&self) -> &[u32] {
-        &self.prompt
+        &self.tokens[..self.prompt_len]
     }
 
     /// The ids generated so far.
     pub fn generated(&self) -> &[u32] {
-        &self.generated
+        &self.tokens[self.prompt_len..]
+    }
+
+    /// Prompt and generated ids.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
     }
 
     /// Prompt and generated ids.
     pub fn total_len(&self) -> usize {
-        self.prompt.len() + self.generated.len()
+        self.tokens.len()
     }
 
     /// The request's parameters.
@@ -116,19 +122,18 @@ impl SequenceState {
         } else {
             Vec::new()
         };
-        let history: Vec<u32> = self.prompt.iter().chain(&self.generated).copied().collect();
-        apply_repetition_penalty(logits, &history, self.params.repetition_penalty);
-        apply_no_repeat_ngram(logits, &history, self.params.no_repeat_ngram_size);
+        apply_repetition_penalty(logits, &self.tokens, self.params.repetition_penalty);
+        apply_no_repeat_ngram(logits, &self.tokens, self.params.no_repeat_ngram_size);
         if !self.params.ignore_eos {
             apply_min_new_tokens(
                 logits,
-                self.generated.len(),
+                self.generated().len(),
                 self.params.min_new_tokens,
                 eos,
             );
         }
         let token = self.sampler.sample(logits, &self.params);
-        self.generated.push(token);
+        self.tokens.push(token);
 
         let mut finished = None;
         let mut text = String::new();
@@ -145,7 +150,7 @@ impl SequenceState {
             }
         }
         if finished.is_none()
-            && (self.generated.len() >= self.params.max_new_tokens
+            && (self.generated().len() >= self.params.max_new_tokens
                 || self.total_len() >= self.max_total_len)
         {
             finished = Some(FinishReason::Length);

@@ -95,19 +95,19 @@ struct Entry {
 }
 
 impl Entry {
-    fn tokens(&self) -> Vec<u32> {
-        self.state
-            .prompt()
-            .iter()
-            .chain(self.state.generated())
-            .copied()
-            .collect()
+    /// Returns the sequence's blocks; it will be computed again from its first token.
+    fn release_blocks(&mut self, blocks: &mut BlockManager) {
+        blocks.release(&self.table);
+        self.table.clear();
+        self.computed = 0;
+        self.registered = 0;
+        self.last_hash = 0;
     }
 
     /// Adds the next `take` uncomputed tokens to `batch`; returns whether they reach the end of
     /// the sequence (then its next-token logits are wanted).
     fn push_chunk(&self, batch: &mut BatchInput, take: usize, block_size: usize) -> bool {
-        let tokens = self.tokens();
+        let tokens = self.state.tokens();
         let wants = self.computed + take == tokens.len();
         let logits = if wants {
             LogitsWanted::Last
@@ -239,11 +239,7 @@ impl<E: Executor> Scheduler<E> {
     /// recomputed from its prompt and generated tokens.
     fn preempt(&mut self, idx: usize) {
         let mut e = self.running.remove(idx);
-        self.blocks.release(&e.table);
-        e.table.clear();
-        e.computed = 0;
-        e.registered = 0;
-        e.last_hash = 0;
+        e.release_blocks(&mut self.blocks);
         self.stats.preemptions.fetch_add(1, Ordering::Relaxed);
         self.waiting.push_front(e);
     }
@@ -285,9 +281,9 @@ impl<E: Executor> Scheduler<E> {
             let Some(mut e) = self.waiting.pop_front() else {
                 break;
             };
-            let tokens = e.tokens();
+            let tokens = e.state.tokens();
             if e.computed == 0 && e.table.is_empty() {
-                let (table, hash) = self.blocks.match_prefix(&tokens);
+                let (table, hash) = self.blocks.match_prefix(tokens);
                 e.computed = table.len() * bs;
                 e.registered = table.len();
                 e.last_hash = hash;
@@ -295,11 +291,7 @@ impl<E: Executor> Scheduler<E> {
             }
             let take = (tokens.len() - e.computed).min(budget);
             if !self.blocks.ensure_capacity(&mut e.table, e.computed + take) {
-                self.blocks.release(&e.table);
-                e.table.clear();
-                e.computed = 0;
-                e.registered = 0;
-                e.last_hash = 0;
+                e.release_blocks(&mut self.blocks);
                 self.waiting.push_front(e);
                 break;
             }
@@ -356,7 +348,7 @@ impl<E: Executor> Scheduler<E> {
             e.computed += took;
             // Register blocks that became full.
             if (e.registered + 1) * bs <= e.computed {
-                let tokens = e.tokens();
+                let tokens = e.state.tokens();
                 while (e.registered + 1) * bs <= e.computed {
                     let h = block_hash(
                         e.last_hash,
