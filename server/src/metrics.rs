@@ -27,6 +27,7 @@ pub struct Metrics {
     prefix_queries: IntGaugeVec,
     prefix_hits: IntGaugeVec,
     preemptions: IntGaugeVec,
+    cancelled: IntGaugeVec,
     healthy: IntGaugeVec,
     step_micros: IntGaugeVec,
     steps: IntGaugeVec,
@@ -146,6 +147,10 @@ impl Metrics {
                 "liftoff_preemptions",
                 "Sequences preempted for lack of KV blocks",
             )?,
+            cancelled: igauge(
+                "liftoff_cancelled_requests",
+                "Sequences dropped because their client went away",
+            )?,
             healthy: igauge(
                 "liftoff_replica_healthy",
                 "1 when the replica group is serving",
@@ -190,6 +195,9 @@ impl Metrics {
             self.preemptions
                 .with_label_values(&l)
                 .set(s.preemptions.load(Relaxed) as i64);
+            self.cancelled
+                .with_label_values(&l)
+                .set(s.cancelled.load(Relaxed) as i64);
             self.healthy.with_label_values(&l).set(r.healthy as i64);
             self.step_micros
                 .with_label_values(&l)

@@ -173,6 +173,7 @@ impl ModelService {
             rx,
             arrival,
             last: None,
+            generated: 0,
             metrics: metrics.clone(),
             model,
             prompt_tokens: prompt_len,
@@ -185,6 +186,8 @@ pub struct TokenStream {
     rx: UnboundedReceiver<SeqEvent>,
     arrival: Instant,
     last: Option<Instant>,
+    /// Tokens generated so far, as the last event reported.
+    generated: usize,
     metrics: Arc<Metrics>,
     model: String,
     pub prompt_tokens: usize,
@@ -221,9 +224,10 @@ impl TokenStream {
                 .observe((now - prev).as_secs_f64()),
         }
         self.last = Some(now);
-        if ev.finished.is_none() || ev.generated_tokens > 0 {
-            m.generation_tokens.with_label_values(&l).inc();
-        }
+        // An early finish repeats the count without a new token.
+        let new = ev.generated_tokens.saturating_sub(self.generated);
+        self.generated = self.generated.max(ev.generated_tokens);
+        m.generation_tokens.with_label_values(&l).inc_by(new as u64);
         if ev.finished.is_some() {
             m.e2e
                 .with_label_values(&l)
@@ -231,11 +235,6 @@ impl TokenStream {
             self.rx.close();
         }
         Some(Ok(ev))
-    }
-
-    /// Whether the stream has delivered its last token.
-    pub fn is_done(&self) -> bool {
-        self.rx.is_closed() && self.rx.is_empty()
     }
 }
 

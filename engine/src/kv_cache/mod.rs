@@ -33,18 +33,6 @@ impl KvCacheConfig {
             * std::mem::size_of::<f32>()
     }
 
-    /// The number of blocks that fit in `bytes`.
-    pub fn blocks_for_budget(
-        bytes: usize,
-        num_layers: usize,
-        block_size: usize,
-        kv_heads: usize,
-        head_dim: usize,
-    ) -> usize {
-        let per = 2 * num_layers * block_size * kv_heads * head_dim * std::mem::size_of::<f32>();
-        bytes / per.max(1)
-    }
-
     fn layer_len(&self) -> usize {
         self.num_blocks * self.block_size * self.kv_heads * self.head_dim
     }

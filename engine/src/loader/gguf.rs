@@ -69,11 +69,6 @@ impl GgufSource {
         &self.content.metadata
     }
 
-    /// The file this source reads.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Per-dimension RoPE frequency divisors stored by llama.cpp for Llama 3.1 (`rope_freqs.weight`).
     fn rope_factors(&self) -> Result<Option<Vec<f32>>> {
         if !self.content.tensor_infos.contains_key("rope_freqs.weight") {

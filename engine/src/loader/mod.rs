@@ -42,17 +42,6 @@ pub enum MatrixWeight {
     Quantized(QTensor),
 }
 
-impl MatrixWeight {
-    /// `[out_features, in_features]`.
-    pub fn dims(&self) -> (usize, usize) {
-        let d = match self {
-            MatrixWeight::Dense(t) => t.dims().to_vec(),
-            MatrixWeight::Quantized(q) => q.shape().dims().to_vec(),
-        };
-        (d[0], d[1])
-    }
-}
-
 /// Which part of a `[rows, cols]` matrix to load.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Slice {

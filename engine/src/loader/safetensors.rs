@@ -20,7 +20,6 @@ struct MappedFile {
 
 /// A Hugging Face model directory.
 pub struct SafetensorsSource {
-    dir: PathBuf,
     files: Vec<MappedFile>,
     /// Tensor name -> index into `files`.
     index: HashMap<String, usize>,
@@ -70,17 +69,11 @@ impl SafetensorsSource {
             });
         }
         Ok(Self {
-            dir: dir.to_path_buf(),
             files: mapped,
             index,
             config,
             device: device.clone(),
         })
-    }
-
-    /// The model directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 
     fn lookup(&self, name: &str) -> Result<(&MappedFile, &TensorInfo)> {

@@ -372,7 +372,6 @@ impl<E: Executor> Scheduler<E> {
             let first = e.state.generated().is_empty();
             match e.state.step(&mut logits, &self.tokenizer, &self.eos) {
                 Ok(step) => {
-                    self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
                     let ev = TokenEvent {
                         token_id: step.token_id,
                         text: step.text,

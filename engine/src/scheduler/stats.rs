@@ -14,7 +14,6 @@ pub struct SchedulerStats {
     pub prefix_hit_blocks: AtomicU64,
     pub preemptions: AtomicU64,
     pub cancelled: AtomicU64,
-    pub generated_tokens: AtomicU64,
     pub steps: AtomicU64,
     pub step_tokens: AtomicU64,
     pub step_micros: AtomicU64,
