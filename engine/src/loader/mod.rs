@@ -64,6 +64,11 @@ pub trait WeightSource: Send + Sync {
     fn vector(&self, name: &str) -> Result<Tensor>;
     /// The device tensors are created on.
     fn device(&self) -> &Device;
+
+    /// Checks that tensor `name` has the shape the config implies.
+    fn expect_shape(&self, name: &str, expected: &[usize]) -> Result<()> {
+        expect_shape(name, &self.shape(name)?, expected)
+    }
 }
 
 /// A resolved model location.

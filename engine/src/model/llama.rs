@@ -65,26 +65,10 @@ impl Attention {
         let v_name = format!("{prefix}.v_proj.weight");
         let o_name = format!("{prefix}.o_proj.weight");
         let hidden = cfg.hidden_size;
-        crate::loader::expect_shape(
-            &q_name,
-            &src.shape(&q_name)?,
-            &[cfg.num_attention_heads * d, hidden],
-        )?;
-        crate::loader::expect_shape(
-            &k_name,
-            &src.shape(&k_name)?,
-            &[cfg.num_key_value_heads * d, hidden],
-        )?;
-        crate::loader::expect_shape(
-            &v_name,
-            &src.shape(&v_name)?,
-            &[cfg.num_key_value_heads * d, hidden],
-        )?;
-        crate::loader::expect_shape(
-            &o_name,
-            &src.shape(&o_name)?,
-            &[hidden, cfg.num_attention_heads * d],
-        )?;
+        src.expect_shape(&q_name, &[cfg.num_attention_heads * d, hidden])?;
+        src.expect_shape(&k_name, &[cfg.num_key_value_heads * d, hidden])?;
+        src.expect_shape(&v_name, &[cfg.num_key_value_heads * d, hidden])?;
+        src.expect_shape(&o_name, &[hidden, cfg.num_attention_heads * d])?;
         let qkv = ColumnParallelLinear::load(
             src,
             &[
@@ -159,9 +143,9 @@ impl Mlp {
         let gate = format!("{prefix}.gate_proj.weight");
         let up = format!("{prefix}.up_proj.weight");
         let down = format!("{prefix}.down_proj.weight");
-        crate::loader::expect_shape(&gate, &src.shape(&gate)?, &[i, h])?;
-        crate::loader::expect_shape(&up, &src.shape(&up)?, &[i, h])?;
-        crate::loader::expect_shape(&down, &src.shape(&down)?, &[h, i])?;
+        src.expect_shape(&gate, &[i, h])?;
+        src.expect_shape(&up, &[i, h])?;
+        src.expect_shape(&down, &[h, i])?;
         let local = shard_range(i, comm.rank(), comm.world_size());
         Ok(Self {
             gate_up: ColumnParallelLinear::load(
@@ -248,11 +232,7 @@ impl Llama {
         }
         let dtype = format.activation_dtype();
         let embed_name = "model.embed_tokens.weight";
-        crate::loader::expect_shape(
-            embed_name,
-            &src.shape(embed_name)?,
-            &[cfg.vocab_size, cfg.hidden_size],
-        )?;
+        src.expect_shape(embed_name, &[cfg.vocab_size, cfg.hidden_size])?;
         let embed = VocabParallelEmbedding::load(src, embed_name, format, comm.clone())?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
@@ -282,11 +262,7 @@ impl Llama {
         }
         let norm = RmsNorm::load(src, "model.norm.weight", dtype, cfg.rms_norm_eps)?;
         let lm_head = if src.contains("lm_head.weight") {
-            crate::loader::expect_shape(
-                "lm_head.weight",
-                &src.shape("lm_head.weight")?,
-                &[cfg.vocab_size, cfg.hidden_size],
-            )?;
+            src.expect_shape("lm_head.weight", &[cfg.vocab_size, cfg.hidden_size])?;
             ParallelLmHead::load(src, "lm_head.weight", format, comm.clone())?
         } else {
             ParallelLmHead::tied(&embed, comm.clone())?

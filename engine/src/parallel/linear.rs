@@ -37,7 +37,33 @@ impl Linear {
     }
 
     /// Stacks weights along the output dimension into one layer (fused QKV, fused gate/up).
+    /// Quantized parts of one GGML type are stacked block for block; anything else (dense
+    /// parts, or mixed quantization types) is stacked as dense tensors.
     pub fn fuse_rows(parts: Vec<MatrixWeight>) -> Result<Self> {
+        let qtype = match parts.first() {
+            Some(MatrixWeight::Quantized(q)) => Some(q.dtype()),
+            _ => None,
+        };
+        let same_qtype =
+            |p: &MatrixWeight| matches!(p, MatrixWeight::Quantized(q) if Some(q.dtype()) == qtype);
+        if parts.len() > 1 && parts.iter().all(same_qtype) {
+            let mut bytes = Vec::new();
+            let (mut rows, mut cols, mut device) = (0, 0, None);
+            for p in &parts {
+                if let MatrixWeight::Quantized(q) = p {
+                    bytes.extend_from_slice(&q.data()?);
+                    let (r, c) = q.shape().dims2()?;
+                    rows += r;
+                    cols = c;
+                    device = Some(q.device());
+                }
+            }
+            let (Some(dtype), Some(device)) = (qtype, device) else {
+                return Err(EngineError::Parallel("empty fuse".into()));
+            };
+            let storage = QStorage::from_data(Cow::Owned(bytes), &device, dtype)?;
+            return Self::from_qtensor(Arc::new(QTensor::new(storage, (rows, cols))?));
+        }
         if parts.len() == 1 {
             return Self::new(
                 parts
@@ -46,44 +72,22 @@ impl Linear {
                     .ok_or_else(|| EngineError::Parallel("empty fuse".into()))?,
             );
         }
-        if parts.iter().all(|p| matches!(p, MatrixWeight::Dense(_))) {
-            let ts: Vec<Tensor> = parts
-                .into_iter()
-                .filter_map(|p| match p {
-                    MatrixWeight::Dense(t) => Some(t),
-                    MatrixWeight::Quantized(_) => None,
-                })
-                .collect();
-            return Ok(Linear::Dense(Tensor::cat(&ts, 0)?));
-        }
-        let qs: Vec<QTensor> = parts
+        // Dense parts keep their dtype; dequantized ones (f32) are converted to it.
+        let dtype = parts
+            .iter()
+            .find_map(|p| match p {
+                MatrixWeight::Dense(t) => Some(t.dtype()),
+                MatrixWeight::Quantized(_) => None,
+            })
+            .unwrap_or(candle_core::DType::F32);
+        let ts = parts
             .into_iter()
             .map(|p| match p {
-                MatrixWeight::Quantized(q) => Ok(q),
-                MatrixWeight::Dense(t) => Ok(QTensor::quantize(
-                    &t.to_dtype(candle_core::DType::F32)?,
-                    candle_core::quantized::GgmlDType::F32,
-                )?),
+                MatrixWeight::Dense(t) => Ok(t.to_dtype(dtype)?),
+                MatrixWeight::Quantized(q) => Ok(q.dequantize(&q.device())?.to_dtype(dtype)?),
             })
-            .collect::<Result<_>>()?;
-        let dtype = qs[0].dtype();
-        if qs.iter().any(|q| q.dtype() != dtype) {
-            // Mixed quantization types cannot share one matrix: dequantize to f32.
-            let ts = qs
-                .iter()
-                .map(|q| q.dequantize(&q.device()))
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            return Ok(Linear::Dense(Tensor::cat(&ts, 0)?));
-        }
-        let cols = qs[0].shape().dims()[1];
-        let rows: usize = qs.iter().map(|q| q.shape().dims()[0]).sum();
-        let mut bytes = Vec::new();
-        for q in &qs {
-            bytes.extend_from_slice(&q.data()?);
-        }
-        let device = qs[0].device();
-        let storage = QStorage::from_data(Cow::Owned(bytes), &device, dtype)?;
-        Self::from_qtensor(Arc::new(QTensor::new(storage, (rows, cols))?))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Linear::Dense(Tensor::cat(&ts, 0)?))
     }
 
     /// `x: [tokens, in] -> [tokens, out]`.
