@@ -1,93 +1,11 @@
 //! End-to-end tests of `liftoff serve`: the real binary on loopback ports, real HTTP clients.
 
+mod common;
+
+use common::Server;
 use futures::StreamExt;
 use serde_json::{json, Value};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Server {
-    child: Child,
-    base: String,
-    mgmt: String,
-}
-
-impl Server {
-    async fn start(extra: &[&str]) -> Server {
-        let (port, mport) = (free_port(), free_port());
-        let mut args = vec![
-            "serve".to_string(),
-            "--host".into(),
-            "127.0.0.1".into(),
-            "--port".into(),
-            port.to_string(),
-            "--management-port".into(),
-            mport.to_string(),
-            "--max-sequence-length".into(),
-            "1024".into(),
-        ];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let child = Command::new(env!("CARGO_BIN_EXE_liftoff"))
-            .args(&args)
-            .env("TAKEOFF_LOG_LEVEL", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start liftoff");
-        let s = Server {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-            mgmt: format!("http://127.0.0.1:{mport}"),
-        };
-        let t = Instant::now();
-        while t.elapsed() < Duration::from_secs(120) {
-            if let Ok(r) = reqwest::get(format!("{}/health", s.base)).await {
-                if r.status() == 200 {
-                    return s;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        panic!("server did not become healthy");
-    }
-
-    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        let r = reqwest::Client::new()
-            .post(format!("{}{path}", self.base))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
-    }
-
-    async fn metric(&self, name: &str) -> f64 {
-        let text = reqwest::get(format!("{}/metrics", self.mgmt))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// Reads an SSE body into its `data:` payloads (multi-line data joined with newlines).
 async fn sse_data(resp: reqwest::Response) -> Vec<(Option<String>, String)> {

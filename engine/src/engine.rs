@@ -4,21 +4,22 @@
 
 use crate::batch::{BatchInput, LogitsWanted};
 use crate::error::{EngineError, Result};
-use crate::kv_cache::{BlockManager, KvCache, DEFAULT_BLOCK_SIZE};
+use crate::kv_cache::{BlockManager, DEFAULT_BLOCK_SIZE};
 use crate::loader::{GgufSource, ModelPath, SafetensorsSource, WeightFormat, WeightSource};
 use crate::model::Llama;
 use crate::parallel::{Communicator, SingleRank};
 use crate::sampling::SamplingParams;
+use crate::scheduler::{Executor, LocalExecutor};
 use crate::sequence::{FinishReason, SequenceState, TokenStep};
 use crate::tokenizer::Tokenizer;
 use candle_core::{DType, Device};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 /// Numeric mode requested by the user.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum DTypeChoice {
     /// GGUF: keep quantized weights (f32 activations); safetensors: f32 on CPU.
     #[default]
@@ -58,7 +59,7 @@ impl DTypeChoice {
 }
 
 /// What to load and how.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EngineOptions {
     pub model: PathBuf,
     pub dtype: DTypeChoice,
@@ -102,20 +103,7 @@ impl LoadedModel {
     ) -> Result<Self> {
         let path = ModelPath::resolve(&opts.model)?;
         let format = opts.dtype.weight_format(&path);
-        let (source, tokenizer): (Box<dyn WeightSource>, Tokenizer) = match &path {
-            ModelPath::Gguf(p) => {
-                let src = GgufSource::open(p, device)?;
-                let tok = Tokenizer::from_gguf(src.metadata())?;
-                (Box::new(src), tok)
-            }
-            ModelPath::HfDir(dir) => {
-                let src = SafetensorsSource::open(dir, device)?;
-                let mut eos = src.config().eos_token_ids.clone();
-                eos.extend(generation_config_eos(dir));
-                let tok = Tokenizer::from_hf_dir(dir, eos)?;
-                (Box::new(src), tok)
-            }
-        };
+        let (source, tokenizer) = open_model(&path, device)?;
         let cfg = source.config();
         let max_seq_len = opts
             .max_seq_len
@@ -136,6 +124,24 @@ impl LoadedModel {
             path,
         })
     }
+}
+
+/// The weights (memory-mapped, nothing read yet) and the tokenizer of the model at `path`.
+pub fn open_model(path: &ModelPath, device: &Device) -> Result<(Box<dyn WeightSource>, Tokenizer)> {
+    Ok(match path {
+        ModelPath::Gguf(p) => {
+            let src = GgufSource::open(p, device)?;
+            let tok = Tokenizer::from_gguf(src.metadata())?;
+            (Box::new(src), tok)
+        }
+        ModelPath::HfDir(dir) => {
+            let src = SafetensorsSource::open(dir, device)?;
+            let mut eos = src.config().eos_token_ids.clone();
+            eos.extend(generation_config_eos(dir));
+            let tok = Tokenizer::from_hf_dir(dir, eos)?;
+            (Box::new(src), tok)
+        }
+    })
 }
 
 /// EOS ids from `generation_config.json`, if present.
@@ -172,48 +178,54 @@ pub struct Generation {
     pub decode_tokens_per_s: f64,
 }
 
-/// A single-process engine: one model shard, its KV cache and block allocator.
+/// A batch-of-one engine over an [`Executor`] (the model in this process, or a tensor-parallel
+/// group of worker processes): the CLI's `generate` and the reference tests.
 pub struct Engine {
-    loaded: LoadedModel,
-    cache: KvCache,
+    executor: Box<dyn Executor>,
+    tokenizer: Tokenizer,
     allocator: BlockManager,
+    max_seq_len: usize,
     max_batched_tokens: usize,
 }
 
 impl Engine {
     /// Loads the model on the CPU as a group of one rank.
     pub fn load(opts: &EngineOptions) -> Result<Self> {
-        Self::load_sharded(opts, &Device::Cpu, Arc::new(SingleRank))
-    }
-
-    /// Loads one rank's shard on `device`.
-    pub fn load_sharded(
-        opts: &EngineOptions,
-        device: &Device,
-        comm: Arc<dyn Communicator>,
-    ) -> Result<Self> {
-        let loaded = LoadedModel::load(opts, device, comm)?;
+        let loaded = LoadedModel::load(opts, &Device::Cpu, Arc::new(SingleRank))?;
         let bs = opts.block_size.max(1);
         let blocks = opts
             .num_kv_blocks
             .unwrap_or_else(|| loaded.model.max_seq_len().div_ceil(bs) + 1);
-        let cache = KvCache::new(loaded.model.kv_cache_config(blocks, bs))?;
-        Ok(Self {
-            loaded,
-            cache,
+        let max_seq_len = loaded.model.max_seq_len();
+        let executor = LocalExecutor::new(loaded.model, blocks, bs)?;
+        Ok(Self::new(
+            Box::new(executor),
+            loaded.tokenizer,
+            max_seq_len,
+            opts.max_batched_tokens,
+        ))
+    }
+
+    /// An engine over `executor`, whose model takes sequences up to `max_seq_len` tokens.
+    pub fn new(
+        executor: Box<dyn Executor>,
+        tokenizer: Tokenizer,
+        max_seq_len: usize,
+        max_batched_tokens: usize,
+    ) -> Self {
+        let (blocks, bs) = executor.kv_blocks();
+        Self {
+            executor,
+            tokenizer,
             allocator: BlockManager::new(blocks, bs, false),
-            max_batched_tokens: opts.max_batched_tokens.max(1),
-        })
+            max_seq_len,
+            max_batched_tokens: max_batched_tokens.max(1),
+        }
     }
 
     /// The tokenizer.
     pub fn tokenizer(&self) -> &Tokenizer {
-        &self.loaded.tokenizer
-    }
-
-    /// The model.
-    pub fn model(&self) -> &Llama {
-        &self.loaded.model
+        &self.tokenizer
     }
 
     /// Logits (`[len, vocab]`) at every position of `ids`, from a fresh sequence.
@@ -221,8 +233,7 @@ impl Engine {
         let mut table = Vec::new();
         let out = self.prefill(ids, &mut table, LogitsWanted::All);
         self.allocator.release(&table);
-        let t = out?;
-        Ok(t.to_vec2::<f32>()?)
+        out
     }
 
     /// Runs `ids` through the model in chunks of at most `max_batched_tokens`, growing `table`.
@@ -231,15 +242,15 @@ impl Engine {
         ids: &[u32],
         table: &mut Vec<u32>,
         wanted: LogitsWanted,
-    ) -> Result<candle_core::Tensor> {
+    ) -> Result<Vec<Vec<f32>>> {
         if ids.is_empty() {
             return Err(EngineError::InvalidRequest("the prompt is empty".into()));
         }
-        if ids.len() > self.loaded.model.max_seq_len() {
+        if ids.len() > self.max_seq_len {
             return Err(EngineError::InvalidRequest(format!(
                 "the prompt has {} tokens, more than the maximum sequence length {}",
                 ids.len(),
-                self.loaded.model.max_seq_len()
+                self.max_seq_len
             )));
         }
         if !self.allocator.ensure_capacity(table, ids.len()) {
@@ -260,9 +271,16 @@ impl Engine {
             };
             let mut batch = BatchInput::default();
             batch.push_sequence(chunk, start, table, bs, want);
-            outputs.push(self.loaded.model.forward(&batch, &mut self.cache)?);
+            outputs.extend(self.executor.execute(&batch)?);
         }
-        Ok(candle_core::Tensor::cat(&outputs, 0)?)
+        Ok(outputs)
+    }
+
+    /// The single logits row a step that asked for the last token's returned.
+    fn one_row(rows: Vec<Vec<f32>>) -> Result<Vec<f32>> {
+        rows.into_iter()
+            .next()
+            .ok_or_else(|| EngineError::WorkerLost("a step returned no logits".into()))
     }
 
     /// Generates from `prompt_ids`; `on_step` sees every token as it is produced.
@@ -286,19 +304,18 @@ impl Engine {
         table: &mut Vec<u32>,
         on_step: &mut dyn FnMut(&TokenStep),
     ) -> Result<Generation> {
-        let max_len = self.loaded.model.max_seq_len();
-        let eos = self.loaded.tokenizer.eos_token_ids().to_vec();
+        let max_len = self.max_seq_len;
+        let eos = self.tokenizer.eos_token_ids().to_vec();
         let mut seq = SequenceState::new(prompt_ids.to_vec(), params.clone(), max_len);
         let t0 = Instant::now();
-        let logits = self.prefill(prompt_ids, table, LogitsWanted::Last)?;
-        let mut logits = logits.squeeze(0)?.to_vec1::<f32>()?;
+        let mut logits = Self::one_row(self.prefill(prompt_ids, table, LogitsWanted::Last)?)?;
         let prefill_s = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         let mut text = String::new();
         let mut top = Vec::new();
         let bs = self.allocator.block_size();
         let finish = loop {
-            let step = seq.step(&mut logits, &self.loaded.tokenizer, &eos)?;
+            let step = seq.step(&mut logits, &self.tokenizer, &eos)?;
             text.push_str(&step.text);
             on_step(&step);
             top.push(step.top_logprobs.clone());
@@ -313,12 +330,7 @@ impl Engine {
             }
             let mut batch = BatchInput::default();
             batch.push_sequence(&[step.token_id], pos, table, bs, LogitsWanted::Last);
-            logits = self
-                .loaded
-                .model
-                .forward(&batch, &mut self.cache)?
-                .squeeze(0)?
-                .to_vec1::<f32>()?;
+            logits = Self::one_row(self.executor.execute(&batch)?)?;
         };
         let decode_s = t1.elapsed().as_secs_f64();
         let generated = seq.generated().to_vec();

@@ -41,6 +41,12 @@ pub enum EngineError {
     KvCacheExhausted(String),
     #[error("tensor-parallel: {0}")]
     Parallel(String),
+    /// A collective between the ranks of a group failed; the group cannot go on.
+    #[error("communicator: {0}")]
+    Comm(String),
+    /// A worker process of the replica group is gone or broke its protocol; the group is down.
+    #[error("worker lost: {0}")]
+    WorkerLost(String),
     #[error("{}", candle_message(.0))]
     Candle(#[from] candle_core::Error),
 }
@@ -49,6 +55,11 @@ pub enum EngineError {
 pub type Result<T> = std::result::Result<T, EngineError>;
 
 impl EngineError {
+    /// Whether the replica group that raised this can serve nothing more.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, EngineError::Comm(_) | EngineError::WorkerLost(_))
+    }
+
     /// Wraps an I/O error with the path it concerns.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         EngineError::Io {

@@ -14,6 +14,7 @@ pub mod scheduler;
 pub mod sequence;
 pub mod stop;
 pub mod tokenizer;
+pub mod worker;
 
 pub use error::{EngineError, Result};
 

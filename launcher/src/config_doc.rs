@@ -26,6 +26,16 @@ mod tests {
                 }
             }
         }
+        for id in crate::serve_config::setting_ids() {
+            let key = if id == "model" {
+                "model_name".into()
+            } else {
+                id
+            };
+            if !doc.contains(&format!("| `{key}` |")) {
+                missing.push(format!("manifest key {key}"));
+            }
+        }
         for arg in cli.get_arguments() {
             if let Some(long) = arg.get_long() {
                 if !doc.contains(&format!("`--{long}`")) {

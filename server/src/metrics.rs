@@ -30,6 +30,8 @@ pub struct Metrics {
     cancelled: IntGaugeVec,
     healthy: IntGaugeVec,
     step_micros: IntGaugeVec,
+    compute_micros: IntGaugeVec,
+    comm_micros: IntGaugeVec,
     steps: IntGaugeVec,
 }
 
@@ -159,6 +161,14 @@ impl Metrics {
                 "liftoff_step_time_microseconds",
                 "Total time in model steps",
             )?,
+            compute_micros: igauge(
+                "liftoff_worker_compute_time_microseconds",
+                "Total forward time on rank 0 of a worker group, collectives included",
+            )?,
+            comm_micros: igauge(
+                "liftoff_allreduce_time_microseconds",
+                "Total time rank 0 of a worker group spent in all-reduce and gather",
+            )?,
             steps: igauge("liftoff_steps", "Model steps run")?,
             registry,
         })
@@ -202,6 +212,12 @@ impl Metrics {
             self.step_micros
                 .with_label_values(&l)
                 .set(s.step_micros.load(Relaxed) as i64);
+            self.compute_micros
+                .with_label_values(&l)
+                .set(s.compute_micros.load(Relaxed) as i64);
+            self.comm_micros
+                .with_label_values(&l)
+                .set(s.comm_micros.load(Relaxed) as i64);
             self.steps
                 .with_label_values(&l)
                 .set(s.steps.load(Relaxed) as i64);

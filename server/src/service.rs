@@ -29,6 +29,18 @@ pub struct ModelInfo {
     pub max_num_batched_tokens: usize,
     pub kv_cache_blocks: usize,
     pub block_size: usize,
+    /// The worker processes behind the replica groups (empty when they run in the server's
+    /// own process).
+    pub workers: Vec<WorkerInfo>,
+}
+
+/// A worker process of a replica group.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct WorkerInfo {
+    pub group: usize,
+    pub rank: usize,
+    pub pid: u32,
+    pub device: String,
 }
 
 /// One model, served by one or more replica groups.
@@ -204,6 +216,9 @@ impl TokenStream {
                 )))
             }
             Some(SeqEvent::Error(msg)) => return Some(Err(ApiError::internal(msg))),
+            Some(SeqEvent::Unavailable(msg)) => {
+                return Some(Err(ApiError::unavailable(msg, Some(5))))
+            }
             Some(SeqEvent::Token(t)) => t,
         };
         let now = Instant::now();

@@ -214,22 +214,13 @@ impl Llama {
         max_seq_len: usize,
     ) -> Result<Self> {
         let cfg = src.config().clone();
+        Self::check_tensor_parallel(&cfg, comm.world_size())?;
         let sharding = HeadSharding::new(
             comm.rank(),
             comm.world_size(),
             cfg.num_attention_heads,
             cfg.num_key_value_heads,
         )?;
-        if !cfg.intermediate_size.is_multiple_of(comm.world_size())
-            || !cfg.vocab_size.is_multiple_of(comm.world_size())
-        {
-            return Err(EngineError::Parallel(format!(
-                "tensor parallel size {} must divide intermediate_size {} and vocab_size {}",
-                comm.world_size(),
-                cfg.intermediate_size,
-                cfg.vocab_size
-            )));
-        }
         let dtype = format.activation_dtype();
         let embed_name = "model.embed_tokens.weight";
         src.expect_shape(embed_name, &[cfg.vocab_size, cfg.hidden_size])?;
@@ -287,6 +278,23 @@ impl Llama {
         })
     }
 
+    /// Whether `world` ranks can shard a model of `cfg`; the error names the numbers.
+    pub fn check_tensor_parallel(cfg: &LlamaConfig, world: usize) -> Result<()> {
+        if world == 0 {
+            return Err(EngineError::Parallel(
+                "tensor parallel size must be at least 1".into(),
+            ));
+        }
+        HeadSharding::new(0, world, cfg.num_attention_heads, cfg.num_key_value_heads)?;
+        if !cfg.intermediate_size.is_multiple_of(world) || !cfg.vocab_size.is_multiple_of(world) {
+            return Err(EngineError::Parallel(format!(
+                "tensor parallel size {world} must divide intermediate_size {} and vocab_size {}",
+                cfg.intermediate_size, cfg.vocab_size
+            )));
+        }
+        Ok(())
+    }
+
     /// The model configuration.
     pub fn config(&self) -> &LlamaConfig {
         &self.config
@@ -308,19 +316,32 @@ impl Llama {
         }
     }
 
-    /// Runs the batch; returns the logits (`[rows, vocab]`, f32) of the rows
-    /// [`BatchInput::logits_rows`] names.
-    pub fn forward(&self, batch: &BatchInput, cache: &mut KvCache) -> Result<Tensor> {
+    /// This shard's rank in its tensor-parallel group.
+    pub fn rank(&self) -> usize {
+        self.sharding.rank
+    }
+
+    /// Runs the batch; returns, on rank 0, the logits (`[rows, vocab]`, f32) of the rows
+    /// [`BatchInput::logits_rows`] names, and `None` on the other ranks.
+    pub fn forward(&self, batch: &BatchInput, cache: &mut KvCache) -> Result<Option<Tensor>> {
         self.pool.install(|| self.forward_in_pool(batch, cache))
     }
 
-    fn forward_in_pool(&self, batch: &BatchInput, cache: &mut KvCache) -> Result<Tensor> {
+    /// No logits rows: an empty matrix on rank 0.
+    fn no_logits(&self) -> Result<Option<Tensor>> {
+        if self.sharding.rank != 0 {
+            return Ok(None);
+        }
+        Ok(Some(Tensor::zeros(
+            (0, self.config.vocab_size),
+            DType::F32,
+            &self.device,
+        )?))
+    }
+
+    fn forward_in_pool(&self, batch: &BatchInput, cache: &mut KvCache) -> Result<Option<Tensor>> {
         if batch.num_tokens() == 0 {
-            return Ok(Tensor::zeros(
-                (0, self.config.vocab_size),
-                DType::F32,
-                &self.device,
-            )?);
+            return self.no_logits();
         }
         if let Some(&p) = batch.positions.iter().max() {
             if p as usize >= self.max_seq_len() {
@@ -346,11 +367,7 @@ impl Llama {
         }
         let rows = batch.logits_rows();
         if rows.is_empty() {
-            return Ok(Tensor::zeros(
-                (0, self.config.vocab_size),
-                DType::F32,
-                &self.device,
-            )?);
+            return self.no_logits();
         }
         let x = if rows.len() == batch.num_tokens() {
             x

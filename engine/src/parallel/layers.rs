@@ -224,9 +224,9 @@ impl ParallelLmHead {
         })
     }
 
-    /// `x: [rows, hidden] -> [rows, vocab]` logits in f32.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `x: [rows, hidden] -> [rows, vocab]` logits in f32 on rank 0; `None` on other ranks.
+    pub fn forward(&self, x: &Tensor) -> Result<Option<Tensor>> {
         let local = self.linear.forward(x)?.to_dtype(DType::F32)?;
-        self.comm.all_gather(&local, 1)
+        self.comm.gather_to_root(&local, 1)
     }
 }

@@ -1,11 +1,17 @@
 //! Tensor parallelism: the [`Communicator`] between the ranks of a group, and the layer types
 //! that shard weights over it.
 
+mod cpu;
 mod layers;
 mod linear;
+#[cfg(feature = "cuda")]
+mod nccl;
 
+pub use cpu::{CpuCommunicator, CpuRendezvous};
 pub use layers::{ColumnParallelLinear, ParallelLmHead, RowParallelLinear, VocabParallelEmbedding};
 pub use linear::Linear;
+#[cfg(feature = "cuda")]
+pub use nccl::{NcclCommunicator, NcclCommunicatorId};
 
 use crate::error::Result;
 use candle_core::Tensor;
@@ -19,8 +25,13 @@ pub trait Communicator: Send + Sync {
     fn world_size(&self) -> usize;
     /// Element-wise sum of `x` over all ranks; every rank gets the result.
     fn all_reduce_sum(&self, x: &Tensor) -> Result<Tensor>;
-    /// Concatenation of every rank's `x` along `dim`, in rank order; every rank gets the result.
-    fn all_gather(&self, x: &Tensor, dim: usize) -> Result<Tensor>;
+    /// Concatenation of every rank's `x` along `dim`, in rank order, on rank 0; `None` on the
+    /// other ranks (the LM head's logits only matter where they are sampled).
+    fn gather_to_root(&self, x: &Tensor, dim: usize) -> Result<Option<Tensor>>;
+    /// Total time spent in collectives so far, waiting for slower ranks included.
+    fn busy_time(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
 }
 
 /// The communicator of a group of one: every collective is the identity.
@@ -37,8 +48,8 @@ impl Communicator for SingleRank {
     fn all_reduce_sum(&self, x: &Tensor) -> Result<Tensor> {
         Ok(x.clone())
     }
-    fn all_gather(&self, x: &Tensor, _dim: usize) -> Result<Tensor> {
-        Ok(x.clone())
+    fn gather_to_root(&self, x: &Tensor, _dim: usize) -> Result<Option<Tensor>> {
+        Ok(Some(x.clone()))
     }
 }
 

@@ -7,10 +7,38 @@ use crate::model::Llama;
 
 /// Runs forward passes for a scheduler.
 pub trait Executor: Send + 'static {
-    /// Runs the batch; returns one logits row per sequence that asked for logits, in order.
+    /// Runs the batch; returns one logits row per row [`BatchInput::logits_rows`] names.
+    /// An error for which [`EngineError::is_fatal`] holds means the group is gone.
+    ///
+    /// [`EngineError::is_fatal`]: crate::EngineError::is_fatal
     fn execute(&mut self, batch: &BatchInput) -> Result<Vec<Vec<f32>>>;
     /// `(num_blocks, block_size)` of the KV cache.
     fn kv_blocks(&self) -> (usize, usize);
+    /// Where the last step's time went, when the executor measures it.
+    fn last_timing(&self) -> Option<StepTiming> {
+        None
+    }
+}
+
+impl Executor for Box<dyn Executor> {
+    fn execute(&mut self, batch: &BatchInput) -> Result<Vec<Vec<f32>>> {
+        (**self).execute(batch)
+    }
+    fn kv_blocks(&self) -> (usize, usize) {
+        (**self).kv_blocks()
+    }
+    fn last_timing(&self) -> Option<StepTiming> {
+        (**self).last_timing()
+    }
+}
+
+/// How one step's wall time split, as measured by a worker group.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StepTiming {
+    /// Rank 0's forward pass, collectives included.
+    pub compute: std::time::Duration,
+    /// Rank 0's time in all-reduce and gather (waiting for slower ranks included).
+    pub comm: std::time::Duration,
 }
 
 /// The model and its cache in this process (a group of one rank).
@@ -29,10 +57,12 @@ impl LocalExecutor {
 
 impl Executor for LocalExecutor {
     fn execute(&mut self, batch: &BatchInput) -> Result<Vec<Vec<f32>>> {
-        Ok(self
-            .model
-            .forward(batch, &mut self.cache)?
-            .to_vec2::<f32>()?)
+        match self.model.forward(batch, &mut self.cache)? {
+            Some(logits) => Ok(logits.to_vec2::<f32>()?),
+            None => Err(crate::EngineError::Parallel(
+                "a local executor must hold rank 0".into(),
+            )),
+        }
     }
 
     fn kv_blocks(&self) -> (usize, usize) {

@@ -73,6 +73,32 @@ impl SchedulerHandle {
     pub fn is_alive(&self) -> bool {
         self.alive.load(Ordering::SeqCst)
     }
+
+    /// The flag behind [`is_alive`](Self::is_alive): a supervisor that sees a worker of this
+    /// group die clears it, so new requests are refused at once.
+    pub fn health_flag(&self) -> Arc<AtomicBool> {
+        self.alive.clone()
+    }
+}
+
+/// Takeoff's batch duration: after an idle spell, waits up to `batch_wait` for more requests to
+/// start together (up to a full batch).
+fn gather_batch<E: Executor>(s: &mut Scheduler<E>, rx: &Receiver<GenerationRequest>) {
+    let wait = s.config.batch_wait;
+    if wait.is_zero() {
+        return;
+    }
+    let deadline = std::time::Instant::now() + wait;
+    while s.waiting.len() < s.config.max_batch_size {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(req) => {
+                s.stats.queued.fetch_sub(1, Ordering::SeqCst);
+                s.add(req)
+            }
+            Err(_) => return,
+        }
+    }
 }
 
 struct AliveGuard(Arc<AtomicBool>);
@@ -85,6 +111,15 @@ impl Drop for AliveGuard {
 
 fn run<E: Executor>(mut s: Scheduler<E>, rx: Receiver<GenerationRequest>) {
     loop {
+        if let Some(msg) = s.failure() {
+            // The group is down: refuse what is still queued, then end the thread.
+            let msg = msg.to_string();
+            for req in rx.try_iter() {
+                s.stats.queued.fetch_sub(1, Ordering::SeqCst);
+                let _ = req.events.send(SeqEvent::Unavailable(msg.clone()));
+            }
+            return;
+        }
         if s.is_idle() {
             match rx.recv() {
                 Ok(req) => {
@@ -93,6 +128,7 @@ fn run<E: Executor>(mut s: Scheduler<E>, rx: Receiver<GenerationRequest>) {
                 }
                 Err(_) => return,
             }
+            gather_batch(&mut s, &rx);
         }
         loop {
             match rx.try_recv() {

@@ -7,7 +7,7 @@ mod executor;
 mod handle;
 mod stats;
 
-pub use executor::{Executor, LocalExecutor};
+pub use executor::{Executor, LocalExecutor, StepTiming};
 pub use handle::{SchedulerHandle, SubmitError};
 pub use stats::SchedulerStats;
 
@@ -35,6 +35,9 @@ pub struct SchedulerConfig {
     pub max_seq_len: usize,
     /// Share full prompt blocks between requests with the same prefix.
     pub enable_prefix_caching: bool,
+    /// When idle, how long the first request waits for others to batch with it
+    /// (Takeoff's batch duration; zero starts at once).
+    pub batch_wait: Duration,
 }
 
 impl Default for SchedulerConfig {
@@ -45,6 +48,7 @@ impl Default for SchedulerConfig {
             max_waiting: 256,
             max_seq_len: 2048,
             enable_prefix_caching: true,
+            batch_wait: Duration::ZERO,
         }
     }
 }
@@ -79,6 +83,8 @@ pub enum SeqEvent {
     Token(TokenEvent),
     /// The request failed; nothing more follows.
     Error(String),
+    /// The replica group went down (a worker died); nothing more follows. HTTP 503.
+    Unavailable(String),
 }
 
 struct Entry {
@@ -135,6 +141,8 @@ pub struct Scheduler<E: Executor> {
     waiting: VecDeque<Entry>,
     running: Vec<Entry>,
     stats: Arc<SchedulerStats>,
+    /// Set when a step failed fatally; the scheduler then serves nothing more.
+    failed: Option<String>,
 }
 
 impl<E: Executor> Scheduler<E> {
@@ -154,6 +162,7 @@ impl<E: Executor> Scheduler<E> {
             waiting: VecDeque::new(),
             running: Vec::new(),
             stats,
+            failed: None,
         }
     }
 
@@ -308,8 +317,17 @@ impl<E: Executor> Scheduler<E> {
         let t0 = Instant::now();
         let result = self.executor.execute(&batch);
         self.stats.record_step(batch.num_tokens(), t0.elapsed());
+        if let Some(t) = self.executor.last_timing() {
+            self.stats.record_timing(t);
+        }
         match result {
             Ok(rows) => self.apply(plan, rows),
+            Err(e) if e.is_fatal() => {
+                let msg = format!("the replica group is down: {e}");
+                tracing::error!("{msg}");
+                self.fail_all(&msg);
+                self.failed = Some(msg);
+            }
             Err(e) => {
                 let msg = format!("model step failed: {e}");
                 tracing::error!("{msg}");
@@ -324,6 +342,19 @@ impl<E: Executor> Scheduler<E> {
         }
         self.publish_stats();
         true
+    }
+
+    /// Ends every running and waiting request with [`SeqEvent::Unavailable`].
+    fn fail_all(&mut self, msg: &str) {
+        for e in self.running.drain(..).chain(self.waiting.drain(..)) {
+            self.blocks.release(&e.table);
+            let _ = e.events.send(SeqEvent::Unavailable(msg.to_string()));
+        }
+    }
+
+    /// Why the group stopped serving, once a step failed fatally.
+    pub fn failure(&self) -> Option<&str> {
+        self.failed.as_deref()
     }
 
     fn finish_early(&mut self, e: Entry, reason: FinishReason) {

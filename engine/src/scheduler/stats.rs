@@ -17,6 +17,10 @@ pub struct SchedulerStats {
     pub steps: AtomicU64,
     pub step_tokens: AtomicU64,
     pub step_micros: AtomicU64,
+    /// Rank 0's forward time, summed over steps (worker groups only).
+    pub compute_micros: AtomicU64,
+    /// Rank 0's time in collectives, summed over steps (worker groups only).
+    pub comm_micros: AtomicU64,
     /// Requests handed to the scheduler and not yet admitted (the queue bound).
     pub queued: AtomicU64,
 }
@@ -27,6 +31,13 @@ impl SchedulerStats {
         self.step_tokens.fetch_add(tokens as u64, Ordering::Relaxed);
         self.step_micros
             .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    pub(crate) fn record_timing(&self, t: super::StepTiming) {
+        self.compute_micros
+            .fetch_add(t.compute.as_micros() as u64, Ordering::Relaxed);
+        self.comm_micros
+            .fetch_add(t.comm.as_micros() as u64, Ordering::Relaxed);
     }
 
     /// Fraction of KV-cache blocks held by sequences.

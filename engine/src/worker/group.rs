@@ -1,0 +1,157 @@
+//! The launcher's side of a tensor-parallel group: every step goes to all its workers; rank 0
+//! answers with the logits.
+
+use super::protocol::{self, FromWorker, ToWorker, WorkerInit, WorkerReady};
+use crate::batch::BatchInput;
+use crate::error::{EngineError, Result};
+use crate::scheduler::{Executor, StepTiming};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+/// A worker that has said hello.
+pub struct GroupMember {
+    pub rank: usize,
+    pub link: UnixStream,
+    /// Rank 0's rendezvous id for the group's communicator.
+    pub rendezvous: Option<Vec<u8>>,
+}
+
+/// The workers of one group behind the [`Executor`] interface.
+pub struct WorkerGroup {
+    /// One link per rank, in rank order.
+    links: Vec<UnixStream>,
+    ready: WorkerReady,
+    timing: Option<StepTiming>,
+}
+
+impl WorkerGroup {
+    /// Sends every member its [`WorkerInit`] (with rank 0's rendezvous), then waits until all
+    /// have loaded. The error names the rank that failed and why.
+    pub fn initialise(mut members: Vec<GroupMember>, mut init: WorkerInit) -> Result<Self> {
+        members.sort_by_key(|m| m.rank);
+        if members.iter().enumerate().any(|(i, m)| m.rank != i) {
+            return Err(EngineError::WorkerLost(
+                "the group's ranks are not 0..world_size".into(),
+            ));
+        }
+        if members.len() > 1 {
+            init.rendezvous = members[0]
+                .rendezvous
+                .clone()
+                .ok_or_else(|| EngineError::WorkerLost("rank 0 announced no rendezvous".into()))?;
+        }
+        let msg = ToWorker::Init(init);
+        for m in &mut members {
+            protocol::send(&mut m.link, &msg).map_err(|e| lost(m.rank, e))?;
+        }
+        let mut ready: Option<WorkerReady> = None;
+        for m in &mut members {
+            match protocol::recv::<FromWorker>(&mut m.link).map_err(|e| lost(m.rank, e))? {
+                FromWorker::Ready(r) => {
+                    if ready.is_some_and(|first| first != r) {
+                        return Err(EngineError::WorkerLost(format!(
+                            "rank {} has a different KV-cache geometry ({r:?}) than rank 0 ({ready:?})",
+                            m.rank
+                        )));
+                    }
+                    ready = Some(r);
+                }
+                FromWorker::Failed(why) => {
+                    return Err(EngineError::WorkerLost(format!(
+                        "rank {} failed to load: {why}",
+                        m.rank
+                    )))
+                }
+                other => {
+                    return Err(EngineError::WorkerLost(format!(
+                        "rank {} answered Init with {other:?}",
+                        m.rank
+                    )))
+                }
+            }
+        }
+        Ok(Self {
+            links: members.into_iter().map(|m| m.link).collect(),
+            ready: ready.ok_or_else(|| EngineError::WorkerLost("an empty group".into()))?,
+            timing: None,
+        })
+    }
+
+    /// The geometry the workers reported.
+    pub fn ready(&self) -> WorkerReady {
+        self.ready
+    }
+
+    /// Ranks in the group.
+    pub fn world_size(&self) -> usize {
+        self.links.len()
+    }
+}
+
+fn lost(rank: usize, e: std::io::Error) -> EngineError {
+    EngineError::WorkerLost(format!("rank {rank}: {e}"))
+}
+
+impl Executor for WorkerGroup {
+    fn execute(&mut self, batch: &BatchInput) -> Result<Vec<Vec<f32>>> {
+        // Encoded once, written to every rank; rank 0's reply carries the logits.
+        let frame = protocol::encode(&ToWorker::Step(batch.clone())).map_err(|e| lost(0, e))?;
+        for (rank, link) in self.links.iter_mut().enumerate() {
+            std::io::Write::write_all(link, &frame).map_err(|e| lost(rank, e))?;
+        }
+        let mut output = None;
+        let mut failure: Option<(String, bool)> = None;
+        for (rank, link) in self.links.iter_mut().enumerate() {
+            match protocol::recv::<FromWorker>(link).map_err(|e| lost(rank, e))? {
+                FromWorker::Step(o) if rank == 0 => output = Some(o),
+                FromWorker::Step(_) => {}
+                FromWorker::StepFailed { message, fatal } => {
+                    let fatal = fatal || failure.as_ref().is_some_and(|f| f.1);
+                    failure = Some((format!("rank {rank}: {message}"), fatal));
+                }
+                other => {
+                    return Err(EngineError::WorkerLost(format!(
+                        "rank {rank} answered a step with {other:?}"
+                    )))
+                }
+            }
+        }
+        if let Some((message, fatal)) = failure {
+            return Err(if fatal {
+                EngineError::WorkerLost(message)
+            } else {
+                EngineError::InvalidRequest(message)
+            });
+        }
+        let output =
+            output.ok_or_else(|| EngineError::WorkerLost("rank 0 sent no step output".into()))?;
+        self.timing = Some(StepTiming {
+            compute: Duration::from_micros(output.compute_us),
+            comm: Duration::from_micros(output.comm_us),
+        });
+        let rows = output
+            .logits
+            .ok_or_else(|| EngineError::WorkerLost("rank 0 sent no logits".into()))?;
+        rows.unpack()
+            .ok_or_else(|| EngineError::WorkerLost("rank 0 sent malformed logits".into()))
+    }
+
+    fn kv_blocks(&self) -> (usize, usize) {
+        (
+            self.ready.num_blocks as usize,
+            self.ready.block_size as usize,
+        )
+    }
+
+    fn last_timing(&self) -> Option<StepTiming> {
+        self.timing
+    }
+}
+
+impl Drop for WorkerGroup {
+    fn drop(&mut self) {
+        for link in &mut self.links {
+            let _ = protocol::send(link, &ToWorker::Shutdown);
+        }
+    }
+}

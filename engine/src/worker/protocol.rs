@@ -1,0 +1,185 @@
+//! Messages between the launcher and its worker processes, one Unix socket per worker. Each
+//! frame is a `u32` length then the message encoded with postcard.
+
+use crate::batch::BatchInput;
+use crate::engine::EngineOptions;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::io::{self, Read, Write};
+
+/// Largest frame accepted (a batch of logits rows is the biggest message).
+const MAX_FRAME: usize = 1 << 30;
+
+/// Launcher → worker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ToWorker {
+    /// The answer to [`FromWorker::Hello`]: how to join the group and what to load.
+    Init(WorkerInit),
+    /// Run one forward pass.
+    Step(BatchInput),
+    /// Exit cleanly.
+    Shutdown,
+}
+
+/// What a worker loads and how it joins its group.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerInit {
+    /// The group's communicator rendezvous, as rank 0 announced it (CPU: the socket path;
+    /// CUDA: the NCCL unique id). Empty for a group of one.
+    pub rendezvous: Vec<u8>,
+    pub engine: EngineOptions,
+    /// Bytes of this rank's KV-cache pool, unless `engine.num_kv_blocks` fixes the count.
+    pub kv_cache_bytes: u64,
+}
+
+/// Worker → launcher.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum FromWorker {
+    /// First message: who this is; rank 0 adds the group's rendezvous.
+    Hello {
+        group: u32,
+        rank: u32,
+        rendezvous: Option<Vec<u8>>,
+    },
+    /// Weights loaded and KV cache allocated.
+    Ready(WorkerReady),
+    /// Loading failed; the worker exits.
+    Failed(String),
+    /// A step ran.
+    Step(StepOutput),
+    /// A step failed; `fatal` when the group cannot go on (a broken communicator).
+    StepFailed { message: String, fatal: bool },
+}
+
+/// A worker's geometry once loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerReady {
+    pub num_blocks: u64,
+    pub block_size: u64,
+    pub max_seq_len: u64,
+}
+
+/// The result of one step on one rank.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepOutput {
+    /// Rank 0 only: the logits rows.
+    pub logits: Option<LogitsRows>,
+    /// Forward pass wall time, collectives included.
+    pub compute_us: u64,
+    /// Time inside collectives.
+    pub comm_us: u64,
+}
+
+/// A `[rows, cols]` f32 matrix, sent as raw bytes (postcard copies byte strings as a block).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LogitsRows {
+    pub rows: u32,
+    pub cols: u32,
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
+}
+
+impl LogitsRows {
+    /// Packs rows of equal length.
+    pub fn pack(rows: &[Vec<f32>]) -> Self {
+        let cols = rows.first().map_or(0, Vec::len);
+        let mut data = Vec::with_capacity(rows.len() * cols * 4);
+        for r in rows {
+            data.extend_from_slice(bytemuck::cast_slice(r));
+        }
+        Self {
+            rows: rows.len() as u32,
+            cols: cols as u32,
+            data,
+        }
+    }
+
+    /// Unpacks into rows; `None` if the byte count does not match the shape.
+    pub fn unpack(&self) -> Option<Vec<Vec<f32>>> {
+        let cols = self.cols as usize;
+        if self.data.len() != self.rows as usize * cols * 4 {
+            return None;
+        }
+        Some(
+            self.data
+                .chunks_exact((cols * 4).max(1))
+                .take(self.rows as usize)
+                .map(|c| {
+                    c.chunks_exact(4)
+                        .map(|b| f32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+                        .collect()
+                })
+                .collect(),
+        )
+    }
+}
+
+/// Encodes `msg` as one frame.
+pub fn encode<T: Serialize>(msg: &T) -> io::Result<Vec<u8>> {
+    let body = postcard::to_stdvec(msg).map_err(io::Error::other)?;
+    let mut frame = Vec::with_capacity(4 + body.len());
+    frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&body);
+    Ok(frame)
+}
+
+/// Writes `msg` as one frame.
+pub fn send<T: Serialize>(w: &mut impl Write, msg: &T) -> io::Result<()> {
+    w.write_all(&encode(msg)?)
+}
+
+/// Reads one frame and decodes it.
+pub fn recv<T: DeserializeOwned>(r: &mut impl Read) -> io::Result<T> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len)?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("a frame of {len} bytes is over the {MAX_FRAME}-byte limit"),
+        ));
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    postcard::from_bytes(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::LogitsWanted;
+
+    #[test]
+    fn messages_round_trip_through_frames() {
+        let mut batch = BatchInput::default();
+        batch.push_sequence(&[5, 6, 7], 0, &[3], 16, LogitsWanted::Last);
+        let mut buf = Vec::new();
+        send(&mut buf, &ToWorker::Step(batch.clone())).unwrap();
+        send(&mut buf, &ToWorker::Shutdown).unwrap();
+        let mut r = buf.as_slice();
+        match recv::<ToWorker>(&mut r).unwrap() {
+            ToWorker::Step(b) => assert_eq!(b, batch),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            recv::<ToWorker>(&mut r).unwrap(),
+            ToWorker::Shutdown
+        ));
+        assert_eq!(
+            recv::<ToWorker>(&mut r).unwrap_err().kind(),
+            io::ErrorKind::UnexpectedEof
+        );
+    }
+
+    #[test]
+    fn logits_rows_pack_and_unpack() {
+        let rows = vec![vec![1.0f32, -2.5, 3.0], vec![0.0, f32::MIN, 7.25]];
+        let packed = LogitsRows::pack(&rows);
+        let mut buf = Vec::new();
+        send(&mut buf, &packed).unwrap();
+        let back: LogitsRows = recv(&mut buf.as_slice()).unwrap();
+        assert_eq!(back.unpack().unwrap(), rows);
+        let bad = LogitsRows { rows: 3, ..packed };
+        assert!(bad.unpack().is_none());
+    }
+}

@@ -1,0 +1,234 @@
+//! One reader: a model served by its replica groups. Tensor-parallel groups (and CUDA groups)
+//! run as worker processes under a [`Supervisor`]; a CPU group of one rank runs in-process
+//! unless `--isolate-workers` asks otherwise. Both sit behind the same `Executor` interface.
+
+use crate::model_resolve;
+use crate::plan::{self, DeviceKind};
+use crate::serve::ServeArgs;
+use crate::supervisor::{GroupPlan, Supervisor};
+use anyhow::{bail, Context, Result};
+use liftoff_engine::engine::open_model;
+use liftoff_engine::loader::ModelPath;
+use liftoff_engine::model::Llama;
+use liftoff_engine::parallel::SingleRank;
+use liftoff_engine::scheduler::{
+    Executor, LocalExecutor, Scheduler, SchedulerConfig, SchedulerHandle,
+};
+use liftoff_engine::tokenizer::Tokenizer;
+use liftoff_engine::worker::protocol::WorkerInit;
+use liftoff_engine::{DTypeChoice, EngineOptions, LoadedModel};
+use liftoff_server::{ModelInfo, ModelService};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Default maximum sequence length when the model allows more.
+const DEFAULT_MAX_SEQ_LEN: usize = 4096;
+
+/// A started reader.
+pub struct Reader {
+    pub service: ModelService,
+    /// The reader's worker processes, if it has any.
+    pub supervisor: Option<Supervisor>,
+}
+
+/// The executors of a reader's groups, with what they report.
+pub struct Groups {
+    pub executors: Vec<Box<dyn Executor>>,
+    pub supervisor: Option<Supervisor>,
+    pub max_seq_len: usize,
+    pub device: DeviceKind,
+}
+
+/// Where and how a model's replica groups run.
+#[derive(Debug, Clone)]
+pub struct Placement<'a> {
+    pub device: &'a str,
+    pub tensor_parallel: usize,
+    pub replicas: Option<usize>,
+    pub cuda_visible_devices: Option<&'a str>,
+    /// Worker processes even for a CPU group of one rank.
+    pub isolate: bool,
+    /// KV-cache bytes per rank (unless the options fix the block count).
+    pub kv_cache_bytes: u64,
+}
+
+/// Checks the settings, plans the groups and starts their executors (loading the weights).
+pub fn start_groups(
+    opts: &EngineOptions,
+    place: &Placement,
+    log_level: &str,
+) -> Result<(Groups, Tokenizer)> {
+    let Placement {
+        device,
+        tensor_parallel,
+        replicas,
+        cuda_visible_devices,
+        isolate,
+        kv_cache_bytes,
+    } = *place;
+    let kind = DeviceKind::resolve(device)?;
+    let path = ModelPath::resolve(&opts.model)?;
+    let (source, tokenizer) = open_model(&path, &candle_core::Device::Cpu)?;
+    Llama::check_tensor_parallel(source.config(), tensor_parallel)?;
+    drop(source);
+    let gpus = match (kind, cuda_visible_devices) {
+        (DeviceKind::Cuda, Some(list)) => {
+            let ids = plan::parse_visible(list)?;
+            // The workers see exactly these GPUs, by ordinal.
+            std::env::set_var("CUDA_VISIBLE_DEVICES", ids.join(","));
+            ids.len()
+        }
+        _ => plan::gpu_count(),
+    };
+    let plans: Vec<GroupPlan> = plan::plan_groups(kind, tensor_parallel, replicas, gpus)?;
+    if kind == DeviceKind::Cpu && tensor_parallel == 1 && !isolate {
+        let mut executors: Vec<Box<dyn Executor>> = Vec::new();
+        let mut max_seq_len = 0;
+        for g in 0..plans.len() {
+            tracing::info!(
+                "loading {} (replica group {g}, in-process)",
+                opts.model.display()
+            );
+            let loaded = LoadedModel::load(opts, &candle_core::Device::Cpu, Arc::new(SingleRank))?;
+            max_seq_len = loaded.model.max_seq_len();
+            let bs = opts.block_size;
+            let per_block = loaded.model.kv_cache_config(1, bs).bytes_per_block().max(1);
+            let blocks = opts
+                .num_kv_blocks
+                .unwrap_or(kv_cache_bytes as usize / per_block);
+            executors.push(Box::new(LocalExecutor::new(loaded.model, blocks, bs)?));
+        }
+        return Ok((
+            Groups {
+                executors,
+                supervisor: None,
+                max_seq_len,
+                device: kind,
+            },
+            tokenizer,
+        ));
+    }
+    tracing::info!(
+        "starting {} replica group(s) of {tensor_parallel} worker process(es) on {}",
+        plans.len(),
+        kind.name()
+    );
+    let init = WorkerInit {
+        rendezvous: Vec::new(),
+        engine: opts.clone(),
+        kv_cache_bytes,
+    };
+    let (supervisor, groups) = Supervisor::launch(&plans, &init, log_level)?;
+    let max_seq_len = groups
+        .first()
+        .map(|g| g.ready().max_seq_len as usize)
+        .unwrap_or_default();
+    Ok((
+        Groups {
+            executors: groups
+                .into_iter()
+                .map(|g| Box::new(g) as Box<dyn Executor>)
+                .collect(),
+            supervisor: Some(supervisor),
+            max_seq_len,
+            device: kind,
+        },
+        tokenizer,
+    ))
+}
+
+/// Loads and starts one reader.
+pub fn start(args: &ServeArgs, log_level: &str) -> Result<Reader> {
+    if args.max_batch_size == 0 || args.block_size == 0 || args.max_num_batched_tokens == 0 {
+        bail!("--max-batch-size, --block-size and --max-num-batched-tokens must be at least 1");
+    }
+    let dtype: DTypeChoice = args.dtype.parse()?;
+    let token = args
+        .access_token
+        .clone()
+        .or_else(|| std::env::var("HF_TOKEN").ok());
+    let path = model_resolve::resolve(&args.model, token.as_deref())?;
+    let mut opts = EngineOptions::new(&path);
+    opts.dtype = dtype;
+    opts.block_size = args.block_size;
+    opts.max_seq_len = Some(args.max_sequence_length.unwrap_or(DEFAULT_MAX_SEQ_LEN));
+    let kv_bytes = (args.kv_cache_memory_mib as u64) << 20;
+    let place = Placement {
+        device: &args.device,
+        tensor_parallel: args.tensor_parallel,
+        replicas: args.replicas,
+        cuda_visible_devices: args.cuda_visible_devices.as_deref(),
+        isolate: args.isolate_workers,
+        kv_cache_bytes: kv_bytes,
+    };
+    let (groups, tokenizer) = start_groups(&opts, &place, log_level)
+        .with_context(|| format!("loading {}", path.display()))?;
+    let max_seq_len = groups.max_seq_len;
+    let config = SchedulerConfig {
+        max_batch_size: args.max_batch_size,
+        max_num_batched_tokens: args.max_num_batched_tokens,
+        max_waiting: args.max_waiting,
+        max_seq_len,
+        enable_prefix_caching: !args.disable_prefix_caching,
+        batch_wait: Duration::from_millis(args.batch_duration_millis),
+    };
+    let mut replicas = Vec::new();
+    let mut kv_cache_blocks = 0;
+    for (g, executor) in groups.executors.into_iter().enumerate() {
+        let (blocks, bs) = executor.kv_blocks();
+        if blocks * bs < max_seq_len {
+            bail!(
+                "--kv-cache-memory-mib {} holds {} tokens per rank, fewer than one sequence of {max_seq_len}",
+                args.kv_cache_memory_mib,
+                blocks * bs
+            );
+        }
+        kv_cache_blocks = blocks;
+        let scheduler = Scheduler::new(config.clone(), executor, tokenizer.clone());
+        replicas.push(SchedulerHandle::spawn(
+            scheduler,
+            &format!("scheduler-{g}"),
+        )?);
+    }
+    let mut supervisor = groups.supervisor;
+    let workers = supervisor
+        .as_ref()
+        .map(|s| s.workers().to_vec())
+        .unwrap_or_default();
+    if let Some(s) = supervisor.as_mut() {
+        s.watch(replicas.iter().map(|r| r.health_flag()).collect());
+    }
+    let format = dtype.weight_format(&ModelPath::resolve(&path)?);
+    let info = ModelInfo {
+        model_name: model_name(&args.model, &path),
+        model_path: path.display().to_string(),
+        consumer_group: args.consumer_group.clone(),
+        dtype: format!("{format:?}"),
+        device: groups.device.name().to_string(),
+        tensor_parallel: args.tensor_parallel,
+        replicas: replicas.len(),
+        max_batch_size: args.max_batch_size,
+        max_sequence_length: max_seq_len,
+        max_num_batched_tokens: args.max_num_batched_tokens,
+        kv_cache_blocks,
+        block_size: args.block_size,
+        workers,
+    };
+    Ok(Reader {
+        service: ModelService {
+            info,
+            tokenizer,
+            replicas,
+        },
+        supervisor,
+    })
+}
+
+fn model_name(arg: &str, path: &std::path::Path) -> String {
+    if !std::path::Path::new(arg).exists() {
+        return arg.to_string();
+    }
+    path.file_name()
+        .map(|n| n.to_string_lossy().trim_end_matches(".gguf").to_string())
+        .unwrap_or_else(|| arg.to_string())
+}

@@ -1,0 +1,99 @@
+//! Helpers shared by the end-to-end tests: a real `liftoff serve` on loopback ports.
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A loopback port nobody listens on.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running `liftoff serve`, killed on drop.
+pub struct Server {
+    pub child: Child,
+    pub base: String,
+    pub mgmt: String,
+}
+
+impl Server {
+    /// `liftoff serve` on free loopback ports with `extra` flags.
+    pub async fn start(extra: &[&str]) -> Server {
+        let (port, mport) = (free_port(), free_port());
+        let mut args = vec![
+            "serve".to_string(),
+            "--host".into(),
+            "127.0.0.1".into(),
+            "--port".into(),
+            port.to_string(),
+            "--management-port".into(),
+            mport.to_string(),
+            "--max-sequence-length".into(),
+            "1024".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_liftoff"));
+        cmd.args(&args).env("TAKEOFF_LOG_LEVEL", "warn");
+        Self::spawn(cmd, port, mport).await
+    }
+
+    /// Starts `cmd`, which serves on `port` and `mport`, and waits until it is healthy.
+    pub async fn spawn(mut cmd: Command, port: u16, mport: u16) -> Server {
+        let child = cmd.stdout(Stdio::null()).spawn().expect("start liftoff");
+        let mut s = Server {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            mgmt: format!("http://127.0.0.1:{mport}"),
+        };
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(120) {
+            if let Ok(Some(status)) = s.child.try_wait() {
+                panic!("liftoff exited before it was healthy: {status}");
+            }
+            if let Ok(r) = reqwest::get(format!("{}/health", s.base)).await {
+                if r.status() == 200 {
+                    return s;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        panic!("server did not become healthy");
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        let r = reqwest::Client::new()
+            .post(format!("{}{path}", self.base))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Sum of the samples of metric `name` (all label sets).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = reqwest::get(format!("{}/metrics", self.mgmt))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
