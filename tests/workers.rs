@@ -55,6 +55,15 @@ fn is_running(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig} {pid}");
+}
+
 fn generate_json(model: &str, tp: usize, extra: &[&str]) -> Value {
     let tp = tp.to_string();
     let mut args = vec![
@@ -171,13 +180,9 @@ fn configuration_errors_are_one_line_with_the_numbers() {
 
 /// `(replica label, value)` of each sample of metric `name`.
 async fn per_replica(s: &Server, name: &str) -> Vec<(String, f64)> {
-    let text = reqwest::get(format!("{}/metrics", s.mgmt))
+    s.metrics_text()
         .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
+        .lines()
         .filter(|l| l.starts_with(&format!("{name}{{")))
         .map(|l| {
             let replica = l
@@ -267,11 +272,7 @@ async fn replica_groups_spread_load_and_survive_a_dead_worker() {
         .unwrap()["pid"]
         .as_u64()
         .unwrap();
-    assert!(Command::new("kill")
-        .args(["-9", &victim.to_string()])
-        .status()
-        .unwrap()
-        .success());
+    signal(victim as u32, "-KILL");
 
     // Nothing hangs: every request ends, served (200) or refused with a clear 503.
     let t0 = Instant::now();
@@ -324,11 +325,7 @@ async fn replica_groups_spread_load_and_survive_a_dead_worker() {
 
     // SIGTERM: the launcher drains, stops its workers and exits cleanly.
     let mut s = s;
-    assert!(Command::new("kill")
-        .args(["-TERM", &launcher.to_string()])
-        .status()
-        .unwrap()
-        .success());
+    signal(launcher, "-TERM");
     let t0 = Instant::now();
     let status = loop {
         if let Some(st) = s.child.try_wait().unwrap() {

@@ -98,11 +98,7 @@ pub fn run(args: GenerateArgs, log_level: &str) -> Result<()> {
         logprobs: args.logprobs,
     };
     params.validate()?;
-    let token = args
-        .access_token
-        .clone()
-        .or_else(|| std::env::var("HF_TOKEN").ok());
-    let path = model_resolve::resolve(&args.model, token.as_deref())?;
+    let path = model_resolve::resolve(&args.model, args.access_token.as_deref())?;
     let mut opts = EngineOptions::new(&path);
     opts.dtype = dtype;
     // A cache for one sequence of the longest length.

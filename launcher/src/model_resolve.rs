@@ -24,6 +24,7 @@ pub fn model_cache_dir() -> PathBuf {
 }
 
 /// Resolves `model` to a local path, fetching the default model or a Hub model if needed.
+/// `access_token` (else `HF_TOKEN`) authenticates Hub downloads.
 pub fn resolve(model: &str, access_token: Option<&str>) -> Result<PathBuf> {
     let path = Path::new(model);
     if path.exists() {
@@ -36,7 +37,10 @@ pub fn resolve(model: &str, access_token: Option<&str>) -> Result<PathBuf> {
         || model.eq_ignore_ascii_case("HuggingFaceTB/SmolLM2-135M-Instruct");
     if !is_default {
         if is_hub_id(model) {
-            return fetch_from_hub(model, access_token);
+            let token = access_token
+                .map(str::to_string)
+                .or_else(|| std::env::var("HF_TOKEN").ok());
+            return fetch_from_hub(model, token.as_deref());
         }
         bail!("model not found: {model} (give a .gguf file, a Hugging Face model directory, a Hub id like org/name, or '{DEFAULT_MODEL}')");
     }

@@ -143,11 +143,7 @@ pub fn start(args: &ServeArgs, log_level: &str) -> Result<Reader> {
         bail!("--max-batch-size, --block-size and --max-num-batched-tokens must be at least 1");
     }
     let dtype: DTypeChoice = args.dtype.parse()?;
-    let token = args
-        .access_token
-        .clone()
-        .or_else(|| std::env::var("HF_TOKEN").ok());
-    let path = model_resolve::resolve(&args.model, token.as_deref())?;
+    let path = model_resolve::resolve(&args.model, args.access_token.as_deref())?;
     let mut opts = EngineOptions::new(&path);
     opts.dtype = dtype;
     opts.block_size = args.block_size;
