@@ -155,7 +155,7 @@ fn join_group(
     args: &WorkerArgs,
     rendezvous: Option<Rendezvous>,
     init: &WorkerInit,
-    device: &candle_core::Device,
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))] device: &candle_core::Device,
 ) -> Result<Arc<dyn Communicator>> {
     if args.world_size == 1 {
         return Ok(Arc::new(SingleRank));
