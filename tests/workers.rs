@@ -218,12 +218,7 @@ async fn replica_groups_spread_load_and_survive_a_dead_worker() {
 
     // One process per rank: 2 groups x 2 ranks, the same pids /info reports.
     let children = children_of(launcher);
-    let info: Value = reqwest::get(format!("{}/info", s.mgmt))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let info: Value = s.info().await;
     let workers = info["models"][0]["workers"].as_array().unwrap().clone();
     let mut pids: Vec<u32> = workers
         .iter()
@@ -364,12 +359,7 @@ async fn env_only_configuration_through_the_docker_entrypoint() {
         .env("TAKEOFF_LOG_LEVEL", "warn")
         .env("HF_TOKEN", "hf_not_a_real_token");
     let s = Server::spawn(cmd, port, mport).await;
-    let info: Value = reqwest::get(format!("{}/info", s.mgmt))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let info: Value = s.info().await;
     let m = &info["models"][0];
     assert_eq!(m["tensor_parallel"], 2);
     assert_eq!(m["consumer_group"], "docker");
@@ -402,12 +392,7 @@ async fn a_manifest_serves_two_readers_side_by_side() {
     )
     .unwrap();
     let s = Server::start(&["--config-file", manifest.to_str().unwrap()]).await;
-    let info: Value = reqwest::get(format!("{}/info", s.mgmt))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let info: Value = s.info().await;
     let models = info["models"].as_array().unwrap();
     assert_eq!(models.len(), 2, "{info}");
     let sharded = models

@@ -76,6 +76,16 @@ impl Server {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// `GET /info` on the management port.
+    pub async fn info(&self) -> Value {
+        reqwest::get(format!("{}/info", self.mgmt))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     /// The Prometheus exposition of `/metrics`.
     pub async fn metrics_text(&self) -> String {
         reqwest::get(format!("{}/metrics", self.mgmt))
