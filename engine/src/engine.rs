@@ -65,8 +65,6 @@ pub struct EngineOptions {
     pub dtype: DTypeChoice,
     /// Longest prompt + output; defaults to the model's context length.
     pub max_seq_len: Option<usize>,
-    /// KV-cache blocks; defaults to enough for one sequence of `max_seq_len`.
-    pub num_kv_blocks: Option<usize>,
     pub block_size: usize,
     /// Largest number of tokens in one forward pass (longer prompts are prefilled in chunks).
     pub max_batched_tokens: usize,
@@ -79,11 +77,19 @@ impl EngineOptions {
             model: model.into(),
             dtype: DTypeChoice::Auto,
             max_seq_len: None,
-            num_kv_blocks: None,
             block_size: DEFAULT_BLOCK_SIZE,
             max_batched_tokens: 2048,
         }
     }
+}
+
+/// How many KV-cache blocks a rank allocates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KvBudget {
+    /// As many blocks as fit in this many bytes.
+    Bytes(u64),
+    /// Enough for one sequence of the model's maximum length (a batch of one).
+    OneSequence,
 }
 
 /// A model shard with its tokenizer, as a worker holds it.
@@ -123,6 +129,17 @@ impl LoadedModel {
             format,
             path,
         })
+    }
+
+    /// KV-cache blocks of `block_size` tokens this shard allocates under `budget`.
+    pub fn kv_blocks(&self, block_size: usize, budget: KvBudget) -> usize {
+        match budget {
+            KvBudget::Bytes(bytes) => {
+                let per_block = self.model.kv_cache_config(1, block_size).bytes_per_block();
+                bytes as usize / per_block.max(1)
+            }
+            KvBudget::OneSequence => self.model.max_seq_len().div_ceil(block_size.max(1)) + 1,
+        }
     }
 }
 
@@ -193,9 +210,7 @@ impl Engine {
     pub fn load(opts: &EngineOptions) -> Result<Self> {
         let loaded = LoadedModel::load(opts, &Device::Cpu, Arc::new(SingleRank))?;
         let bs = opts.block_size.max(1);
-        let blocks = opts
-            .num_kv_blocks
-            .unwrap_or_else(|| loaded.model.max_seq_len().div_ceil(bs) + 1);
+        let blocks = loaded.kv_blocks(bs, KvBudget::OneSequence);
         let max_seq_len = loaded.model.max_seq_len();
         let executor = LocalExecutor::new(loaded.model, blocks, bs)?;
         Ok(Self::new(

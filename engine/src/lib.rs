@@ -18,4 +18,4 @@ pub mod worker;
 
 pub use error::{EngineError, Result};
 
-pub use engine::{DTypeChoice, Engine, EngineOptions, Generation, LoadedModel};
+pub use engine::{DTypeChoice, Engine, EngineOptions, Generation, KvBudget, LoadedModel};

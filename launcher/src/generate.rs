@@ -4,10 +4,8 @@ use crate::model_resolve;
 use crate::reader::{start_groups, Placement};
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
-use liftoff_engine::engine::open_model;
-use liftoff_engine::loader::ModelPath;
 use liftoff_engine::sampling::SamplingParams;
-use liftoff_engine::{DTypeChoice, Engine, EngineOptions};
+use liftoff_engine::{DTypeChoice, Engine, EngineOptions, KvBudget};
 use std::io::Write;
 
 /// Output format of `generate`.
@@ -101,20 +99,15 @@ pub fn run(args: GenerateArgs, log_level: &str) -> Result<()> {
     let path = model_resolve::resolve(&args.model, args.access_token.as_deref())?;
     let mut opts = EngineOptions::new(&path);
     opts.dtype = dtype;
-    // A cache for one sequence of the longest length.
-    let (source, _) = open_model(&ModelPath::resolve(&path)?, &candle_core::Device::Cpu)?;
-    let context = source.config().max_position_embeddings;
-    drop(source);
-    let max_seq_len = args.max_seq_len.unwrap_or(context).min(context);
-    opts.max_seq_len = Some(max_seq_len);
-    opts.num_kv_blocks = Some(max_seq_len.div_ceil(opts.block_size) + 1);
+    opts.max_seq_len = args.max_seq_len;
     let place = Placement {
         device: &args.device,
         tensor_parallel: args.tensor_parallel,
         replicas: Some(1),
         cuda_visible_devices: args.cuda_visible_devices.as_deref(),
         isolate: false,
-        kv_cache_bytes: 0,
+        // A cache for one sequence of the longest length.
+        kv_budget: KvBudget::OneSequence,
     };
     let (groups, tokenizer) = start_groups(&opts, &place, log_level)
         .with_context(|| format!("loading {}", path.display()))?;

@@ -8,7 +8,7 @@ use crate::serve::ServeArgs;
 use crate::supervisor::{GroupPlan, Supervisor};
 use anyhow::{bail, Context, Result};
 use liftoff_engine::engine::open_model;
-use liftoff_engine::loader::ModelPath;
+use liftoff_engine::loader::{ModelPath, WeightFormat};
 use liftoff_engine::model::Llama;
 use liftoff_engine::parallel::SingleRank;
 use liftoff_engine::scheduler::{
@@ -16,7 +16,7 @@ use liftoff_engine::scheduler::{
 };
 use liftoff_engine::tokenizer::Tokenizer;
 use liftoff_engine::worker::protocol::WorkerInit;
-use liftoff_engine::{DTypeChoice, EngineOptions, LoadedModel};
+use liftoff_engine::{DTypeChoice, EngineOptions, KvBudget, LoadedModel};
 use liftoff_server::{ModelInfo, ModelService};
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,6 +37,8 @@ pub struct Groups {
     pub supervisor: Option<Supervisor>,
     pub max_seq_len: usize,
     pub device: DeviceKind,
+    /// How the weights are held.
+    pub format: WeightFormat,
 }
 
 /// Where and how a model's replica groups run.
@@ -48,8 +50,8 @@ pub struct Placement<'a> {
     pub cuda_visible_devices: Option<&'a str>,
     /// Worker processes even for a CPU group of one rank.
     pub isolate: bool,
-    /// KV-cache bytes per rank (unless the options fix the block count).
-    pub kv_cache_bytes: u64,
+    /// KV-cache size per rank.
+    pub kv_budget: KvBudget,
 }
 
 /// Checks the settings, plans the groups and starts their executors (loading the weights).
@@ -64,10 +66,11 @@ pub fn start_groups(
         replicas,
         cuda_visible_devices,
         isolate,
-        kv_cache_bytes,
+        kv_budget,
     } = *place;
     let kind = DeviceKind::resolve(device)?;
     let path = ModelPath::resolve(&opts.model)?;
+    let format = opts.dtype.weight_format(&path);
     let (source, tokenizer) = open_model(&path, &candle_core::Device::Cpu)?;
     Llama::check_tensor_parallel(source.config(), tensor_parallel)?;
     drop(source);
@@ -91,12 +94,12 @@ pub fn start_groups(
             );
             let loaded = LoadedModel::load(opts, &candle_core::Device::Cpu, Arc::new(SingleRank))?;
             max_seq_len = loaded.model.max_seq_len();
-            let bs = opts.block_size;
-            let per_block = loaded.model.kv_cache_config(1, bs).bytes_per_block().max(1);
-            let blocks = opts
-                .num_kv_blocks
-                .unwrap_or(kv_cache_bytes as usize / per_block);
-            executors.push(Box::new(LocalExecutor::new(loaded.model, blocks, bs)?));
+            let blocks = loaded.kv_blocks(opts.block_size, kv_budget);
+            executors.push(Box::new(LocalExecutor::new(
+                loaded.model,
+                blocks,
+                opts.block_size,
+            )?));
         }
         return Ok((
             Groups {
@@ -104,6 +107,7 @@ pub fn start_groups(
                 supervisor: None,
                 max_seq_len,
                 device: kind,
+                format,
             },
             tokenizer,
         ));
@@ -116,7 +120,7 @@ pub fn start_groups(
     let init = WorkerInit {
         rendezvous: Vec::new(),
         engine: opts.clone(),
-        kv_cache_bytes,
+        kv_budget,
     };
     let (supervisor, groups) = Supervisor::launch(&plans, &init, log_level)?;
     let max_seq_len = groups
@@ -132,6 +136,7 @@ pub fn start_groups(
             supervisor: Some(supervisor),
             max_seq_len,
             device: kind,
+            format,
         },
         tokenizer,
     ))
@@ -148,14 +153,13 @@ pub fn start(args: &ServeArgs, log_level: &str) -> Result<Reader> {
     opts.dtype = dtype;
     opts.block_size = args.block_size;
     opts.max_seq_len = Some(args.max_sequence_length.unwrap_or(DEFAULT_MAX_SEQ_LEN));
-    let kv_bytes = (args.kv_cache_memory_mib as u64) << 20;
     let place = Placement {
         device: &args.device,
         tensor_parallel: args.tensor_parallel,
         replicas: args.replicas,
         cuda_visible_devices: args.cuda_visible_devices.as_deref(),
         isolate: args.isolate_workers,
-        kv_cache_bytes: kv_bytes,
+        kv_budget: KvBudget::Bytes((args.kv_cache_memory_mib as u64) << 20),
     };
     let (groups, tokenizer) = start_groups(&opts, &place, log_level)
         .with_context(|| format!("loading {}", path.display()))?;
@@ -194,12 +198,11 @@ pub fn start(args: &ServeArgs, log_level: &str) -> Result<Reader> {
     if let Some(s) = supervisor.as_mut() {
         s.watch(replicas.iter().map(|r| r.health_flag()).collect());
     }
-    let format = dtype.weight_format(&ModelPath::resolve(&path)?);
     let info = ModelInfo {
         model_name: model_name(&args.model, &path),
         model_path: path.display().to_string(),
         consumer_group: args.consumer_group.clone(),
-        dtype: format!("{format:?}"),
+        dtype: format!("{:?}", groups.format),
         device: groups.device.name().to_string(),
         tensor_parallel: args.tensor_parallel,
         replicas: replicas.len(),

@@ -197,11 +197,7 @@ fn load(
     let comm = join_group(args, rendezvous, init, &device)?;
     let loaded = LoadedModel::load(&init.engine, &device, comm.clone())?;
     let bs = init.engine.block_size.max(1);
-    let probe = loaded.model.kv_cache_config(1, bs);
-    let blocks = init
-        .engine
-        .num_kv_blocks
-        .unwrap_or(init.kv_cache_bytes as usize / probe.bytes_per_block().max(1));
+    let blocks = loaded.kv_blocks(bs, init.kv_budget);
     let cache = KvCache::new(loaded.model.kv_cache_config(blocks, bs))?;
     Ok((loaded.model, comm, cache))
 }

@@ -2,7 +2,7 @@
 //! frame is a `u32` length then the message encoded with postcard.
 
 use crate::batch::BatchInput;
-use crate::engine::EngineOptions;
+use crate::engine::{EngineOptions, KvBudget};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::io::{self, Read, Write};
@@ -28,8 +28,8 @@ pub struct WorkerInit {
     /// CUDA: the NCCL unique id). Empty for a group of one.
     pub rendezvous: Vec<u8>,
     pub engine: EngineOptions,
-    /// Bytes of this rank's KV-cache pool, unless `engine.num_kv_blocks` fixes the count.
-    pub kv_cache_bytes: u64,
+    /// The size of this rank's KV-cache pool.
+    pub kv_budget: KvBudget,
 }
 
 /// Worker → launcher.
