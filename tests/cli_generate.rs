@@ -1,12 +1,11 @@
 //! End-to-end tests of `liftoff generate`: the real binary on the default model and on the
 //! test checkpoints, its JSON output, and one-line errors for bad input.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
+use common::{assert_one_line_error, fixtures, liftoff};
+use std::path::{Path, PathBuf};
+use std::process::Output;
 
 fn smollm2() -> PathBuf {
     let base = std::env::var_os("LIFTOFF_CACHE")
@@ -23,29 +22,9 @@ fn smollm2() -> PathBuf {
     p
 }
 
-fn liftoff(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_liftoff"))
-        .args(args)
-        .env("TAKEOFF_LOG_LEVEL", "warn")
-        .output()
-        .expect("run liftoff")
-}
-
-/// Asserts a clean failure: non-zero exit, one line on stderr naming `needle`, no panic.
-fn assert_one_line_error(out: &Output, needle: &str) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "expected failure, got success; stderr: {stderr}"
-    );
-    assert!(!stderr.contains("panicked"), "panic: {stderr}");
-    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "expected one line, got: {stderr}");
-    assert!(lines[0].starts_with("error: "), "{stderr}");
-    assert!(
-        lines[0].contains(needle),
-        "expected {needle:?} in: {stderr}"
-    );
+/// `liftoff generate --model MODEL --prompt x`: for load errors, which come before any prompt.
+fn generate_on(model: &str) -> Output {
+    liftoff(&["generate", "--model", model, "--prompt", "x"])
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -216,13 +195,7 @@ fn hf_directory_model_generates() {
 
 #[test]
 fn missing_model_file() {
-    let out = liftoff(&[
-        "generate",
-        "--model",
-        "/nonexistent/model.gguf",
-        "--prompt",
-        "x",
-    ]);
+    let out = generate_on("/nonexistent/model.gguf");
     assert_one_line_error(&out, "model not found: /nonexistent/model.gguf");
 }
 
@@ -231,36 +204,18 @@ fn corrupt_and_truncated_gguf() {
     let tmp = tempfile::tempdir().unwrap();
     let garbage = tmp.path().join("garbage.gguf");
     std::fs::write(&garbage, b"this is not a gguf file at all").unwrap();
-    let out = liftoff(&[
-        "generate",
-        "--model",
-        garbage.to_str().unwrap(),
-        "--prompt",
-        "x",
-    ]);
+    let out = generate_on(garbage.to_str().unwrap());
     assert_one_line_error(&out, "invalid GGUF file");
 
     let bytes = std::fs::read(smollm2()).unwrap();
     let in_metadata = tmp.path().join("cut-metadata.gguf");
     std::fs::write(&in_metadata, &bytes[..100_000]).unwrap();
-    let out = liftoff(&[
-        "generate",
-        "--model",
-        in_metadata.to_str().unwrap(),
-        "--prompt",
-        "x",
-    ]);
+    let out = generate_on(in_metadata.to_str().unwrap());
     assert_one_line_error(&out, "invalid GGUF file");
 
     let in_data = tmp.path().join("cut-data.gguf");
     std::fs::write(&in_data, &bytes[..bytes.len() / 2]).unwrap();
-    let out = liftoff(&[
-        "generate",
-        "--model",
-        in_data.to_str().unwrap(),
-        "--prompt",
-        "x",
-    ]);
+    let out = generate_on(in_data.to_str().unwrap());
     assert_one_line_error(&out, "file is truncated: tensor");
 }
 
@@ -272,22 +227,10 @@ fn corrupt_and_truncated_safetensors() {
     let st = dir.join("model.safetensors");
     let bytes = std::fs::read(&st).unwrap();
     std::fs::write(&st, &bytes[..bytes.len() - 1000]).unwrap();
-    let out = liftoff(&[
-        "generate",
-        "--model",
-        dir.to_str().unwrap(),
-        "--prompt",
-        "x",
-    ]);
+    let out = generate_on(dir.to_str().unwrap());
     assert_one_line_error(&out, "invalid safetensors file");
     std::fs::write(&st, b"\xff\xff\xff\xff\xff\xff\xff\x7fgarbage").unwrap();
-    let out = liftoff(&[
-        "generate",
-        "--model",
-        dir.to_str().unwrap(),
-        "--prompt",
-        "x",
-    ]);
+    let out = generate_on(dir.to_str().unwrap());
     assert_one_line_error(&out, "invalid safetensors file");
 }
 
@@ -309,38 +252,20 @@ fn unsupported_architecture() {
         c["model_type"] = "gpt2".into();
         c["architectures"] = serde_json::json!(["GPT2LMHeadModel"]);
     });
-    let out = liftoff(&[
-        "generate",
-        "--model",
-        dir.to_str().unwrap(),
-        "--prompt",
-        "x",
-    ]);
+    let out = generate_on(dir.to_str().unwrap());
     assert_one_line_error(&out, "unsupported model architecture 'gpt2'");
 }
 
 #[test]
 fn config_inconsistent_with_weights() {
     let (_t, dir) = with_config_edit(|c| c["hidden_size"] = 96.into());
-    let out = liftoff(&[
-        "generate",
-        "--model",
-        dir.to_str().unwrap(),
-        "--prompt",
-        "x",
-    ]);
+    let out = generate_on(dir.to_str().unwrap());
     assert_one_line_error(
         &out,
         "tensor 'model.embed_tokens.weight' has shape [512, 64], expected [512, 96]",
     );
     let (_t, dir) = with_config_edit(|c| c["num_key_value_heads"] = 3.into());
-    let out = liftoff(&[
-        "generate",
-        "--model",
-        dir.to_str().unwrap(),
-        "--prompt",
-        "x",
-    ]);
+    let out = generate_on(dir.to_str().unwrap());
     assert_one_line_error(
         &out,
         "num_attention_heads 8 is not a multiple of num_key_value_heads 3",

@@ -4,28 +4,20 @@
 
 mod common;
 
-use common::{free_port, Server};
+use common::{assert_one_line_error, fixtures, free_port, liftoff, Server};
 use serde_json::{json, Value};
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 fn fixture(name: &str) -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures/models")
+    fixtures()
+        .join("models")
         .join(name)
         .canonicalize()
         .unwrap()
         .display()
         .to_string()
-}
-
-fn liftoff(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_liftoff"))
-        .args(args)
-        .env("TAKEOFF_LOG_LEVEL", "error")
-        .output()
-        .unwrap()
 }
 
 /// Pids of the processes whose parent is `pid`.
@@ -162,19 +154,11 @@ fn configuration_errors_are_one_line_with_the_numbers() {
         ),
     ];
     for (args, needle) in cases {
-        let out = liftoff(args);
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{args:?} succeeded");
-        assert!(err.contains(needle), "{args:?}: {err}");
-        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+        assert_one_line_error(&liftoff(args), needle);
     }
     if !cfg!(feature = "cuda") {
         let out = liftoff(&["serve", "--model", &model, "--device", "cuda"]);
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            err.contains("needs a liftoff built with --features cuda"),
-            "{err}"
-        );
+        assert_one_line_error(&out, "needs a liftoff built with --features cuda");
     }
 }
 

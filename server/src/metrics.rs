@@ -180,47 +180,29 @@ impl Metrics {
         for r in replicas {
             let l = [r.model, r.replica.as_str()];
             let s = r.stats;
-            self.running
-                .with_label_values(&l)
-                .set(s.running.load(Relaxed) as i64);
-            self.waiting
-                .with_label_values(&l)
-                .set((s.waiting.load(Relaxed) + s.queued.load(Relaxed)) as i64);
-            self.kv_used
-                .with_label_values(&l)
-                .set(s.kv_blocks_used.load(Relaxed) as i64);
-            self.kv_total
-                .with_label_values(&l)
-                .set(s.kv_blocks_total.load(Relaxed) as i64);
+            let load = |c: &std::sync::atomic::AtomicU64| c.load(Relaxed) as i64;
+            let counts = [
+                (&self.running, load(&s.running)),
+                (&self.waiting, load(&s.waiting) + load(&s.queued)),
+                (&self.kv_used, load(&s.kv_blocks_used)),
+                (&self.kv_total, load(&s.kv_blocks_total)),
+                (&self.prefix_queries, load(&s.prefix_queried_blocks)),
+                (&self.prefix_hits, load(&s.prefix_hit_blocks)),
+                (&self.preemptions, load(&s.preemptions)),
+                (&self.cancelled, load(&s.cancelled)),
+                (&self.healthy, r.healthy as i64),
+                (&self.step_micros, load(&s.step_micros)),
+                (&self.compute_micros, load(&s.compute_micros)),
+                (&self.comm_micros, load(&s.comm_micros)),
+                (&self.steps, load(&s.steps)),
+            ];
+            for (gauge, value) in counts {
+                gauge.with_label_values(&l).set(value);
+            }
             self.kv_usage.with_label_values(&l).set(s.kv_usage());
             self.prefix_hit_rate
                 .with_label_values(&l)
                 .set(s.prefix_hit_rate());
-            self.prefix_queries
-                .with_label_values(&l)
-                .set(s.prefix_queried_blocks.load(Relaxed) as i64);
-            self.prefix_hits
-                .with_label_values(&l)
-                .set(s.prefix_hit_blocks.load(Relaxed) as i64);
-            self.preemptions
-                .with_label_values(&l)
-                .set(s.preemptions.load(Relaxed) as i64);
-            self.cancelled
-                .with_label_values(&l)
-                .set(s.cancelled.load(Relaxed) as i64);
-            self.healthy.with_label_values(&l).set(r.healthy as i64);
-            self.step_micros
-                .with_label_values(&l)
-                .set(s.step_micros.load(Relaxed) as i64);
-            self.compute_micros
-                .with_label_values(&l)
-                .set(s.compute_micros.load(Relaxed) as i64);
-            self.comm_micros
-                .with_label_values(&l)
-                .set(s.comm_micros.load(Relaxed) as i64);
-            self.steps
-                .with_label_values(&l)
-                .set(s.steps.load(Relaxed) as i64);
         }
         let mut buf = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {

@@ -2,8 +2,40 @@
 #![allow(dead_code)]
 
 use serde_json::Value;
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+/// The workspace's `tests/fixtures`.
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+/// Runs the `liftoff` binary with `args` (log level warn) and waits for it.
+pub fn liftoff(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_liftoff"))
+        .args(args)
+        .env("TAKEOFF_LOG_LEVEL", "warn")
+        .output()
+        .expect("run liftoff")
+}
+
+/// Asserts a clean failure: non-zero exit, one line on stderr naming `needle`, no panic.
+pub fn assert_one_line_error(out: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "expected failure, got success; stderr: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "panic: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one line, got: {stderr}");
+    assert!(lines[0].starts_with("error: "), "{stderr}");
+    assert!(
+        lines[0].contains(needle),
+        "expected {needle:?} in: {stderr}"
+    );
+}
 
 /// A loopback port nobody listens on.
 pub fn free_port() -> u16 {
