@@ -47,10 +47,12 @@ impl std::str::FromStr for DTypeChoice {
 }
 
 impl DTypeChoice {
-    /// The weight format this choice means for a model of kind `path`.
-    pub fn weight_format(&self, path: &ModelPath) -> WeightFormat {
+    /// The weight format this choice means for a model of kind `path` served on a GPU
+    /// (`on_gpu`) or the CPU: `auto` keeps a Hugging Face checkpoint in bf16 on a GPU.
+    pub fn weight_format(&self, path: &ModelPath, on_gpu: bool) -> WeightFormat {
         match (self, path) {
             (Self::Auto, ModelPath::Gguf(_)) => WeightFormat::Quantized(DType::F32),
+            (Self::Auto, ModelPath::HfDir(_)) if on_gpu => WeightFormat::Dense(DType::BF16),
             (Self::Auto, ModelPath::HfDir(_)) | (Self::F32, _) => WeightFormat::Dense(DType::F32),
             (Self::Bf16, _) => WeightFormat::Dense(DType::BF16),
             (Self::F16, _) => WeightFormat::Dense(DType::F16),
@@ -84,10 +86,14 @@ impl EngineOptions {
 }
 
 /// How many KV-cache blocks a rank allocates.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub enum KvBudget {
     /// As many blocks as fit in this many bytes.
     Bytes(u64),
+    /// As many blocks as fit in `fraction` of the GPU's memory, less what is in use once the
+    /// weights are loaded (vLLM's `gpu_memory_utilization`); the rest is left to activations
+    /// and the CUDA context.
+    DeviceMemory { fraction: f32 },
     /// Enough for one sequence of the model's maximum length (a batch of one).
     OneSequence,
 }
@@ -108,7 +114,7 @@ impl LoadedModel {
         comm: Arc<dyn Communicator>,
     ) -> Result<Self> {
         let path = ModelPath::resolve(&opts.model)?;
-        let format = opts.dtype.weight_format(&path);
+        let format = opts.dtype.weight_format(&path, !device.is_cpu());
         let (source, tokenizer) = open_model(&path, device)?;
         let cfg = source.config();
         let max_seq_len = opts
@@ -131,15 +137,35 @@ impl LoadedModel {
         })
     }
 
-    /// KV-cache blocks of `block_size` tokens this shard allocates under `budget`.
-    pub fn kv_blocks(&self, block_size: usize, budget: KvBudget) -> usize {
-        match budget {
-            KvBudget::Bytes(bytes) => {
-                let per_block = self.model.kv_cache_config(1, block_size).bytes_per_block();
-                bytes as usize / per_block.max(1)
+    /// KV-cache blocks of `block_size` tokens this shard allocates under `budget` (measured
+    /// after the weights are on the device).
+    pub fn kv_blocks(&self, block_size: usize, budget: KvBudget) -> Result<usize> {
+        let per_block = self
+            .model
+            .kv_cache_config(1, block_size)
+            .bytes_per_block()
+            .max(1) as u64;
+        Ok(match budget {
+            KvBudget::Bytes(bytes) => (bytes / per_block) as usize,
+            KvBudget::DeviceMemory { fraction } => {
+                if !(fraction > 0.0 && fraction <= 1.0) {
+                    return Err(EngineError::InvalidConfig(format!(
+                        "the GPU memory fraction must be in (0, 1], got {fraction}"
+                    )));
+                }
+                let (free, total) = crate::worker::device_memory(self.model.device())?;
+                let target = (total as f64 * fraction as f64) as u64;
+                let bytes = target.saturating_sub(total - free);
+                tracing::info!(
+                    free_mib = free >> 20,
+                    total_mib = total >> 20,
+                    kv_mib = bytes >> 20,
+                    "KV cache sized from device memory"
+                );
+                (bytes / per_block) as usize
             }
             KvBudget::OneSequence => self.model.max_seq_len().div_ceil(block_size.max(1)) + 1,
-        }
+        })
     }
 }
 
@@ -210,7 +236,7 @@ impl Engine {
     pub fn load(opts: &EngineOptions) -> Result<Self> {
         let loaded = LoadedModel::load(opts, &Device::Cpu, Arc::new(SingleRank))?;
         let bs = opts.block_size.max(1);
-        let blocks = loaded.kv_blocks(bs, KvBudget::OneSequence);
+        let blocks = loaded.kv_blocks(bs, KvBudget::OneSequence)?;
         let max_seq_len = loaded.model.max_seq_len();
         let executor = LocalExecutor::new(loaded.model, blocks, bs)?;
         Ok(Self::new(

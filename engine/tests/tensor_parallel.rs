@@ -75,7 +75,7 @@ fn rank_steps(
     let alone = comm.world_size() == 1;
     let loaded = LoadedModel::load(&opts, &Device::Cpu, comm).unwrap();
     let blocks = (tokens.len() + greedy).div_ceil(BLOCK);
-    let mut cache = KvCache::new(loaded.model.kv_cache_config(blocks, BLOCK)).unwrap();
+    let cache = KvCache::new(loaded.model.kv_cache_config(blocks, BLOCK), &Device::Cpu).unwrap();
     let table: Vec<u32> = (0..blocks as u32).collect();
     let mut rows: Vec<Vec<f32>> = Vec::new();
     let mut start = 0;
@@ -89,7 +89,7 @@ fn rank_steps(
             BLOCK,
             LogitsWanted::Last,
         );
-        if let Some(t) = loaded.model.forward(&batch, &mut cache).unwrap() {
+        if let Some(t) = loaded.model.forward(&batch, &cache).unwrap() {
             rows.push(t.to_vec2::<f32>().unwrap().remove(0));
         }
         if alone && tokens.len() < prompt_len + greedy {

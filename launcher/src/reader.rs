@@ -70,7 +70,7 @@ pub fn start_groups(
     } = *place;
     let kind = DeviceKind::resolve(device)?;
     let path = ModelPath::resolve(&opts.model)?;
-    let format = opts.dtype.weight_format(&path);
+    let format = opts.dtype.weight_format(&path, kind == DeviceKind::Cuda);
     let (source, tokenizer) = open_model(&path, &candle_core::Device::Cpu)?;
     Llama::check_tensor_parallel(source.config(), tensor_parallel)?;
     drop(source);
@@ -94,7 +94,7 @@ pub fn start_groups(
             );
             let loaded = LoadedModel::load(opts, &candle_core::Device::Cpu, Arc::new(SingleRank))?;
             max_seq_len = loaded.model.max_seq_len();
-            let blocks = loaded.kv_blocks(opts.block_size, kv_budget);
+            let blocks = loaded.kv_blocks(opts.block_size, kv_budget)?;
             executors.push(Box::new(LocalExecutor::new(
                 loaded.model,
                 blocks,
@@ -142,6 +142,25 @@ pub fn start_groups(
     ))
 }
 
+/// KV-cache memory per rank: `--kv-cache-memory-mib` when set, else a fraction of GPU memory
+/// on a GPU and 512 MiB on the CPU.
+fn kv_budget(args: &ServeArgs) -> Result<KvBudget> {
+    let fraction = args.gpu_memory_utilization;
+    if !(fraction > 0.0 && fraction <= 1.0) {
+        bail!("--gpu-memory-utilization must be in (0, 1], got {fraction}");
+    }
+    Ok(match args.kv_cache_memory_mib {
+        Some(mib) => KvBudget::Bytes((mib as u64) << 20),
+        None if DeviceKind::resolve(&args.device)? == DeviceKind::Cuda => {
+            KvBudget::DeviceMemory { fraction }
+        }
+        None => KvBudget::Bytes(DEFAULT_CPU_KV_MIB << 20),
+    })
+}
+
+/// KV-cache memory per rank on the CPU unless configured.
+const DEFAULT_CPU_KV_MIB: u64 = 512;
+
 /// Loads and starts one reader.
 pub fn start(args: &ServeArgs, log_level: &str) -> Result<Reader> {
     if args.max_batch_size == 0 || args.block_size == 0 || args.max_num_batched_tokens == 0 {
@@ -159,7 +178,7 @@ pub fn start(args: &ServeArgs, log_level: &str) -> Result<Reader> {
         replicas: args.replicas,
         cuda_visible_devices: args.cuda_visible_devices.as_deref(),
         isolate: args.isolate_workers,
-        kv_budget: KvBudget::Bytes((args.kv_cache_memory_mib as u64) << 20),
+        kv_budget: kv_budget(args)?,
     };
     let (groups, tokenizer) = start_groups(&opts, &place, log_level)
         .with_context(|| format!("loading {}", path.display()))?;
@@ -178,8 +197,11 @@ pub fn start(args: &ServeArgs, log_level: &str) -> Result<Reader> {
         let (blocks, bs) = executor.kv_blocks();
         if blocks * bs < max_seq_len {
             bail!(
-                "--kv-cache-memory-mib {} holds {} tokens per rank, fewer than one sequence of {max_seq_len}",
-                args.kv_cache_memory_mib,
+                "the KV cache ({}) holds {} tokens per rank, fewer than one sequence of {max_seq_len}",
+                match args.kv_cache_memory_mib {
+                    Some(mib) => format!("--kv-cache-memory-mib {mib}"),
+                    None => format!("--gpu-memory-utilization {}", args.gpu_memory_utilization),
+                },
                 blocks * bs
             );
         }

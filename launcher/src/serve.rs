@@ -62,9 +62,14 @@ pub struct ServeArgs {
     /// Longest prompt + output in tokens (default: the model's context, at most 4096).
     #[arg(long, env = "TAKEOFF_MAX_SEQUENCE_LENGTH")]
     pub max_sequence_length: Option<usize>,
-    /// KV-cache memory per rank, in MiB.
-    #[arg(long, env = "TAKEOFF_PAGE_CACHE_SIZE", default_value_t = 512)]
-    pub kv_cache_memory_mib: usize,
+    /// KV-cache memory per rank, in MiB (default: 512 on CPU; on a GPU, what
+    /// --gpu-memory-utilization leaves once the weights are loaded).
+    #[arg(long, env = "TAKEOFF_PAGE_CACHE_SIZE")]
+    pub kv_cache_memory_mib: Option<usize>,
+    /// Fraction of each GPU's memory the weights and the KV cache may use together, when
+    /// --kv-cache-memory-mib is not set.
+    #[arg(long, env = "TAKEOFF_GPU_MEMORY_UTILIZATION", default_value_t = 0.9)]
+    pub gpu_memory_utilization: f32,
     /// Tokens per KV-cache block.
     #[arg(long, env = "TAKEOFF_BLOCK_SIZE", default_value_t = DEFAULT_BLOCK_SIZE)]
     pub block_size: usize,

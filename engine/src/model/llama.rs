@@ -7,14 +7,14 @@ use super::rope::RotaryEmbedding;
 use crate::batch::BatchInput;
 use crate::config::LlamaConfig;
 use crate::error::{EngineError, Result};
-use crate::kv_cache::attention::AttentionShape;
-use crate::kv_cache::{paged_attention, KvCache, KvCacheConfig};
+use crate::kv_cache::{KvCache, KvCacheConfig};
 use crate::loader::{WeightFormat, WeightSource};
 use crate::parallel::{
     shard_range, ColumnParallelLinear, Communicator, HeadSharding, ParallelLmHead,
     RowParallelLinear, VocabParallelEmbedding,
 };
 use candle_core::{DType, Device, Tensor};
+use liftoff_kernels::{PagedLayout, SeqSpan};
 use std::sync::Arc;
 
 /// RMS normalisation with a learned scale.
@@ -89,38 +89,33 @@ impl Attention {
         })
     }
 
+    /// Projects, rotates, writes this step's keys and values to the cache and attends.
     fn forward(
         &self,
         x: &Tensor,
         layer: usize,
-        batch: &BatchInput,
+        layout: &PagedLayout,
         rope: &RotaryEmbedding,
-        cache: &mut KvCache,
+        cache: &KvCache,
     ) -> Result<Tensor> {
-        let dtype = x.dtype();
+        let tokens = x.dim(0)?;
+        let kv_dtype = cache.config().dtype;
         let parts = self.qkv.forward(x)?;
-        let flat = |t: &Tensor| -> Result<Vec<f32>> {
-            Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+        let heads = |t: &Tensor, n: usize| -> Result<Tensor> {
+            Ok(t.to_dtype(kv_dtype)?
+                .reshape((tokens, n, self.head_dim))?
+                .contiguous()?)
         };
-        let mut q = flat(&parts[0])?;
-        let mut k = flat(&parts[1])?;
-        let v = flat(&parts[2])?;
-        rope.apply(&mut q, self.heads, &batch.positions);
-        rope.apply(&mut k, self.kv_heads, &batch.positions);
-        cache.write(layer, &k, &v, &batch.slot_mapping);
-        let shape = AttentionShape {
-            heads: self.heads,
-            kv_heads: self.kv_heads,
-            head_dim: self.head_dim,
-            block_size: cache.config().block_size,
-        };
-        let out = paged_attention(&q, cache.layer_mut(layer), batch, shape);
-        let out = Tensor::from_vec(
-            out,
-            (batch.num_tokens(), self.heads * self.head_dim),
-            x.device(),
-        )?
-        .to_dtype(dtype)?;
+        let q = heads(&parts[0], self.heads)?;
+        let k = heads(&parts[1], self.kv_heads)?;
+        let v = heads(&parts[2], self.kv_heads)?;
+        rope.apply(&q, layout)?;
+        rope.apply(&k, layout)?;
+        cache.write(layer, &k, &v, layout)?;
+        let out = cache
+            .attention(layer, &q, layout, self.heads)?
+            .reshape((tokens, self.heads * self.head_dim))?
+            .to_dtype(x.dtype())?;
         self.o.forward(&out)
     }
 }
@@ -177,13 +172,13 @@ impl DecoderLayer {
         &self,
         x: &Tensor,
         layer: usize,
-        batch: &BatchInput,
+        layout: &PagedLayout,
         rope: &RotaryEmbedding,
-        cache: &mut KvCache,
+        cache: &KvCache,
     ) -> Result<Tensor> {
         let h = self
             .attn
-            .forward(&self.input_norm.forward(x)?, layer, batch, rope, cache)?;
+            .forward(&self.input_norm.forward(x)?, layer, layout, rope, cache)?;
         let x = (x + h)?;
         let h = self.mlp.forward(&self.post_attention_norm.forward(&x)?)?;
         Ok((x + h)?)
@@ -200,6 +195,8 @@ pub struct Llama {
     rope: RotaryEmbedding,
     sharding: HeadSharding,
     device: Device,
+    /// Activation dtype.
+    dtype: DType,
     /// CPU threads for the kernels; the forward runs inside this pool so the calling thread
     /// is one of its workers instead of waking a pool for every matmul.
     pool: Arc<rayon::ThreadPool>,
@@ -258,7 +255,11 @@ impl Llama {
         } else {
             ParallelLmHead::tied(&embed, comm.clone())?
         };
-        let rope = RotaryEmbedding::new(&cfg, max_seq_len.min(cfg.max_position_embeddings).max(1));
+        let rope = RotaryEmbedding::new(
+            &cfg,
+            max_seq_len.min(cfg.max_position_embeddings).max(1),
+            src.device(),
+        )?;
         let pool = rayon::ThreadPoolBuilder::new()
             .thread_name(|i| format!("liftoff-compute-{i}"))
             .build()
@@ -274,6 +275,7 @@ impl Llama {
             rope,
             sharding,
             device: src.device().clone(),
+            dtype,
             pool: Arc::new(pool),
         })
     }
@@ -313,7 +315,23 @@ impl Llama {
             block_size,
             kv_heads: self.sharding.local_kv_heads().len(),
             head_dim: self.config.head_dim,
+            dtype: self.kv_dtype(),
         }
+    }
+
+    /// The KV cache's element type: f32 on the CPU (its attention runs in f32), the
+    /// activations' dtype on a GPU.
+    pub fn kv_dtype(&self) -> DType {
+        if self.device.is_cpu() {
+            DType::F32
+        } else {
+            self.dtype
+        }
+    }
+
+    /// The device the shard lives on.
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     /// This shard's rank in its tensor-parallel group.
@@ -323,7 +341,7 @@ impl Llama {
 
     /// Runs the batch; returns, on rank 0, the logits (`[rows, vocab]`, f32) of the rows
     /// [`BatchInput::logits_rows`] names, and `None` on the other ranks.
-    pub fn forward(&self, batch: &BatchInput, cache: &mut KvCache) -> Result<Option<Tensor>> {
+    pub fn forward(&self, batch: &BatchInput, cache: &KvCache) -> Result<Option<Tensor>> {
         self.pool.install(|| self.forward_in_pool(batch, cache))
     }
 
@@ -339,7 +357,7 @@ impl Llama {
         )?))
     }
 
-    fn forward_in_pool(&self, batch: &BatchInput, cache: &mut KvCache) -> Result<Option<Tensor>> {
+    fn forward_in_pool(&self, batch: &BatchInput, cache: &KvCache) -> Result<Option<Tensor>> {
         if batch.num_tokens() == 0 {
             return self.no_logits();
         }
@@ -361,9 +379,10 @@ impl Llama {
                 self.config.vocab_size
             )));
         }
+        let layout = paged_layout(batch, cache.config().block_size, &self.device)?;
         let mut x = self.embed.forward(&batch.token_ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, i, batch, &self.rope, cache)?;
+            x = layer.forward(&x, i, &layout, &self.rope, cache)?;
         }
         let rows = batch.logits_rows();
         if rows.is_empty() {
@@ -376,4 +395,34 @@ impl Llama {
         };
         self.lm_head.forward(&self.norm.forward(&x)?)
     }
+}
+
+/// The step's attention metadata (made once, on the model's device, for all layers).
+fn paged_layout(batch: &BatchInput, block_size: usize, device: &Device) -> Result<PagedLayout> {
+    let spans: Vec<SeqSpan> = batch
+        .sequences
+        .iter()
+        .map(|s| SeqSpan {
+            query_start: s.start,
+            query_len: s.len,
+            context_len: match s.len {
+                0 => 0,
+                n => batch
+                    .positions
+                    .get(s.start + n - 1)
+                    .map_or(0, |&p| p as usize + 1),
+            },
+            block_table: &s.block_table,
+        })
+        .collect();
+    let layout = PagedLayout::new(&spans, block_size, device)
+        .map_err(|e| EngineError::InvalidRequest(format!("malformed batch: {e}")))?;
+    if layout.host().num_tokens != batch.num_tokens() {
+        return Err(EngineError::InvalidRequest(format!(
+            "malformed batch: its sequences cover {} of {} tokens",
+            layout.host().num_tokens,
+            batch.num_tokens()
+        )));
+    }
+    Ok(layout)
 }

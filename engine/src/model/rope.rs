@@ -1,16 +1,15 @@
 //! Rotary position embeddings: frequency tables (with Llama 3 / linear / per-dimension scaling)
-//! applied in place to flat `[tokens, heads, head_dim]` buffers.
+//! applied in place to `[tokens, heads, head_dim]` tensors by `liftoff-kernels`.
 
 use crate::config::{LlamaConfig, RopeLayout, RopeScaling};
+use crate::error::Result;
+use candle_core::{Device, Tensor};
+use liftoff_kernels::{rotary_embedding, PagedLayout, RotaryTables};
 
-/// Precomputed cos/sin tables for positions `0..max_positions`.
+/// Precomputed cos/sin tables for positions `0..max_positions`, on the model's device.
 #[derive(Debug, Clone)]
 pub struct RotaryEmbedding {
-    cos: Vec<f32>,
-    sin: Vec<f32>,
-    half: usize,
-    layout: RopeLayout,
-    max_positions: usize,
+    tables: RotaryTables,
 }
 
 /// The inverse frequencies after scaling, computed in f32 as transformers does.
@@ -51,8 +50,8 @@ pub fn inv_frequencies(cfg: &LlamaConfig) -> Vec<f32> {
 }
 
 impl RotaryEmbedding {
-    /// Tables for `max_positions` positions.
-    pub fn new(cfg: &LlamaConfig, max_positions: usize) -> Self {
+    /// Tables for `max_positions` positions on `device`.
+    pub fn new(cfg: &LlamaConfig, max_positions: usize, device: &Device) -> Result<Self> {
         let inv = inv_frequencies(cfg);
         let half = inv.len();
         let mut cos = Vec::with_capacity(max_positions * half);
@@ -64,48 +63,20 @@ impl RotaryEmbedding {
                 sin.push(angle.sin());
             }
         }
-        Self {
-            cos,
-            sin,
-            half,
-            layout: cfg.rope_layout,
-            max_positions,
-        }
+        let interleaved = cfg.rope_layout == RopeLayout::Interleaved;
+        Ok(Self {
+            tables: RotaryTables::new(&cos, &sin, half, interleaved, device)?,
+        })
     }
 
     /// Largest position + 1 the tables cover.
     pub fn max_positions(&self) -> usize {
-        self.max_positions
+        self.tables.max_positions()
     }
 
-    /// Rotates `x` (`[tokens, heads, head_dim]`, flat) in place; `positions[t]` is token t's.
-    pub fn apply(&self, x: &mut [f32], heads: usize, positions: &[u32]) {
-        let d = 2 * self.half;
-        for (t, &pos) in positions.iter().enumerate() {
-            let base = pos as usize * self.half;
-            let cos = &self.cos[base..base + self.half];
-            let sin = &self.sin[base..base + self.half];
-            let tok = &mut x[t * heads * d..(t + 1) * heads * d];
-            for head in tok.chunks_exact_mut(d) {
-                match self.layout {
-                    RopeLayout::HalfSplit => {
-                        let (a, b) = head.split_at_mut(self.half);
-                        for i in 0..self.half {
-                            let (x1, x2) = (a[i], b[i]);
-                            a[i] = x1 * cos[i] - x2 * sin[i];
-                            b[i] = x2 * cos[i] + x1 * sin[i];
-                        }
-                    }
-                    RopeLayout::Interleaved => {
-                        for i in 0..self.half {
-                            let (x1, x2) = (head[2 * i], head[2 * i + 1]);
-                            head[2 * i] = x1 * cos[i] - x2 * sin[i];
-                            head[2 * i + 1] = x2 * cos[i] + x1 * sin[i];
-                        }
-                    }
-                }
-            }
-        }
+    /// Rotates `x` (`[tokens, heads, head_dim]`, contiguous) in place by the step's positions.
+    pub fn apply(&self, x: &Tensor, layout: &PagedLayout) -> Result<()> {
+        Ok(rotary_embedding(x, &self.tables, layout)?)
     }
 }
 
@@ -130,28 +101,6 @@ mod tests {
             tie_word_embeddings: false,
             bos_token_id: None,
             eos_token_ids: vec![],
-        }
-    }
-
-    #[test]
-    fn interleaved_equals_half_split_on_permuted_input() {
-        let mut c = cfg();
-        let half = RotaryEmbedding::new(&c, 8);
-        c.rope_layout = RopeLayout::Interleaved;
-        let inter = RotaryEmbedding::new(&c, 8);
-        let x: Vec<f32> = (0..8).map(|i| i as f32 * 0.3 - 1.0).collect();
-        // llama.cpp's permutation: half-split dim i -> 2i, dim i+4 -> 2i+1.
-        let mut p = vec![0f32; 8];
-        for i in 0..4 {
-            p[2 * i] = x[i];
-            p[2 * i + 1] = x[i + 4];
-        }
-        let mut a = x.clone();
-        half.apply(&mut a, 1, &[5]);
-        inter.apply(&mut p, 1, &[5]);
-        for i in 0..4 {
-            assert!((a[i] - p[2 * i]).abs() < 1e-6);
-            assert!((a[i + 4] - p[2 * i + 1]).abs() < 1e-6);
         }
     }
 

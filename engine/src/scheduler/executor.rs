@@ -50,14 +50,17 @@ pub struct LocalExecutor {
 impl LocalExecutor {
     /// An executor over `model` with a cache of `num_blocks` blocks of `block_size` tokens.
     pub fn new(model: Llama, num_blocks: usize, block_size: usize) -> Result<Self> {
-        let cache = KvCache::new(model.kv_cache_config(num_blocks, block_size))?;
+        let cache = KvCache::new(
+            model.kv_cache_config(num_blocks, block_size),
+            model.device(),
+        )?;
         Ok(Self { model, cache })
     }
 }
 
 impl Executor for LocalExecutor {
     fn execute(&mut self, batch: &BatchInput) -> Result<Vec<Vec<f32>>> {
-        match self.model.forward(batch, &mut self.cache)? {
+        match self.model.forward(batch, &self.cache)? {
             Some(logits) => Ok(logits.to_vec2::<f32>()?),
             None => Err(crate::EngineError::Parallel(
                 "a local executor must hold rank 0".into(),

@@ -65,6 +65,21 @@ pub fn cuda_device_count() -> usize {
     CudaContext::device_count().map_or(0, |n| n.max(0) as usize)
 }
 
+/// `(free, total)` bytes of a GPU's memory; an error on the CPU.
+pub fn device_memory(device: &candle_core::Device) -> Result<(u64, u64)> {
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(dev) = device {
+        let (free, total) =
+            dev.cuda_stream().context().mem_get_info().map_err(|e| {
+                EngineError::InvalidConfig(format!("cannot read GPU memory: {e:?}"))
+            })?;
+        return Ok((free as u64, total as u64));
+    }
+    Err(EngineError::InvalidConfig(format!(
+        "a KV budget as a fraction of device memory needs a GPU, not {device:?}"
+    )))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -52,7 +52,7 @@ pub fn run_worker(args: &WorkerArgs) -> Result<()> {
             ))
         }
     };
-    let (model, comm, mut cache) = match load(args, rendezvous, &init) {
+    let (model, comm, cache) = match load(args, rendezvous, &init) {
         Ok(loaded) => loaded,
         Err(e) => {
             let _ = protocol::send(&mut ctl, &FromWorker::Failed(e.to_string()));
@@ -85,7 +85,7 @@ pub fn run_worker(args: &WorkerArgs) -> Result<()> {
         };
         let t0 = Instant::now();
         let comm0 = comm.busy_time();
-        let reply = match model.forward(&batch, &mut cache) {
+        let reply = match model.forward(&batch, &cache) {
             Ok(logits) => {
                 let logits = match logits {
                     Some(t) => Some(LogitsRows::pack(&t.to_vec2::<f32>()?)),
@@ -197,7 +197,7 @@ fn load(
     let comm = join_group(args, rendezvous, init, &device)?;
     let loaded = LoadedModel::load(&init.engine, &device, comm.clone())?;
     let bs = init.engine.block_size.max(1);
-    let blocks = loaded.kv_blocks(bs, init.kv_budget);
-    let cache = KvCache::new(loaded.model.kv_cache_config(blocks, bs))?;
+    let blocks = loaded.kv_blocks(bs, init.kv_budget)?;
+    let cache = KvCache::new(loaded.model.kv_cache_config(blocks, bs), &device)?;
     Ok((loaded.model, comm, cache))
 }

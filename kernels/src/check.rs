@@ -1,0 +1,389 @@
+//! Compares the ops on a device with [`reference`](crate::reference) on the same (rounded)
+//! inputs: the CPU implementations in the tests, the CUDA kernels with `liftoff kernel-check`
+//! on a GPU. Tolerances are per dtype: the reference sees the device's rounded inputs, so what
+//! differs is summation order, `__expf` (a few f32 ulp) and the single rounding of the output
+//! (values here are within [-1, 1]: half an ulp is 2e-3 in bf16 and 2.4e-4 in f16).
+
+use crate::reference::{naive_attention, rotary, write_kv as write_kv_ref};
+use crate::{
+    paged_attention, rotary_embedding, write_kv, AttentionShape, HostLayout, PagedLayout,
+    RotaryTables, SeqSpan,
+};
+use candle_core::{DType, Device, Result, Tensor};
+
+/// One attention test case: `(queries, context)` per sequence.
+#[derive(Debug, Clone)]
+pub struct AttentionCase {
+    pub name: String,
+    pub shape: AttentionShape,
+    pub block_size: usize,
+    pub seqs: Vec<(usize, usize)>,
+}
+
+impl AttentionCase {
+    /// One query per sequence at the end of contexts of `contexts` keys.
+    pub fn decode(
+        contexts: &[usize],
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        block_size: usize,
+    ) -> Self {
+        let seqs = contexts.iter().map(|&c| (1, c)).collect::<Vec<_>>();
+        Self::mixed(&seqs, heads, kv_heads, head_dim, block_size)
+    }
+
+    /// Any mix of prompts, chunks over a cached prefix and decode queries.
+    pub fn mixed(
+        seqs: &[(usize, usize)],
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        block_size: usize,
+    ) -> Self {
+        Self {
+            name: format!("{seqs:?} h{heads}/{kv_heads} d{head_dim} bs{block_size}"),
+            shape: AttentionShape {
+                heads,
+                kv_heads,
+                head_dim,
+            },
+            block_size,
+            seqs: seqs.to_vec(),
+        }
+    }
+}
+
+/// Host data of a case: random q and caches, blocks handed out in a shuffled order.
+pub struct CaseData {
+    pub q: Vec<f32>,
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+    pub num_blocks: usize,
+    pub tables: Vec<Vec<u32>>,
+    pub layout: HostLayout,
+}
+
+/// A small deterministic generator (values in [-1, 1]).
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+    fn uniform(&mut self) -> f32 {
+        (self.next() % 2_000_001) as f32 / 1_000_000.0 - 1.0
+    }
+    fn fill(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.uniform()).collect()
+    }
+}
+
+/// Random data for `case`.
+pub fn random_case(case: &AttentionCase, seed: u64) -> CaseData {
+    let mut rng = Lcg(seed);
+    let bs = case.block_size;
+    let needed: usize = case.seqs.iter().map(|&(_, c)| c.div_ceil(bs)).sum();
+    let num_blocks = needed + 3;
+    let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
+    for i in (1..ids.len()).rev() {
+        ids.swap(i, rng.next() as usize % (i + 1));
+    }
+    let mut next = ids.into_iter();
+    let tables: Vec<Vec<u32>> = case
+        .seqs
+        .iter()
+        .map(|&(_, c)| next.by_ref().take(c.div_ceil(bs)).collect())
+        .collect();
+    let mut start = 0;
+    let spans: Vec<SeqSpan> = case
+        .seqs
+        .iter()
+        .zip(&tables)
+        .map(|(&(q_len, ctx), t)| {
+            let span = SeqSpan {
+                query_start: start,
+                query_len: q_len,
+                context_len: ctx,
+                block_table: t,
+            };
+            start += q_len;
+            span
+        })
+        .collect();
+    let layout = PagedLayout::new(&spans, bs, &Device::Cpu)
+        .expect("cases are well formed")
+        .host()
+        .clone();
+    let s = case.shape;
+    let cache_len = num_blocks * bs * s.kv_heads * s.head_dim;
+    CaseData {
+        q: rng.fill(layout.num_tokens * s.heads * s.head_dim),
+        k: rng.fill(cache_len),
+        v: rng.fill(cache_len),
+        num_blocks,
+        tables,
+        layout,
+    }
+}
+
+/// The outcome of one comparison.
+#[derive(Debug, Clone)]
+pub struct CheckReport {
+    pub op: &'static str,
+    pub case: String,
+    pub dtype: DType,
+    pub max_abs_err: f32,
+    pub tolerance: f32,
+}
+
+impl CheckReport {
+    /// Whether the error is within tolerance (NaN fails).
+    pub fn passed(&self) -> bool {
+        self.max_abs_err <= self.tolerance
+    }
+}
+
+impl std::fmt::Display for CheckReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:<4} {:<16} {:<5} max |err| {:.2e} (tolerance {:.0e})  {}",
+            if self.passed() { "ok" } else { "FAIL" },
+            self.op,
+            format!("{:?}", self.dtype).to_lowercase(),
+            self.max_abs_err,
+            self.tolerance,
+            self.case
+        )
+    }
+}
+
+fn tolerance(dtype: DType) -> f32 {
+    match dtype {
+        DType::BF16 => 1e-2,
+        DType::F16 => 2e-3,
+        _ => 1e-4,
+    }
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    if a.len() != b.len() {
+        return f32::INFINITY;
+    }
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, |m, d| if d.is_nan() { f32::NAN } else { m.max(d) })
+}
+
+/// `data` as a `dtype` tensor on `device`, and the rounded values back on the host.
+fn upload(
+    data: &[f32],
+    shape: &[usize],
+    dtype: DType,
+    device: &Device,
+) -> Result<(Tensor, Vec<f32>)> {
+    let t = Tensor::from_slice(data, shape, &Device::Cpu)?
+        .to_dtype(dtype)?
+        .to_device(device)?;
+    let rounded = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    Ok((t, rounded))
+}
+
+fn to_host(t: &Tensor) -> Result<Vec<f32>> {
+    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
+}
+
+/// The attention cases: short and split-K decode, prompts (head dims 64, 128, 256), chunked
+/// prefill over a cached prefix, and decode and prefill in one batch.
+pub fn attention_cases() -> Vec<AttentionCase> {
+    vec![
+        AttentionCase::decode(&[1, 17, 200, 512], 8, 2, 64, 16),
+        AttentionCase::decode(&[513, 1500, 3000, 40], 8, 8, 128, 16),
+        AttentionCase::mixed(&[(37, 37), (5, 5)], 4, 2, 64, 16),
+        AttentionCase::mixed(&[(70, 70), (20, 50)], 4, 1, 128, 16),
+        AttentionCase::mixed(&[(33, 33)], 2, 2, 256, 16),
+        AttentionCase::mixed(&[(1, 90), (40, 40), (1, 600), (17, 30)], 8, 4, 64, 8),
+    ]
+}
+
+/// Runs every check on `device` in every dtype it supports (f32 on the CPU; f32, f16 and bf16
+/// on a GPU).
+pub fn run(device: &Device) -> Result<Vec<CheckReport>> {
+    let dtypes: &[DType] = if device.is_cpu() {
+        &[DType::F32]
+    } else {
+        &[DType::F32, DType::F16, DType::BF16]
+    };
+    let mut reports = Vec::new();
+    for &dtype in dtypes {
+        for (i, case) in attention_cases().iter().enumerate() {
+            reports.push(check_attention(case, 100 + i as u64, dtype, device)?);
+        }
+        let case = AttentionCase::mixed(&[(9, 20), (1, 7), (30, 30)], 4, 2, 64, 16);
+        reports.push(check_write_kv(&case, dtype, device)?);
+        for interleaved in [false, true] {
+            reports.push(check_rotary(&case, interleaved, dtype, device)?);
+        }
+    }
+    Ok(reports)
+}
+
+fn device_layout(data: &CaseData, case: &AttentionCase, device: &Device) -> Result<PagedLayout> {
+    let l = &data.layout;
+    let spans: Vec<SeqSpan> = (0..l.num_seqs())
+        .map(|s| SeqSpan {
+            query_start: l.query_starts[s] as usize,
+            query_len: (l.query_starts[s + 1] - l.query_starts[s]) as usize,
+            context_len: l.context_lens[s] as usize,
+            block_table: &data.tables[s],
+        })
+        .collect();
+    PagedLayout::new(&spans, case.block_size, device)
+}
+
+fn check_attention(
+    case: &AttentionCase,
+    seed: u64,
+    dtype: DType,
+    device: &Device,
+) -> Result<CheckReport> {
+    let data = random_case(case, seed);
+    let s = case.shape;
+    let cache_shape = [data.num_blocks, case.block_size, s.kv_heads, s.head_dim];
+    let (q, qh) = upload(
+        &data.q,
+        &[data.layout.num_tokens, s.heads, s.head_dim],
+        dtype,
+        device,
+    )?;
+    let (k, kh) = upload(&data.k, &cache_shape, dtype, device)?;
+    let (v, vh) = upload(&data.v, &cache_shape, dtype, device)?;
+    let layout = device_layout(&data, case, device)?;
+    let got = to_host(&paged_attention(&q, &k, &v, &layout, s)?)?;
+    let want = naive_attention(&qh, &kh, &vh, &data.layout, s);
+    Ok(CheckReport {
+        op: if data.layout.is_decode() {
+            "paged-decode"
+        } else {
+            "paged-prefill"
+        },
+        case: case.name.clone(),
+        dtype,
+        max_abs_err: max_diff(&got, &want),
+        tolerance: tolerance(dtype),
+    })
+}
+
+fn check_write_kv(case: &AttentionCase, dtype: DType, device: &Device) -> Result<CheckReport> {
+    let data = random_case(case, 7);
+    let s = case.shape;
+    let cache_shape = [data.num_blocks, case.block_size, s.kv_heads, s.head_dim];
+    let (cache, mut want) = upload(&data.k, &cache_shape, dtype, device)?;
+    let n = data.layout.num_tokens;
+    let (rows, rows_h) = upload(
+        &data.v[..n * s.kv_heads * s.head_dim],
+        &[n, s.kv_heads, s.head_dim],
+        dtype,
+        device,
+    )?;
+    let layout = device_layout(&data, case, device)?;
+    write_kv(&cache, &rows, &layout)?;
+    write_kv_ref(
+        &mut want,
+        &rows_h,
+        &data.layout.slots,
+        s.kv_heads * s.head_dim,
+    );
+    Ok(CheckReport {
+        op: "write-kv",
+        case: case.name.clone(),
+        dtype,
+        max_abs_err: max_diff(&to_host(&cache)?, &want),
+        tolerance: 0.0,
+    })
+}
+
+fn check_rotary(
+    case: &AttentionCase,
+    interleaved: bool,
+    dtype: DType,
+    device: &Device,
+) -> Result<CheckReport> {
+    let data = random_case(case, 9);
+    let s = case.shape;
+    let half = s.head_dim / 2;
+    let max_pos = data.layout.max_context_len;
+    let angles: Vec<f32> = (0..max_pos * half)
+        .map(|i| (i / half) as f32 * 10000f32.powf(-2.0 * (i % half) as f32 / s.head_dim as f32))
+        .collect();
+    let cos: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
+    let sin: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
+    let tables = RotaryTables::new(&cos, &sin, half, interleaved, device)?;
+    let n = data.layout.num_tokens;
+    let (x, mut want) = upload(&data.q, &[n, s.heads, s.head_dim], dtype, device)?;
+    let layout = device_layout(&data, case, device)?;
+    rotary_embedding(&x, &tables, &layout)?;
+    rotary(
+        &mut want,
+        &data.layout.positions,
+        &cos,
+        &sin,
+        s.heads,
+        half,
+        interleaved,
+    );
+    Ok(CheckReport {
+        op: if interleaved {
+            "rotary-interleaved"
+        } else {
+            "rotary"
+        },
+        case: case.name.clone(),
+        dtype,
+        max_abs_err: max_diff(&to_host(&x)?, &want),
+        tolerance: tolerance(dtype),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_ops_match_the_reference() {
+        let reports = run(&Device::Cpu).unwrap();
+        assert!(reports.len() >= 9);
+        for r in &reports {
+            assert!(r.passed(), "{r}");
+        }
+    }
+
+    /// The kernels against the reference on GPU 0 (run with `--features cuda` on a machine
+    /// with a GPU, or `liftoff kernel-check` where there is no Rust toolchain).
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_kernels_match_the_reference() {
+        let device = Device::new_cuda(0).expect("a CUDA device (this test needs a GPU)");
+        for r in run(&device).unwrap() {
+            assert!(r.passed(), "{r}");
+        }
+    }
+
+    #[test]
+    fn a_wrong_kernel_fails_the_check() {
+        let case = &attention_cases()[2];
+        let data = random_case(case, 1);
+        let right = naive_attention(&data.q, &data.k, &data.v, &data.layout, case.shape);
+        // Keys read from the wrong head: the check must see it.
+        let mut shifted = data.k.clone();
+        shifted.rotate_left(case.shape.head_dim);
+        let wrong = naive_attention(&data.q, &shifted, &data.v, &data.layout, case.shape);
+        assert!(max_diff(&right, &wrong) > 1e-2);
+    }
+}
