@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const SOURCES: [&str; 2] = ["attention", "cache"];
+const SOURCES: [&str; 3] = ["attention", "cache", "sample"];
 const ARCHS: [&str; 2] = ["80", "90"];
 
 fn main() {

@@ -8,7 +8,7 @@ use crate::kv_cache::{BlockManager, DEFAULT_BLOCK_SIZE};
 use crate::loader::{GgufSource, ModelPath, SafetensorsSource, WeightFormat, WeightSource};
 use crate::model::Llama;
 use crate::parallel::{Communicator, SingleRank};
-use crate::sampling::SamplingParams;
+use crate::sampling::{SampledToken, SamplingParams};
 use crate::scheduler::{Executor, LocalExecutor};
 use crate::sequence::{FinishReason, SequenceState, TokenStep};
 use crate::tokenizer::Tokenizer;
@@ -272,18 +272,28 @@ impl Engine {
     /// Logits (`[len, vocab]`) at every position of `ids`, from a fresh sequence.
     pub fn prompt_logits(&mut self, ids: &[u32]) -> Result<Vec<Vec<f32>>> {
         let mut table = Vec::new();
-        let out = self.prefill(ids, &mut table, LogitsWanted::All);
+        let out = self
+            .prompt_batches(ids, &mut table, LogitsWanted::All)
+            .and_then(|batches| {
+                let mut rows = Vec::new();
+                for b in &batches {
+                    rows.extend(self.executor.logits(b)?);
+                }
+                Ok(rows)
+            });
         self.allocator.release(&table);
         out
     }
 
-    /// Runs `ids` through the model in chunks of at most `max_batched_tokens`, growing `table`.
-    fn prefill(
+    /// The batches that run `ids` through the model in chunks of at most
+    /// `max_batched_tokens`, growing `table`; `wanted` applies to every chunk for
+    /// [`LogitsWanted::All`], else to the last one.
+    fn prompt_batches(
         &mut self,
         ids: &[u32],
         table: &mut Vec<u32>,
         wanted: LogitsWanted,
-    ) -> Result<Vec<Vec<f32>>> {
+    ) -> Result<Vec<BatchInput>> {
         if ids.is_empty() {
             return Err(EngineError::InvalidRequest("the prompt is empty".into()));
         }
@@ -301,7 +311,7 @@ impl Engine {
             )));
         }
         let bs = self.allocator.block_size();
-        let mut outputs = Vec::new();
+        let mut batches = Vec::new();
         for (c, chunk) in ids.chunks(self.max_batched_tokens).enumerate() {
             let start = c * self.max_batched_tokens;
             let last = start + chunk.len() == ids.len();
@@ -312,16 +322,16 @@ impl Engine {
             };
             let mut batch = BatchInput::default();
             batch.push_sequence(chunk, start, table, bs, want);
-            outputs.extend(self.executor.execute(&batch)?);
+            batches.push(batch);
         }
-        Ok(outputs)
+        Ok(batches)
     }
 
-    /// The single logits row a step that asked for the last token's returned.
-    fn one_row(rows: Vec<Vec<f32>>) -> Result<Vec<f32>> {
-        rows.into_iter()
-            .next()
-            .ok_or_else(|| EngineError::WorkerLost("a step returned no logits".into()))
+    /// The one token a step that sampled one row returned.
+    fn one_token(mut tokens: Vec<SampledToken>) -> Result<SampledToken> {
+        tokens
+            .pop()
+            .ok_or_else(|| EngineError::WorkerLost("a step returned no token".into()))
     }
 
     /// Generates from `prompt_ids`; `on_step` sees every token as it is produced.
@@ -349,14 +359,25 @@ impl Engine {
         let eos = self.tokenizer.eos_token_ids().to_vec();
         let mut seq = SequenceState::new(prompt_ids.to_vec(), params.clone(), max_len);
         let t0 = Instant::now();
-        let mut logits = Self::one_row(self.prefill(prompt_ids, table, LogitsWanted::Last)?)?;
+        let batches = self.prompt_batches(prompt_ids, table, LogitsWanted::Last)?;
+        let mut sampled = None;
+        for (i, b) in batches.iter().enumerate() {
+            if i + 1 < batches.len() {
+                self.executor.logits(b)?;
+            } else {
+                let spec = seq.sampling(&eos);
+                sampled = Some(Self::one_token(self.executor.execute(b, &[spec])?)?);
+            }
+        }
+        let mut sampled =
+            sampled.ok_or_else(|| EngineError::InvalidRequest("the prompt is empty".into()))?;
         let prefill_s = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         let mut text = String::new();
         let mut top = Vec::new();
         let bs = self.allocator.block_size();
         let finish = loop {
-            let step = seq.step(&mut logits, &self.tokenizer, &eos)?;
+            let step = seq.accept(sampled, &self.tokenizer, &eos)?;
             text.push_str(&step.text);
             on_step(&step);
             top.push(step.top_logprobs.clone());
@@ -371,7 +392,8 @@ impl Engine {
             }
             let mut batch = BatchInput::default();
             batch.push_sequence(&[step.token_id], pos, table, bs, LogitsWanted::Last);
-            logits = Self::one_row(self.executor.execute(&batch)?)?;
+            let spec = seq.sampling(&eos);
+            sampled = Self::one_token(self.executor.execute(&batch, &[spec])?)?;
         };
         let decode_s = t1.elapsed().as_secs_f64();
         let generated = seq.generated().to_vec();

@@ -3,8 +3,8 @@
 
 use crate::error::Result;
 use crate::sampling::{
-    apply_min_new_tokens, apply_no_repeat_ngram, apply_repetition_penalty, top_logprobs, Sampler,
-    SamplingParams,
+    min_new_tokens_bans, no_repeat_ngram_bans, penalized_tokens, uniform, RowSampling,
+    SampledToken, SamplingParams,
 };
 use crate::stop::StopChecker;
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
@@ -52,7 +52,8 @@ pub struct SequenceState {
     tokens: Vec<u32>,
     prompt_len: usize,
     params: SamplingParams,
-    sampler: Sampler,
+    /// The seed of this sequence's draws (the request's, or a random one).
+    seed: u64,
     decoder: IncrementalDecoder,
     stop: StopChecker,
     max_total_len: usize,
@@ -64,7 +65,7 @@ impl SequenceState {
     pub fn new(prompt: Vec<u32>, params: SamplingParams, max_total_len: usize) -> Self {
         Self {
             decoder: IncrementalDecoder::new(&prompt),
-            sampler: Sampler::new(params.seed),
+            seed: params.seed.unwrap_or_else(rand::random),
             stop: StopChecker::new(params.stop.clone()),
             prompt_len: prompt.len(),
             tokens: prompt,
@@ -109,30 +110,42 @@ impl SequenceState {
         self.finished.get_or_insert(FinishReason::Cancelled);
     }
 
-    /// Samples the next token from `logits` (modified in place by the processors), appends it,
-    /// decodes its text and checks the stop conditions.
-    pub fn step(
+    /// How the next token is to be sampled: the parameters, the tokens the processors penalise
+    /// or ban given the history, and this step's uniform draw.
+    pub fn sampling(&self, eos: &[u32]) -> RowSampling {
+        let p = &self.params;
+        let mut banned = no_repeat_ngram_bans(&self.tokens, p.no_repeat_ngram_size);
+        if !p.ignore_eos {
+            banned.extend(min_new_tokens_bans(
+                self.generated().len(),
+                p.min_new_tokens,
+                eos,
+            ));
+        }
+        RowSampling {
+            temperature: p.temperature,
+            top_k: p.top_k.min(u32::MAX as usize) as u32,
+            top_p: p.top_p,
+            repetition_penalty: p.repetition_penalty,
+            penalized: penalized_tokens(&self.tokens, p.repetition_penalty),
+            banned,
+            uniform: uniform(self.seed, self.generated().len() as u64),
+            logprobs: p.logprobs as u32,
+        }
+    }
+
+    /// Appends the token sampled with [`sampling`](Self::sampling), decodes its text and
+    /// checks the stop conditions.
+    pub fn accept(
         &mut self,
-        logits: &mut [f32],
+        sampled: SampledToken,
         tokenizer: &Tokenizer,
         eos: &[u32],
     ) -> Result<TokenStep> {
-        let top = if self.params.logprobs > 0 {
-            top_logprobs(logits, self.params.logprobs)
-        } else {
-            Vec::new()
-        };
-        apply_repetition_penalty(logits, &self.tokens, self.params.repetition_penalty);
-        apply_no_repeat_ngram(logits, &self.tokens, self.params.no_repeat_ngram_size);
-        if !self.params.ignore_eos {
-            apply_min_new_tokens(
-                logits,
-                self.generated().len(),
-                self.params.min_new_tokens,
-                eos,
-            );
-        }
-        let token = self.sampler.sample(logits, &self.params);
+        let SampledToken {
+            token,
+            top_logprobs: top,
+        } = sampled;
         self.tokens.push(token);
 
         let mut finished = None;

@@ -6,8 +6,8 @@
 
 use crate::reference::{naive_attention, rotary, write_kv as write_kv_ref};
 use crate::{
-    paged_attention, rotary_embedding, write_kv, AttentionShape, HostLayout, PagedLayout,
-    RotaryTables, SeqSpan,
+    paged_attention, rotary_embedding, sample, write_kv, AttentionShape, HostLayout, PagedLayout,
+    RotaryTables, RowSampling, SeqSpan,
 };
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -152,7 +152,7 @@ impl std::fmt::Display for CheckReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{:<4} {:<16} {:<5} max |err| {:.2e} (tolerance {:.0e})  {}",
+            "{:<4} {:<18} {:<5} max |err| {:.2e} (tolerance {:.0e})  {}",
             if self.passed() { "ok" } else { "FAIL" },
             self.op,
             format!("{:?}", self.dtype).to_lowercase(),
@@ -231,7 +231,94 @@ pub fn run(device: &Device) -> Result<Vec<CheckReport>> {
             reports.push(check_rotary(&case, interleaved, dtype, device)?);
         }
     }
+    reports.push(check_sampling(device)?);
     Ok(reports)
+}
+
+/// Sampling specs covering every step of the algorithm, one per row.
+pub fn sampling_specs(vocab: u32) -> Vec<RowSampling> {
+    let g = RowSampling::greedy();
+    let mut specs = vec![
+        g.clone(),
+        RowSampling {
+            logprobs: 5,
+            ..g.clone()
+        },
+        RowSampling {
+            temperature: 1.0,
+            ..g.clone()
+        },
+        RowSampling {
+            temperature: 0.7,
+            top_k: 40,
+            ..g.clone()
+        },
+        RowSampling {
+            temperature: 1.3,
+            top_p: 0.9,
+            ..g.clone()
+        },
+        RowSampling {
+            temperature: 0.8,
+            top_k: 100,
+            top_p: 0.5,
+            logprobs: 3,
+            ..g.clone()
+        },
+        RowSampling {
+            temperature: 1.0,
+            repetition_penalty: 1.3,
+            penalized: (0..vocab).step_by(7).collect(),
+            banned: (0..vocab).step_by(11).collect(),
+            ..g.clone()
+        },
+        RowSampling {
+            banned: (0..vocab).collect(),
+            ..g
+        },
+    ];
+    for (i, s) in specs.iter_mut().enumerate() {
+        s.uniform = crate::sampling::uniform(1234, i as u64);
+    }
+    specs
+}
+
+/// The device's tokens must equal the CPU's except where the draw fell within 1e-3 of a
+/// boundary (sums in another order may land on either side); log-probabilities within 1e-3.
+fn check_sampling(device: &Device) -> Result<CheckReport> {
+    let (rows, vocab) = (8usize, 5000usize);
+    let specs = sampling_specs(vocab as u32);
+    let mut rng = Lcg(77);
+    let host: Vec<f32> = (0..rows * vocab).map(|_| rng.uniform() * 6.0).collect();
+    let logits = Tensor::from_slice(&host, (rows, vocab), device)?;
+    let got = sample(logits, &specs)?;
+    let mut err = 0f32;
+    for (r, spec) in specs.iter().enumerate() {
+        let mut row = host[r * vocab..(r + 1) * vocab].to_vec();
+        let (want, margin) = crate::sampling::sample_row(&mut row, spec);
+        if got[r].token != want.token && margin >= 1e-3 {
+            err = f32::INFINITY;
+        }
+        if got[r].top_logprobs.len() != want.top_logprobs.len() {
+            err = f32::INFINITY;
+        }
+        for (a, b) in got[r].top_logprobs.iter().zip(&want.top_logprobs) {
+            err = if a.0 != b.0 {
+                f32::INFINITY
+            } else {
+                err.max((a.1 - b.1).abs())
+            };
+        }
+    }
+    Ok(CheckReport {
+        op: "sample",
+        case: format!(
+            "{rows} rows x {vocab}: greedy, logprobs, temperature, top-k, top-p, penalties, bans"
+        ),
+        dtype: DType::F32,
+        max_abs_err: err,
+        tolerance: 1e-3,
+    })
 }
 
 fn device_layout(data: &CaseData, case: &AttentionCase, device: &Device) -> Result<PagedLayout> {
@@ -358,7 +445,7 @@ mod tests {
     #[test]
     fn cpu_ops_match_the_reference() {
         let reports = run(&Device::Cpu).unwrap();
-        assert!(reports.len() >= 9);
+        assert!(reports.len() >= 10);
         for r in &reports {
             assert!(r.passed(), "{r}");
         }

@@ -350,3 +350,99 @@ fn attention_t<T: CudaDType + DeviceRepr + WithDType + ValidAsZeroBits>(
     }
     Ok((CudaStorage::wrap_cuda_slice(out, dev), ql.shape().clone()))
 }
+
+const SAMPLE_SM80: &str = include_str!(concat!(env!("OUT_DIR"), "/sample_sm80.ptx"));
+const SAMPLE_SM90: &str = include_str!(concat!(env!("OUT_DIR"), "/sample_sm90.ptx"));
+const SAMPLE_THREADS: u32 = 256;
+
+/// Launches `sample_rows` over f32 logits (modified in place) and reads back the tokens and
+/// log-probabilities: `rows * (1 + 2 * MAX_LOGPROBS)` words, not the vocabulary.
+pub(crate) fn sample(
+    logits: &mut CudaStorage,
+    layout: &Layout,
+    specs: &[crate::sampling::RowSampling],
+) -> Result<Vec<crate::sampling::SampledToken>> {
+    use crate::sampling::{SampledToken, MAX_LOGPROBS};
+    let dev = logits.device().clone();
+    let stream = dev.cuda_stream();
+    let (l0, l1) = contiguous(layout, "logits")?;
+    let (rows, vocab) = (layout.dims()[0], layout.dims()[1]);
+    let (major, minor) = stream.context().compute_capability().w()?;
+    if major < 8 {
+        bail!("liftoff's CUDA kernels need compute capability 8.0 or newer, this GPU has {major}.{minor}");
+    }
+    let (ptx, module) = if major >= 9 {
+        (SAMPLE_SM90, "liftoff_sample_sm90")
+    } else {
+        (SAMPLE_SM80, "liftoff_sample_sm80")
+    };
+    let func = dev
+        .get_or_load_custom_func("sample_rows", module, ptx)?
+        .into_cuda_function();
+    let mut fparams = Vec::with_capacity(rows * 4);
+    let mut uparams = Vec::with_capacity(rows * 2);
+    let (mut pen_off, mut pen_ids, mut ban_off, mut ban_ids) =
+        (vec![0u32], Vec::new(), vec![0u32], Vec::new());
+    for s in specs {
+        fparams.extend_from_slice(&[s.temperature, s.top_p, s.repetition_penalty, s.uniform]);
+        uparams.extend_from_slice(&[s.top_k, s.logprobs]);
+        pen_ids.extend_from_slice(&s.penalized);
+        pen_off.push(pen_ids.len() as u32);
+        ban_ids.extend_from_slice(&s.banned);
+        ban_off.push(ban_ids.len() as u32);
+    }
+    // Never an empty buffer (the offsets say nothing is read).
+    pen_ids.push(0);
+    ban_ids.push(0);
+    let fparams = stream.clone_htod(&fparams).w()?;
+    let uparams = stream.clone_htod(&uparams).w()?;
+    let pen_off = stream.clone_htod(&pen_off).w()?;
+    let pen_ids = stream.clone_htod(&pen_ids).w()?;
+    let ban_off = stream.clone_htod(&ban_off).w()?;
+    let ban_ids = stream.clone_htod(&ban_ids).w()?;
+    let mut tokens = stream.alloc_zeros::<u32>(rows).w()?;
+    let mut top_ids = stream.alloc_zeros::<u32>(rows * MAX_LOGPROBS).w()?;
+    let mut top_lp = stream.alloc_zeros::<f32>(rows * MAX_LOGPROBS).w()?;
+    let mut x = logits.as_cuda_slice_mut::<f32>()?.slice_mut(l0..l1);
+    let vocab_i = vocab as i32;
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (SAMPLE_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = stream.launch_builder(&func);
+    b.arg(&mut x);
+    b.arg(&vocab_i);
+    b.arg(&fparams);
+    b.arg(&uparams);
+    b.arg(&pen_off);
+    b.arg(&pen_ids);
+    b.arg(&ban_off);
+    b.arg(&ban_ids);
+    b.arg(&mut tokens);
+    b.arg(&mut top_ids);
+    b.arg(&mut top_lp);
+    // SAFETY: the arguments match the kernel's signature; every listed id is below `vocab`
+    // (checked by `sample`).
+    unsafe { b.launch(cfg) }.w()?;
+    let tokens = stream.clone_dtoh(&tokens).w()?;
+    let want = specs.iter().any(|s| s.logprobs > 0);
+    let (top_ids, top_lp) = if want {
+        (
+            stream.clone_dtoh(&top_ids).w()?,
+            stream.clone_dtoh(&top_lp).w()?,
+        )
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    Ok(specs
+        .iter()
+        .enumerate()
+        .map(|(r, s)| SampledToken {
+            token: tokens[r],
+            top_logprobs: (0..s.logprobs as usize)
+                .map(|j| (top_ids[r * MAX_LOGPROBS + j], top_lp[r * MAX_LOGPROBS + j]))
+                .collect(),
+        })
+        .collect())
+}

@@ -1,6 +1,7 @@
 //! The kernels candle lacks for serving: attention over a paged KV cache (decode, split-K
 //! decode for long contexts, and tiled prefill that never materialises a score matrix), the
-//! KV-cache write by slot mapping, and in-place rotary embedding.
+//! KV-cache write by slot mapping, in-place rotary embedding, and sampling (logits rows to
+//! token ids on the device).
 //!
 //! Each is a candle custom op: on CUDA tensors it launches the kernel from `cuda/*.cu`
 //! (feature `cuda`, PTX for sm_80 and sm_90), on CPU tensors it runs a Rust implementation.
@@ -16,12 +17,14 @@ mod cuda;
 mod layout;
 pub mod reference;
 mod rotary;
+pub mod sampling;
 mod storage;
 
 pub use attention::{paged_attention, AttentionShape};
 pub use cache::write_kv;
 pub use layout::{HostLayout, PagedLayout, SeqSpan};
 pub use rotary::{rotary_embedding, RotaryTables};
+pub use sampling::{sample, RowSampling, SampledToken};
 
 /// Keys per partition of the split-K decode kernel; a context longer than this is split.
 pub const DECODE_PARTITION: usize = 512;

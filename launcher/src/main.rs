@@ -4,6 +4,7 @@ mod bench;
 mod bench_plot;
 mod config_doc;
 mod generate;
+mod kernel_check;
 mod manifest;
 mod model_resolve;
 mod plan;
@@ -34,6 +35,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Load-test an OpenAI-compatible server and plot the results.
     Bench(bench::BenchArgs),
+    /// Check the attention, KV-cache and rotary kernels against their references on a device.
+    KernelCheck(kernel_check::KernelCheckArgs),
     /// One rank of a replica group (started by the launcher, not by hand).
     #[command(hide = true)]
     Worker(worker_cmd::WorkerArgs),
@@ -49,6 +52,7 @@ fn main() -> std::process::ExitCode {
         Some(Command::Generate(args)) => generate::run(args, &cli.log_level),
         Some(Command::Bench(args)) => bench::run(args),
         Some(Command::Worker(args)) => worker_cmd::run(args),
+        Some(Command::KernelCheck(args)) => kernel_check::run(args),
         Some(Command::Serve(_)) | None => {
             serve_config::readers().and_then(|r| serve::run(r, &cli.log_level))
         }

@@ -1,10 +1,10 @@
-//! Sampling: the Takeoff parameters, logits processors (repetition penalty, no-repeat n-grams,
-//! minimum length) and the seeded sampler (temperature, top-k, top-p; greedy at temperature 0).
+//! Sampling: the Takeoff parameters and the logits processors (repetition penalty, no-repeat
+//! n-grams, minimum length) as per-row specs. The sampling itself (temperature, top-k, top-p,
+//! greedy at temperature 0) runs where the logits are, in `liftoff-kernels`.
 
 mod params;
 mod processors;
-mod sampler;
 
+pub use liftoff_kernels::sampling::{sample, uniform, RowSampling, SampledToken};
 pub use params::{ParamError, SamplingParams};
-pub use processors::{apply_min_new_tokens, apply_no_repeat_ngram, apply_repetition_penalty};
-pub use sampler::{top_logprobs, Sampler};
+pub use processors::{min_new_tokens_bans, no_repeat_ngram_bans, penalized_tokens};

@@ -1,50 +1,47 @@
-//! Logits processors, applied in the order transformers applies them.
+//! Logits processors, as the token lists a row's sampling applies where the logits are
+//! (transformers' order: repetition penalty, then no-repeat n-grams and the minimum length).
 
 use std::collections::HashSet;
 
-/// transformers' `RepetitionPenaltyLogitsProcessor`: every token in `history` has its logit
-/// divided by `penalty` if positive, multiplied if negative.
-pub fn apply_repetition_penalty(logits: &mut [f32], history: &[u32], penalty: f32) {
+/// transformers' `RepetitionPenaltyLogitsProcessor` applies to every distinct token in
+/// `history` (none when `penalty` is 1).
+pub fn penalized_tokens(history: &[u32], penalty: f32) -> Vec<u32> {
     if penalty == 1.0 {
-        return;
+        return Vec::new();
     }
-    let seen: HashSet<u32> = history.iter().copied().collect();
-    for t in seen {
-        if let Some(l) = logits.get_mut(t as usize) {
-            *l = if *l < 0.0 { *l * penalty } else { *l / penalty };
-        }
-    }
+    let mut seen: Vec<u32> = history
+        .iter()
+        .copied()
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    seen.sort_unstable();
+    seen
 }
 
-/// transformers' `NoRepeatNGramLogitsProcessor`: bans every token that would complete an
-/// n-gram already present in `history`.
-pub fn apply_no_repeat_ngram(logits: &mut [f32], history: &[u32], n: usize) {
+/// transformers' `NoRepeatNGramLogitsProcessor`: every token that would complete an n-gram
+/// already present in `history`.
+pub fn no_repeat_ngram_bans(history: &[u32], n: usize) -> Vec<u32> {
     if n == 0 || history.len() + 1 < n {
-        return;
+        return Vec::new();
     }
     let prefix = &history[history.len() + 1 - n..];
-    for window in history.windows(n) {
-        if &window[..n - 1] == prefix {
-            if let Some(l) = logits.get_mut(window[n - 1] as usize) {
-                *l = f32::NEG_INFINITY;
-            }
-        }
-    }
+    let mut banned: Vec<u32> = history
+        .windows(n)
+        .filter(|w| &w[..n - 1] == prefix)
+        .map(|w| w[n - 1])
+        .collect();
+    banned.sort_unstable();
+    banned.dedup();
+    banned
 }
 
-/// Masks the EOS tokens while fewer than `min_new_tokens` tokens were generated.
-pub fn apply_min_new_tokens(
-    logits: &mut [f32],
-    generated: usize,
-    min_new_tokens: usize,
-    eos: &[u32],
-) {
+/// The EOS tokens while fewer than `min_new_tokens` tokens were generated.
+pub fn min_new_tokens_bans(generated: usize, min_new_tokens: usize, eos: &[u32]) -> Vec<u32> {
     if generated < min_new_tokens {
-        for &e in eos {
-            if let Some(l) = logits.get_mut(e as usize) {
-                *l = f32::NEG_INFINITY;
-            }
-        }
+        eos.to_vec()
+    } else {
+        Vec::new()
     }
 }
 
@@ -53,28 +50,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn repetition_penalty_pushes_seen_tokens_down() {
-        let mut l = vec![2.0, -2.0, 1.0];
-        apply_repetition_penalty(&mut l, &[0, 1, 1], 2.0);
-        assert_eq!(l, vec![1.0, -4.0, 1.0]);
+    fn repetition_penalty_lists_distinct_history() {
+        assert_eq!(penalized_tokens(&[0, 1, 1, 5], 2.0), vec![0, 1, 5]);
+        assert!(penalized_tokens(&[0, 1], 1.0).is_empty());
     }
 
     #[test]
     fn no_repeat_ngram_bans_completions() {
-        // history: 1 2 3 1 2 -> the bigram (2, 3) exists, so after "2" token 3 is banned for n=3 ("1 2 3").
-        let mut l = vec![0.0; 5];
-        apply_no_repeat_ngram(&mut l, &[1, 2, 3, 1, 2], 3);
-        assert_eq!(l[3], f32::NEG_INFINITY);
-        assert_eq!(l.iter().filter(|x| x.is_infinite()).count(), 1);
+        // history: 1 2 3 1 2 -> "1 2 3" exists, so after "1 2" token 3 is banned for n=3.
+        assert_eq!(no_repeat_ngram_bans(&[1, 2, 3, 1, 2], 3), vec![3]);
+        assert_eq!(no_repeat_ngram_bans(&[1, 2, 1], 2), vec![2]);
+        assert!(no_repeat_ngram_bans(&[1, 2], 0).is_empty());
     }
 
     #[test]
-    fn min_new_tokens_masks_eos() {
-        let mut l = vec![0.0; 4];
-        apply_min_new_tokens(&mut l, 1, 2, &[3]);
-        assert_eq!(l[3], f32::NEG_INFINITY);
-        let mut l = vec![0.0; 4];
-        apply_min_new_tokens(&mut l, 2, 2, &[3]);
-        assert_eq!(l[3], 0.0);
+    fn min_new_tokens_bans_eos_until_reached() {
+        assert_eq!(min_new_tokens_bans(1, 2, &[3]), vec![3]);
+        assert!(min_new_tokens_bans(2, 2, &[3]).is_empty());
     }
 }

@@ -4,14 +4,23 @@ use crate::batch::BatchInput;
 use crate::error::Result;
 use crate::kv_cache::KvCache;
 use crate::model::Llama;
+use crate::sampling::{sample, RowSampling, SampledToken};
+use crate::EngineError;
 
 /// Runs forward passes for a scheduler.
 pub trait Executor: Send + 'static {
-    /// Runs the batch; returns one logits row per row [`BatchInput::logits_rows`] names.
-    /// An error for which [`EngineError::is_fatal`] holds means the group is gone.
-    ///
-    /// [`EngineError::is_fatal`]: crate::EngineError::is_fatal
-    fn execute(&mut self, batch: &BatchInput) -> Result<Vec<Vec<f32>>>;
+    /// Runs the batch and samples one token per row [`BatchInput::logits_rows`] names, with
+    /// `sampling[i]` for row `i`, where the logits are (on the GPU for a CUDA group): only the
+    /// tokens come back. An error for which [`EngineError::is_fatal`] holds means the group is
+    /// gone.
+    fn execute(
+        &mut self,
+        batch: &BatchInput,
+        sampling: &[RowSampling],
+    ) -> Result<Vec<SampledToken>>;
+    /// Runs the batch and returns the logits rows themselves (`[vocab]` each, f32): reference
+    /// tests and prompt log-probabilities.
+    fn logits(&mut self, batch: &BatchInput) -> Result<Vec<Vec<f32>>>;
     /// `(num_blocks, block_size)` of the KV cache.
     fn kv_blocks(&self) -> (usize, usize);
     /// Where the last step's time went, when the executor measures it.
@@ -21,8 +30,15 @@ pub trait Executor: Send + 'static {
 }
 
 impl Executor for Box<dyn Executor> {
-    fn execute(&mut self, batch: &BatchInput) -> Result<Vec<Vec<f32>>> {
-        (**self).execute(batch)
+    fn execute(
+        &mut self,
+        batch: &BatchInput,
+        sampling: &[RowSampling],
+    ) -> Result<Vec<SampledToken>> {
+        (**self).execute(batch, sampling)
+    }
+    fn logits(&mut self, batch: &BatchInput) -> Result<Vec<Vec<f32>>> {
+        (**self).logits(batch)
     }
     fn kv_blocks(&self) -> (usize, usize) {
         (**self).kv_blocks()
@@ -59,10 +75,23 @@ impl LocalExecutor {
 }
 
 impl Executor for LocalExecutor {
-    fn execute(&mut self, batch: &BatchInput) -> Result<Vec<Vec<f32>>> {
-        match self.model.forward(batch, &self.cache)? {
-            Some(logits) => Ok(logits.to_vec2::<f32>()?),
-            None => Err(crate::EngineError::Parallel(
+    fn execute(
+        &mut self,
+        batch: &BatchInput,
+        sampling: &[RowSampling],
+    ) -> Result<Vec<SampledToken>> {
+        match run_step(&self.model, &self.cache, batch, Some(sampling))? {
+            Some(StepRows::Sampled(tokens)) => Ok(tokens),
+            _ => Err(EngineError::Parallel(
+                "a local executor must hold rank 0".into(),
+            )),
+        }
+    }
+
+    fn logits(&mut self, batch: &BatchInput) -> Result<Vec<Vec<f32>>> {
+        match run_step(&self.model, &self.cache, batch, None)? {
+            Some(StepRows::Logits(rows)) => Ok(rows),
+            _ => Err(EngineError::Parallel(
                 "a local executor must hold rank 0".into(),
             )),
         }
@@ -72,4 +101,39 @@ impl Executor for LocalExecutor {
         let c = self.cache.config();
         (c.num_blocks, c.block_size)
     }
+}
+
+/// What rank 0 returns from a step.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StepRows {
+    /// The logits rows (no sampling asked for).
+    Logits(Vec<Vec<f32>>),
+    /// One sampled token per logits row.
+    Sampled(Vec<SampledToken>),
+}
+
+/// Runs one step on a shard; rank 0 gets the rows (sampled on the model's device when
+/// `sampling` is given), the other ranks `None`.
+pub fn run_step(
+    model: &Llama,
+    cache: &KvCache,
+    batch: &BatchInput,
+    sampling: Option<&[RowSampling]>,
+) -> Result<Option<StepRows>> {
+    if let Some(specs) = sampling {
+        let rows = batch.logits_rows().len();
+        if specs.len() != rows {
+            return Err(EngineError::InvalidRequest(format!(
+                "{} sampling specs for {rows} logits rows",
+                specs.len()
+            )));
+        }
+    }
+    let Some(logits) = model.forward(batch, cache)? else {
+        return Ok(None);
+    };
+    Ok(Some(match sampling {
+        Some(specs) => StepRows::Sampled(sample(logits, specs)?),
+        None => StepRows::Logits(logits.to_vec2::<f32>()?),
+    }))
 }

@@ -7,13 +7,13 @@ mod executor;
 mod handle;
 mod stats;
 
-pub use executor::{Executor, LocalExecutor, StepTiming};
+pub use executor::{run_step, Executor, LocalExecutor, StepRows, StepTiming};
 pub use handle::{SchedulerHandle, SubmitError};
 pub use stats::SchedulerStats;
 
 use crate::batch::{BatchInput, LogitsWanted};
 use crate::kv_cache::{block_hash, BlockManager};
-use crate::sampling::SamplingParams;
+use crate::sampling::{RowSampling, SampledToken, SamplingParams};
 use crate::sequence::{FinishReason, SequenceState};
 use crate::tokenizer::Tokenizer;
 use std::collections::VecDeque;
@@ -314,8 +314,13 @@ impl<E: Executor> Scheduler<E> {
             self.publish_stats();
             return false;
         }
+        let specs: Vec<RowSampling> = plan
+            .iter()
+            .filter(|p| p.2)
+            .map(|p| self.running[p.0].state.sampling(&self.eos))
+            .collect();
         let t0 = Instant::now();
-        let result = self.executor.execute(&batch);
+        let result = self.executor.execute(&batch, &specs);
         self.stats.record_step(batch.num_tokens(), t0.elapsed());
         if let Some(t) = self.executor.last_timing() {
             self.stats.record_timing(t);
@@ -370,7 +375,7 @@ impl<E: Executor> Scheduler<E> {
         }));
     }
 
-    fn apply(&mut self, plan: Vec<(usize, usize, bool)>, rows: Vec<Vec<f32>>) {
+    fn apply(&mut self, plan: Vec<(usize, usize, bool)>, rows: Vec<SampledToken>) {
         let bs = self.blocks.block_size();
         let mut rows = rows.into_iter();
         let mut finished = Vec::new();
@@ -393,15 +398,15 @@ impl<E: Executor> Scheduler<E> {
             if !wants {
                 continue;
             }
-            let Some(mut logits) = rows.next() else {
-                let _ = e
-                    .events
-                    .send(SeqEvent::Error("internal error: missing logits".into()));
+            let Some(sampled) = rows.next() else {
+                let _ = e.events.send(SeqEvent::Error(
+                    "internal error: missing sampled token".into(),
+                ));
                 finished.push(idx);
                 continue;
             };
             let first = e.state.generated().is_empty();
-            match e.state.step(&mut logits, &self.tokenizer, &self.eos) {
+            match e.state.accept(sampled, &self.tokenizer, &self.eos) {
                 Ok(step) => {
                     let ev = TokenEvent {
                         token_id: step.token_id,

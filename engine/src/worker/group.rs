@@ -1,9 +1,12 @@
 //! The launcher's side of a tensor-parallel group: every step goes to all its workers; rank 0
 //! answers with the logits.
 
-use super::protocol::{self, FromWorker, ToWorker, WorkerInit, WorkerReady};
+use super::protocol::{
+    self, FromWorker, StepOutput, StepRequest, ToWorker, WorkerInit, WorkerReady,
+};
 use crate::batch::BatchInput;
 use crate::error::{EngineError, Result};
+use crate::sampling::{RowSampling, SampledToken};
 use crate::scheduler::{Executor, StepTiming};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
@@ -92,10 +95,11 @@ fn lost(rank: usize, e: std::io::Error) -> EngineError {
     EngineError::WorkerLost(format!("rank {rank}: {e}"))
 }
 
-impl Executor for WorkerGroup {
-    fn execute(&mut self, batch: &BatchInput) -> Result<Vec<Vec<f32>>> {
-        // Encoded once, written to every rank; rank 0's reply carries the logits.
-        let frame = protocol::encode(&ToWorker::Step(batch.clone())).map_err(|e| lost(0, e))?;
+impl WorkerGroup {
+    /// Sends one step to every rank and collects rank 0's output.
+    fn step(&mut self, request: StepRequest) -> Result<StepOutput> {
+        // Encoded once, written to every rank; rank 0's reply carries the rows.
+        let frame = protocol::encode(&ToWorker::Step(request)).map_err(|e| lost(0, e))?;
         for (rank, link) in self.links.iter_mut().enumerate() {
             std::io::Write::write_all(link, &frame).map_err(|e| lost(rank, e))?;
         }
@@ -129,6 +133,30 @@ impl Executor for WorkerGroup {
             compute: Duration::from_micros(output.compute_us),
             comm: Duration::from_micros(output.comm_us),
         });
+        Ok(output)
+    }
+}
+
+impl Executor for WorkerGroup {
+    fn execute(
+        &mut self,
+        batch: &BatchInput,
+        sampling: &[RowSampling],
+    ) -> Result<Vec<SampledToken>> {
+        let output = self.step(StepRequest {
+            batch: batch.clone(),
+            sampling: Some(sampling.to_vec()),
+        })?;
+        output
+            .sampled
+            .ok_or_else(|| EngineError::WorkerLost("rank 0 sent no sampled tokens".into()))
+    }
+
+    fn logits(&mut self, batch: &BatchInput) -> Result<Vec<Vec<f32>>> {
+        let output = self.step(StepRequest {
+            batch: batch.clone(),
+            sampling: None,
+        })?;
         let rows = output
             .logits
             .ok_or_else(|| EngineError::WorkerLost("rank 0 sent no logits".into()))?;

@@ -10,6 +10,7 @@ use crate::error::{EngineError, Result};
 use crate::kv_cache::KvCache;
 use crate::model::Llama;
 use crate::parallel::{Communicator, CpuCommunicator, CpuRendezvous, SingleRank};
+use crate::scheduler::{run_step, StepRows};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -74,8 +75,8 @@ pub fn run_worker(args: &WorkerArgs) -> Result<()> {
         cfg.num_blocks
     );
     loop {
-        let batch = match protocol::recv::<ToWorker>(&mut ctl) {
-            Ok(ToWorker::Step(batch)) => batch,
+        let step = match protocol::recv::<ToWorker>(&mut ctl) {
+            Ok(ToWorker::Step(step)) => step,
             Ok(ToWorker::Shutdown) => return Ok(()),
             Ok(ToWorker::Init(_)) => {
                 return Err(EngineError::WorkerLost("a second Init arrived".into()))
@@ -85,14 +86,16 @@ pub fn run_worker(args: &WorkerArgs) -> Result<()> {
         };
         let t0 = Instant::now();
         let comm0 = comm.busy_time();
-        let reply = match model.forward(&batch, &cache) {
-            Ok(logits) => {
-                let logits = match logits {
-                    Some(t) => Some(LogitsRows::pack(&t.to_vec2::<f32>()?)),
-                    None => None,
+        let reply = match run_step(&model, &cache, &step.batch, step.sampling.as_deref()) {
+            Ok(rows) => {
+                let (logits, sampled) = match rows {
+                    Some(StepRows::Logits(rows)) => (Some(LogitsRows::pack(&rows)), None),
+                    Some(StepRows::Sampled(tokens)) => (None, Some(tokens)),
+                    None => (None, None),
                 };
                 FromWorker::Step(StepOutput {
                     logits,
+                    sampled,
                     compute_us: t0.elapsed().as_micros() as u64,
                     comm_us: (comm.busy_time() - comm0).as_micros() as u64,
                 })

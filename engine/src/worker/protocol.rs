@@ -3,6 +3,7 @@
 
 use crate::batch::BatchInput;
 use crate::engine::{EngineOptions, KvBudget};
+use crate::sampling::{RowSampling, SampledToken};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::io::{self, Read, Write};
@@ -16,7 +17,7 @@ pub enum ToWorker {
     /// The answer to [`FromWorker::Hello`]: how to join the group and what to load.
     Init(WorkerInit),
     /// Run one forward pass.
-    Step(BatchInput),
+    Step(StepRequest),
     /// Exit cleanly.
     Shutdown,
 }
@@ -60,10 +61,20 @@ pub struct WorkerReady {
 }
 
 /// The result of one step on one rank.
+/// One step for every rank of a group.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRequest {
+    pub batch: BatchInput,
+    /// How rank 0 samples each logits row on its device; `None` returns the rows.
+    pub sampling: Option<Vec<RowSampling>>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StepOutput {
-    /// Rank 0 only: the logits rows.
+    /// Rank 0 only, without sampling: the logits rows.
     pub logits: Option<LogitsRows>,
+    /// Rank 0 only, with sampling: one token per logits row.
+    pub sampled: Option<Vec<SampledToken>>,
     /// Forward pass wall time, collectives included.
     pub compute_us: u64,
     /// Time inside collectives.
@@ -154,11 +165,19 @@ mod tests {
         let mut batch = BatchInput::default();
         batch.push_sequence(&[5, 6, 7], 0, &[3], 16, LogitsWanted::Last);
         let mut buf = Vec::new();
-        send(&mut buf, &ToWorker::Step(batch.clone())).unwrap();
+        let step = StepRequest {
+            batch,
+            sampling: Some(vec![RowSampling {
+                temperature: 0.7,
+                banned: vec![2, 9],
+                ..RowSampling::greedy()
+            }]),
+        };
+        send(&mut buf, &ToWorker::Step(step.clone())).unwrap();
         send(&mut buf, &ToWorker::Shutdown).unwrap();
         let mut r = buf.as_slice();
         match recv::<ToWorker>(&mut r).unwrap() {
-            ToWorker::Step(b) => assert_eq!(b, batch),
+            ToWorker::Step(s) => assert_eq!(s, step),
             other => panic!("{other:?}"),
         }
         assert!(matches!(

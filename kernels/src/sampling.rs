@@ -1,0 +1,426 @@
+//! Sampling where the logits are: each row of `[rows, vocab]` logits becomes one token id (and
+//! its requested log-probabilities), so a GPU sends back a few bytes per row instead of the
+//! vocabulary. The CUDA kernel (`cuda/sample.cu`) and [`sample_row`] implement the same steps:
+//!
+//! 1. top-n log-probabilities of the raw logits, ordered by (value desc, id asc);
+//! 2. repetition penalty on the listed tokens (transformers' rule), then bans to `-inf`;
+//! 3. temperature 0 (or nothing left): the arg max, lowest id on ties;
+//! 4. `p_i = exp((x_i - max) / T)` restricted to the top-k tokens (the k-th largest value, ties
+//!    kept) and then the top-p nucleus of those (the largest value whose tail holds `top_p` of
+//!    their mass), as transformers' warpers do in that order;
+//! 5. the token whose interval of the running sum over ids in increasing order holds
+//!    `u * sum(p)`, for the row's uniform draw `u` ([`uniform`] of the request's seed and step).
+
+use crate::storage::cpu_f32_mut;
+use candle_core::{bail, CpuStorage, DType, InplaceOp1, Layout, Result, Tensor};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::sync::Mutex;
+
+/// Candidates the CPU sorts first when looking for the top-p nucleus.
+const TOP_P_WINDOW: usize = 256;
+
+/// Most log-probabilities a row may ask for (OpenAI's limit).
+pub const MAX_LOGPROBS: usize = 20;
+
+/// How one row is sampled.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RowSampling {
+    /// 0 takes the arg max.
+    pub temperature: f32,
+    /// 0 keeps every token.
+    pub top_k: u32,
+    /// 1 keeps every token.
+    pub top_p: f32,
+    /// 1 is none.
+    pub repetition_penalty: f32,
+    /// Tokens the penalty applies to (the sequence's history).
+    pub penalized: Vec<u32>,
+    /// Tokens that may not be chosen.
+    pub banned: Vec<u32>,
+    /// The draw in `[0, 1)`.
+    pub uniform: f32,
+    /// Log-probabilities of the raw distribution to return (at most [`MAX_LOGPROBS`]).
+    pub logprobs: u32,
+}
+
+impl RowSampling {
+    /// Whether the parameters are in range (the token lists are checked against a vocabulary
+    /// by [`sample`]).
+    pub fn is_valid(&self) -> bool {
+        let temperature = self.temperature >= 0.0 && self.temperature.is_finite();
+        let top_p = self.top_p > 0.0 && self.top_p <= 1.0;
+        let penalty = self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite();
+        temperature
+            && top_p
+            && penalty
+            && (0.0..1.0).contains(&self.uniform)
+            && self.logprobs as usize <= MAX_LOGPROBS
+    }
+
+    /// The arg max, nothing else.
+    pub fn greedy() -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            penalized: Vec::new(),
+            banned: Vec::new(),
+            uniform: 0.0,
+            logprobs: 0,
+        }
+    }
+}
+
+/// What a row sampled.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SampledToken {
+    pub token: u32,
+    /// `(token, log-probability)` of the raw distribution, most likely first.
+    pub top_logprobs: Vec<(u32, f32)>,
+}
+
+/// A uniform draw in `[0, 1)` from `(seed, step)` (splitmix64; 24 random bits).
+pub fn uniform(seed: u64, step: u64) -> f32 {
+    let mut z = seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z >> 40) as f32 / (1u64 << 24) as f32
+}
+
+/// Samples every row of `logits` (`[rows, vocab]`, on the CPU or a GPU), one spec per row. The
+/// logits are overwritten (penalties are applied in place).
+pub fn sample(logits: Tensor, specs: &[RowSampling]) -> Result<Vec<SampledToken>> {
+    let (rows, vocab) = logits.dims2()?;
+    if rows != specs.len() {
+        bail!("sample: {rows} logits rows for {} specs", specs.len());
+    }
+    let mut clean = Vec::with_capacity(rows);
+    for (r, s) in specs.iter().enumerate() {
+        if !s.is_valid() {
+            bail!("sample: row {r} has invalid parameters {s:?}");
+        }
+        if let Some(&t) = s
+            .penalized
+            .iter()
+            .chain(&s.banned)
+            .find(|&&t| t as usize >= vocab)
+        {
+            bail!("sample: row {r} names token {t}, outside the vocabulary of {vocab}");
+        }
+        let mut s = s.clone();
+        for list in [&mut s.penalized, &mut s.banned] {
+            list.sort_unstable();
+            list.dedup();
+        }
+        if s.repetition_penalty == 1.0 {
+            s.penalized.clear();
+        }
+        clean.push(s);
+    }
+    if rows == 0 {
+        return Ok(Vec::new());
+    }
+    let logits = logits.to_dtype(DType::F32)?.contiguous()?;
+    let op = SampleRows {
+        specs: &clean,
+        result: Mutex::new(None),
+    };
+    logits.inplace_op1(&op)?;
+    let result = op.result.into_inner().ok().flatten();
+    match result {
+        Some(r) => Ok(r),
+        None => bail!("sample: the op returned nothing"),
+    }
+}
+
+struct SampleRows<'a> {
+    specs: &'a [RowSampling],
+    result: Mutex<Option<Vec<SampledToken>>>,
+}
+
+impl SampleRows<'_> {
+    fn set(&self, tokens: Vec<SampledToken>) {
+        if let Ok(mut r) = self.result.lock() {
+            *r = Some(tokens);
+        }
+    }
+}
+
+impl InplaceOp1 for SampleRows<'_> {
+    fn name(&self) -> &'static str {
+        "sample-rows"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
+        let vocab = layout.dims()[1];
+        let x = cpu_f32_mut(storage, layout, "logits")?;
+        let out = x
+            .par_chunks_mut(vocab)
+            .zip(self.specs)
+            .map(|(row, spec)| sample_row(row, spec).0)
+            .collect();
+        self.set(out);
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, storage: &mut candle_core::CudaStorage, layout: &Layout) -> Result<()> {
+        self.set(crate::cuda::sample(storage, layout, self.specs)?);
+        Ok(())
+    }
+}
+
+/// Order-preserving key of a float (larger float, larger key).
+fn key_of(f: f32) -> u32 {
+    let u = f.to_bits();
+    if u & 0x8000_0000 != 0 {
+        !u
+    } else {
+        u | 0x8000_0000
+    }
+}
+
+/// The `n` most likely tokens by (value desc, id asc) with their log-softmax values.
+pub fn top_logprobs(x: &[f32], n: usize) -> Vec<(u32, f32)> {
+    if n == 0 || x.is_empty() {
+        return Vec::new();
+    }
+    let max = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let lse = max + x.iter().map(|l| (l - max).exp()).sum::<f32>().ln();
+    let mut idx: Vec<(u32, f32)> = x.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
+    let n = n.min(idx.len());
+    let cmp = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    idx.select_nth_unstable_by(n - 1, cmp);
+    idx.truncate(n);
+    idx.sort_by(cmp);
+    idx.into_iter().map(|(i, l)| (i, l - lse)).collect()
+}
+
+/// Samples one row (modified in place). Also returns how close the draw came to a decision
+/// boundary, relative to the mass it was taken over (`f32::INFINITY` for the arg max): a device
+/// that sums in another order may decide differently only when this is tiny.
+pub fn sample_row(x: &mut [f32], spec: &RowSampling) -> (SampledToken, f32) {
+    for v in x.iter_mut() {
+        if v.is_nan() {
+            *v = f32::NEG_INFINITY;
+        }
+    }
+    let top_logprobs = top_logprobs(x, spec.logprobs as usize);
+    for &t in &spec.penalized {
+        let v = &mut x[t as usize];
+        *v = if *v > 0.0 {
+            *v / spec.repetition_penalty
+        } else {
+            *v * spec.repetition_penalty
+        };
+    }
+    for &t in &spec.banned {
+        x[t as usize] = f32::NEG_INFINITY;
+    }
+    let mut arg = 0;
+    for (i, &v) in x.iter().enumerate() {
+        if v > x[arg] {
+            arg = i;
+        }
+    }
+    let best = x[arg];
+    let done = |token: usize, margin: f32| {
+        (
+            SampledToken {
+                token: token as u32,
+                top_logprobs: top_logprobs.clone(),
+            },
+            margin,
+        )
+    };
+    if spec.temperature <= 0.0 || best == f32::NEG_INFINITY {
+        return done(arg, f32::INFINITY);
+    }
+    let inv_t = 1.0 / spec.temperature;
+    let weight = |v: f32| ((v - best) * inv_t).exp();
+    let mut thresh = 0u32;
+    let vocab = x.len();
+    if spec.top_k > 0 && (spec.top_k as usize) < vocab {
+        let mut keys: Vec<u32> = x.iter().map(|&v| key_of(v)).collect();
+        let k = spec.top_k as usize - 1;
+        keys.select_nth_unstable_by(k, |a, b| b.cmp(a));
+        thresh = keys[k];
+    }
+    let mut margin = f32::INFINITY;
+    if spec.top_p < 1.0 {
+        let mut cand: Vec<(u32, f32)> = x
+            .iter()
+            .filter(|&&v| key_of(v) >= thresh)
+            .map(|&v| (key_of(v), weight(v)))
+            .collect();
+        let total: f32 = cand.iter().map(|c| c.1).sum();
+        let need = spec.top_p * total;
+        // Most nuclei are narrow: sort a window of the largest first, everything if needed.
+        let by_key = |c: &(u32, f32)| std::cmp::Reverse(c.0);
+        let head = TOP_P_WINDOW.min(cand.len());
+        if head < cand.len() {
+            cand.select_nth_unstable_by_key(head - 1, by_key);
+        }
+        cand[..head].sort_unstable_by_key(by_key);
+        if cand[..head].iter().map(|c| c.1).sum::<f32>() < need {
+            cand.sort_unstable_by_key(by_key);
+        }
+        let mut acc = 0f32;
+        for &(key, p) in &cand {
+            let before = acc;
+            acc += p;
+            if acc >= need {
+                margin = margin.min((need - before).abs().min(acc - need) / total);
+                thresh = thresh.max(key);
+                break;
+            }
+        }
+    }
+    let kept = |v: f32| v != f32::NEG_INFINITY && key_of(v) >= thresh;
+    let total: f32 = x.iter().filter(|&&v| kept(v)).map(|&v| weight(v)).sum();
+    let target = spec.uniform * total;
+    let mut acc = 0f32;
+    for (i, &v) in x.iter().enumerate() {
+        if !kept(v) {
+            continue;
+        }
+        let before = acc;
+        acc += weight(v);
+        if acc >= target {
+            let m = (target - before).abs().min(acc - target) / total;
+            return done(i, margin.min(m));
+        }
+    }
+    // Rounding left the target a hair above the total: the arg max (always kept).
+    done(arg, 0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn spec(temperature: f32, top_k: u32, top_p: f32) -> RowSampling {
+        RowSampling {
+            temperature,
+            top_k,
+            top_p,
+            ..RowSampling::greedy()
+        }
+    }
+
+    fn draw(logits: &[f32], s: &RowSampling, seed: u64, n: u64) -> Vec<u32> {
+        (0..n)
+            .map(|step| {
+                let mut s = s.clone();
+                s.uniform = uniform(seed, step);
+                sample_row(&mut logits.to_vec(), &s).0.token
+            })
+            .collect()
+    }
+
+    #[test]
+    fn greedy_takes_the_first_arg_max() {
+        assert_eq!(
+            sample_row(&mut [0.1, 3.0, 3.0, 2.9], &RowSampling::greedy())
+                .0
+                .token,
+            1
+        );
+    }
+
+    #[test]
+    fn same_seed_same_tokens_and_frequencies_follow_the_softmax() {
+        let logits = [0.0f32, 1.0, 2.0];
+        let s = spec(1.0, 0, 1.0);
+        assert_eq!(draw(&logits, &s, 42, 50), draw(&logits, &s, 42, 50));
+        assert_ne!(draw(&logits, &s, 42, 50), draw(&logits, &s, 43, 50));
+        let n = 20_000;
+        let tokens = draw(&logits, &s, 7, n);
+        let z: f32 = logits.iter().map(|l| l.exp()).sum();
+        for t in 0..3 {
+            let freq = tokens.iter().filter(|&&x| x == t).count() as f32 / n as f32;
+            let p = logits[t as usize].exp() / z;
+            // Binomial standard deviation at n = 20000 is at most 0.0035; 4 sigma.
+            assert!((freq - p).abs() < 0.014, "token {t}: {freq} vs {p}");
+        }
+    }
+
+    #[test]
+    fn top_k_and_top_p_restrict_the_candidates() {
+        let logits = [1.0f32, 5.0, 4.9, -3.0, 4.9];
+        // top_k = 1 is greedy at any temperature.
+        assert!(draw(&logits, &spec(5.0, 1, 1.0), 1, 50)
+            .iter()
+            .all(|&t| t == 1));
+        // top_k = 2 keeps the tie at the threshold (ids 2 and 4 both hold 4.9).
+        let drawn: std::collections::HashSet<u32> = draw(&logits, &spec(1.0, 2, 1.0), 2, 300)
+            .into_iter()
+            .collect();
+        assert_eq!(drawn, [1, 2, 4].into_iter().collect());
+        // top_p = 0.3: the top token alone holds more than 30 % of the mass.
+        assert!(draw(&logits, &spec(1.0, 0, 0.3), 3, 50)
+            .iter()
+            .all(|&t| t == 1));
+        // top_k then top_p renormalised over the top-k set (transformers' order).
+        let logits = [3.0f32, 3.0, 0.0, 0.0, 0.0, 0.0];
+        let drawn: std::collections::HashSet<u32> = draw(&logits, &spec(1.0, 2, 0.6), 4, 300)
+            .into_iter()
+            .collect();
+        assert_eq!(drawn, [0, 1].into_iter().collect());
+    }
+
+    #[test]
+    fn penalties_bans_and_logprobs() {
+        // History token 1 is divided by 4 (5 -> 1.25), token 0 banned: token 2 wins.
+        let s = RowSampling {
+            repetition_penalty: 4.0,
+            penalized: vec![1],
+            banned: vec![0],
+            logprobs: 2,
+            ..RowSampling::greedy()
+        };
+        let (out, _) = sample_row(&mut [9.0, 5.0, 2.0, -1.0], &s);
+        assert_eq!(out.token, 2);
+        // Log-probabilities are of the raw logits, before penalties.
+        assert_eq!(
+            out.top_logprobs.iter().map(|p| p.0).collect::<Vec<_>>(),
+            vec![0, 1]
+        );
+        let lse = [9.0f32, 5.0, 2.0, -1.0]
+            .iter()
+            .map(|x| x.exp())
+            .sum::<f32>()
+            .ln();
+        assert!((out.top_logprobs[0].1 - (9.0 - lse)).abs() < 1e-5);
+        // A negative logit is multiplied.
+        let s = RowSampling {
+            repetition_penalty: 2.0,
+            penalized: vec![0, 1],
+            ..RowSampling::greedy()
+        };
+        assert_eq!(sample_row(&mut [-1.0, -1.5, -1.8], &s).0.token, 2);
+    }
+
+    #[test]
+    fn sample_checks_its_input_and_samples_rows() {
+        let logits = Tensor::new(&[[0f32, 1., 2.], [5., 1., 0.]], &Device::Cpu).unwrap();
+        let out = sample(
+            logits.clone(),
+            &[RowSampling::greedy(), RowSampling::greedy()],
+        )
+        .unwrap();
+        assert_eq!(out.iter().map(|t| t.token).collect::<Vec<_>>(), vec![2, 0]);
+        let bad = RowSampling {
+            banned: vec![3],
+            ..RowSampling::greedy()
+        };
+        let err = sample(logits.clone(), &[bad, RowSampling::greedy()]).unwrap_err();
+        assert!(err.to_string().contains("token 3"), "{err}");
+        assert!(sample(logits, &[RowSampling::greedy()]).is_err());
+    }
+}
