@@ -242,20 +242,35 @@ pub fn sample_row(x: &mut [f32], spec: &RowSampling) -> (SampledToken, f32) {
     }
     let inv_t = 1.0 / spec.temperature;
     let weight = |v: f32| ((v - best) * inv_t).exp();
+    let keys: Vec<u32> = x.iter().map(|&v| key_of(v)).collect();
     let mut thresh = 0u32;
     let vocab = x.len();
     if spec.top_k > 0 && (spec.top_k as usize) < vocab {
-        let mut keys: Vec<u32> = x.iter().map(|&v| key_of(v)).collect();
         let k = spec.top_k as usize - 1;
-        keys.select_nth_unstable_by(k, |a, b| b.cmp(a));
-        thresh = keys[k];
+        let mut sorted = keys.clone();
+        sorted.select_nth_unstable_by(k, |a, b| b.cmp(a));
+        thresh = sorted[k];
     }
+    // Weights of the top-k survivors (0 elsewhere), each exp computed once.
+    let ninf = key_of(f32::NEG_INFINITY);
+    let w: Vec<f32> = keys
+        .iter()
+        .zip(x.iter())
+        .map(|(&k, &v)| {
+            if k != ninf && k >= thresh {
+                weight(v)
+            } else {
+                0.0
+            }
+        })
+        .collect();
     let mut margin = f32::INFINITY;
     if spec.top_p < 1.0 {
-        let mut cand: Vec<(u32, f32)> = x
+        let mut cand: Vec<(u32, f32)> = keys
             .iter()
-            .filter(|&&v| key_of(v) >= thresh)
-            .map(|&v| (key_of(v), weight(v)))
+            .zip(&w)
+            .filter(|(&k, _)| k >= thresh)
+            .map(|(&k, &p)| (k, p))
             .collect();
         let total: f32 = cand.iter().map(|c| c.1).sum();
         let need = spec.top_p * total;
@@ -280,16 +295,21 @@ pub fn sample_row(x: &mut [f32], spec: &RowSampling) -> (SampledToken, f32) {
             }
         }
     }
-    let kept = |v: f32| v != f32::NEG_INFINITY && key_of(v) >= thresh;
-    let total: f32 = x.iter().filter(|&&v| kept(v)).map(|&v| weight(v)).sum();
+    let kept = |k: u32| k != ninf && k >= thresh;
+    let total: f32 = keys
+        .iter()
+        .zip(&w)
+        .filter(|(&k, _)| kept(k))
+        .map(|(_, &p)| p)
+        .sum();
     let target = spec.uniform * total;
     let mut acc = 0f32;
-    for (i, &v) in x.iter().enumerate() {
-        if !kept(v) {
+    for (i, (&k, &p)) in keys.iter().zip(&w).enumerate() {
+        if !kept(k) {
             continue;
         }
         let before = acc;
-        acc += weight(v);
+        acc += p;
         if acc >= target {
             let m = (target - before).abs().min(acc - target) / total;
             return done(i, margin.min(m));
