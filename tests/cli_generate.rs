@@ -1,5 +1,6 @@
-//! End-to-end tests of `liftoff generate`: the real binary on the default model and on the
-//! test checkpoints, its JSON output, and one-line errors for bad input.
+//! End-to-end tests of the one-shot commands: `liftoff generate` (the real binary on the default
+//! model and on the test checkpoints, its JSON output, one-line errors for bad input) and
+//! `liftoff kernel-check`.
 
 mod common;
 
@@ -284,4 +285,27 @@ fn bad_sampling_parameter() {
         "2",
     ]);
     assert_one_line_error(&out, "top_p");
+}
+
+/// `liftoff kernel-check` runs every kernel check on the CPU and says so; an unknown device is
+/// a one-line error.
+#[test]
+fn kernel_check_on_the_cpu() {
+    let out = liftoff(&["kernel-check", "--device", "cpu"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    for op in [
+        "paged-decode",
+        "paged-prefill",
+        "write-kv",
+        "rotary",
+        "sample",
+    ] {
+        assert!(stdout.contains(op), "{op} missing from:\n{stdout}");
+    }
+    assert!(stdout.contains(", 0 failed"), "{stdout}");
+    assert_one_line_error(
+        &liftoff(&["kernel-check", "--device", "tpu:1"]),
+        "unknown device",
+    );
 }

@@ -241,53 +241,48 @@ fn attention_t<T: CudaDType + DeviceRepr + WithDType + ValidAsZeroBits>(
         };
         let partition_i = partition as i32;
         let null = 0u64;
-        if parts == 1 {
-            let mut b = stream.launch_builder(&func);
-            b.arg(&mut out);
-            b.arg(&null);
-            b.arg(&null);
-            b.arg(&null);
-            b.arg(&q_view);
-            b.arg(&k);
-            b.arg(&v);
-            b.arg(&block_tables);
-            b.arg(&query_starts);
-            b.arg(&context_lens);
-            b.arg(&heads);
-            b.arg(&kv_heads);
-            b.arg(&head_dim);
-            b.arg(&block_size);
-            b.arg(&max_blocks);
-            b.arg(&partition_i);
-            b.arg(&scale);
-            // SAFETY: the arguments match the kernel's signature; the layout was validated
-            // against the caches' shapes.
-            unsafe { b.launch(cfg) }.w()?;
-        } else {
+        // Split-K: each partition's max, exp-sum and normalised output, merged below.
+        let mut split = if parts > 1 {
             let n = host.num_seqs() * s.heads * parts;
-            let mut part_max = dev.alloc_zeros::<f32>(n)?;
-            let mut part_sum = dev.alloc_zeros::<f32>(n)?;
-            let mut part_out = dev.alloc_zeros::<f32>(n * s.head_dim)?;
-            let mut b = stream.launch_builder(&func);
-            b.arg(&mut out);
-            b.arg(&mut part_max);
-            b.arg(&mut part_sum);
-            b.arg(&mut part_out);
-            b.arg(&q_view);
-            b.arg(&k);
-            b.arg(&v);
-            b.arg(&block_tables);
-            b.arg(&query_starts);
-            b.arg(&context_lens);
-            b.arg(&heads);
-            b.arg(&kv_heads);
-            b.arg(&head_dim);
-            b.arg(&block_size);
-            b.arg(&max_blocks);
-            b.arg(&partition_i);
-            b.arg(&scale);
-            // SAFETY: as above; the partition buffers hold seqs * heads * parts entries.
-            unsafe { b.launch(cfg) }.w()?;
+            Some((
+                dev.alloc_zeros::<f32>(n)?,
+                dev.alloc_zeros::<f32>(n)?,
+                dev.alloc_zeros::<f32>(n * s.head_dim)?,
+            ))
+        } else {
+            None
+        };
+        let mut b = stream.launch_builder(&func);
+        b.arg(&mut out);
+        match split.as_mut() {
+            Some((part_max, part_sum, part_out)) => {
+                b.arg(part_max);
+                b.arg(part_sum);
+                b.arg(part_out);
+            }
+            None => {
+                b.arg(&null);
+                b.arg(&null);
+                b.arg(&null);
+            }
+        }
+        b.arg(&q_view);
+        b.arg(&k);
+        b.arg(&v);
+        b.arg(&block_tables);
+        b.arg(&query_starts);
+        b.arg(&context_lens);
+        b.arg(&heads);
+        b.arg(&kv_heads);
+        b.arg(&head_dim);
+        b.arg(&block_size);
+        b.arg(&max_blocks);
+        b.arg(&partition_i);
+        b.arg(&scale);
+        // SAFETY: the arguments match the kernel's signature; the layout was validated against
+        // the caches' shapes; the partition buffers hold seqs * heads * parts entries.
+        unsafe { b.launch(cfg) }.w()?;
+        if let Some((part_max, part_sum, part_out)) = &split {
             let reduce = function(
                 &dev,
                 Source::Attention,
@@ -301,9 +296,9 @@ fn attention_t<T: CudaDType + DeviceRepr + WithDType + ValidAsZeroBits>(
             let parts_i = parts as i32;
             let mut b = stream.launch_builder(&reduce);
             b.arg(&mut out);
-            b.arg(&part_max);
-            b.arg(&part_sum);
-            b.arg(&part_out);
+            b.arg(part_max);
+            b.arg(part_sum);
+            b.arg(part_out);
             b.arg(&query_starts);
             b.arg(&context_lens);
             b.arg(&heads);
