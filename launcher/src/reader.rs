@@ -253,3 +253,29 @@ fn model_name(arg: &str, path: &std::path::Path) -> String {
         .map(|n| n.to_string_lossy().trim_end_matches(".gguf").to_string())
         .unwrap_or_else(|| arg.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsString;
+
+    fn args(extra: &[&str]) -> ServeArgs {
+        let argv: Vec<OsString> = ["liftoff", "serve", "--device", "cpu"]
+            .iter()
+            .chain(extra)
+            .map(OsString::from)
+            .collect();
+        crate::serve_config::readers_from(argv).unwrap().remove(0)
+    }
+
+    #[test]
+    fn kv_budget_is_the_page_cache_size_or_a_default() {
+        assert_eq!(kv_budget(&args(&[])).unwrap(), KvBudget::Bytes(512 << 20));
+        assert_eq!(
+            kv_budget(&args(&["--kv-cache-memory-mib", "64"])).unwrap(),
+            KvBudget::Bytes(64 << 20)
+        );
+        let err = kv_budget(&args(&["--gpu-memory-utilization", "1.5"])).unwrap_err();
+        assert!(err.to_string().contains("(0, 1]"), "{err}");
+    }
+}

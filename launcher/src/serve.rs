@@ -35,7 +35,8 @@ pub struct ServeArgs {
     /// Run even a tensor-parallel size of 1 as worker processes (CPU runs it in-process).
     #[arg(long, env = "TAKEOFF_ISOLATE_WORKERS")]
     pub isolate_workers: bool,
-    /// auto keeps GGUF weights quantized; f32, bf16, f16 convert.
+    /// auto keeps GGUF weights quantized and loads Hugging Face checkpoints in f32 on CPU, bf16 on
+    /// a GPU; f32, bf16, f16 convert.
     #[arg(long, env = "TAKEOFF_DTYPE", default_value = "auto")]
     pub dtype: String,
     /// Address to listen on.

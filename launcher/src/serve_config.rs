@@ -28,7 +28,7 @@ pub fn readers() -> Result<Vec<ServeArgs>> {
     readers_from(std::env::args_os().collect())
 }
 
-fn readers_from(argv: Vec<OsString>) -> Result<Vec<ServeArgs>> {
+pub(crate) fn readers_from(argv: Vec<OsString>) -> Result<Vec<ServeArgs>> {
     // The flags after `serve` (none for a bare `liftoff`).
     let mut base: Vec<OsString> = vec!["liftoff".into()];
     if let Some(i) = argv.iter().position(|a| a == "serve") {

@@ -92,4 +92,10 @@ mod tests {
         let err = "tpu:0".parse::<WorkerDevice>().unwrap_err().to_string();
         assert!(err.contains("unknown device 'tpu:0'"), "{err}");
     }
+
+    #[test]
+    fn a_memory_fraction_budget_needs_a_gpu() {
+        let err = device_memory(&candle_core::Device::Cpu).unwrap_err().to_string();
+        assert!(err.contains("needs a GPU"), "{err}");
+    }
 }
