@@ -95,7 +95,9 @@ mod tests {
 
     #[test]
     fn a_memory_fraction_budget_needs_a_gpu() {
-        let err = device_memory(&candle_core::Device::Cpu).unwrap_err().to_string();
+        let err = device_memory(&candle_core::Device::Cpu)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("needs a GPU"), "{err}");
     }
 }
