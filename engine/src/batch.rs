@@ -1,6 +1,7 @@
 //! The batch description one forward pass runs on: a flat list of tokens from many sequences,
-//! with their positions and KV-cache slots (vLLM's layout). Prefill, chunked prefill and decode
-//! are all the same shape; a single `generate` is a batch of one.
+//! with their positions and block tables (vLLM's layout; the KV slots follow from those).
+//! Prefill, chunked prefill and decode are all the same shape; a single `generate` is a batch
+//! of one.
 
 use serde::{Deserialize, Serialize};
 
@@ -35,8 +36,6 @@ pub struct BatchInput {
     pub token_ids: Vec<u32>,
     /// Position of each token in its sequence.
     pub positions: Vec<u32>,
-    /// KV-cache slot (`block * block_size + offset`) each token's keys and values go to.
-    pub slot_mapping: Vec<u32>,
     /// The sequences, in the order their tokens appear.
     pub sequences: Vec<SequenceChunk>,
 }
@@ -49,7 +48,6 @@ impl BatchInput {
         tokens: &[u32],
         first_pos: usize,
         block_table: &[u32],
-        block_size: usize,
         logits: LogitsWanted,
     ) {
         let start = self.token_ids.len();
@@ -57,9 +55,6 @@ impl BatchInput {
             let pos = first_pos + i;
             self.token_ids.push(t);
             self.positions.push(pos as u32);
-            self.slot_mapping.push(
-                block_table[pos / block_size] * block_size as u32 + (pos % block_size) as u32,
-            );
         }
         self.sequences.push(SequenceChunk {
             start,

@@ -310,7 +310,6 @@ impl Engine {
                 ids.len()
             )));
         }
-        let bs = self.allocator.block_size();
         let mut batches = Vec::new();
         for (c, chunk) in ids.chunks(self.max_batched_tokens).enumerate() {
             let start = c * self.max_batched_tokens;
@@ -321,7 +320,7 @@ impl Engine {
                 _ => LogitsWanted::None,
             };
             let mut batch = BatchInput::default();
-            batch.push_sequence(chunk, start, table, bs, want);
+            batch.push_sequence(chunk, start, table, want);
             batches.push(batch);
         }
         Ok(batches)
@@ -360,22 +359,17 @@ impl Engine {
         let mut seq = SequenceState::new(prompt_ids.to_vec(), params.clone(), max_len);
         let t0 = Instant::now();
         let batches = self.prompt_batches(prompt_ids, table, LogitsWanted::Last)?;
-        let mut sampled = None;
-        for (i, b) in batches.iter().enumerate() {
-            if i + 1 < batches.len() {
-                self.executor.logits(b)?;
-            } else {
-                let spec = seq.sampling(&eos);
-                sampled = Some(Self::one_token(self.executor.execute(b, &[spec])?)?);
-            }
+        let (last, earlier) = batches
+            .split_last()
+            .ok_or_else(|| EngineError::InvalidRequest("the prompt is empty".into()))?;
+        for b in earlier {
+            self.executor.logits(b)?;
         }
-        let mut sampled =
-            sampled.ok_or_else(|| EngineError::InvalidRequest("the prompt is empty".into()))?;
+        let mut sampled = Self::one_token(self.executor.execute(last, &[seq.sampling(&eos)])?)?;
         let prefill_s = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         let mut text = String::new();
         let mut top = Vec::new();
-        let bs = self.allocator.block_size();
         let finish = loop {
             let step = seq.accept(sampled, &self.tokenizer, &eos)?;
             text.push_str(&step.text);
@@ -391,7 +385,7 @@ impl Engine {
                 )));
             }
             let mut batch = BatchInput::default();
-            batch.push_sequence(&[step.token_id], pos, table, bs, LogitsWanted::Last);
+            batch.push_sequence(&[step.token_id], pos, table, LogitsWanted::Last);
             let spec = seq.sampling(&eos);
             sampled = Self::one_token(self.executor.execute(&batch, &[spec])?)?;
         };

@@ -82,13 +82,7 @@ fn rank_steps(
     let mut end = prompt_len;
     loop {
         let mut batch = BatchInput::default();
-        batch.push_sequence(
-            &tokens[start..end],
-            start,
-            &table,
-            BLOCK,
-            LogitsWanted::Last,
-        );
+        batch.push_sequence(&tokens[start..end], start, &table, LogitsWanted::Last);
         if let Some(t) = loaded.model.forward(&batch, &cache).unwrap() {
             rows.push(t.to_vec2::<f32>().unwrap().remove(0));
         }

@@ -115,10 +115,7 @@ fn attention_cpu(
     let (heads, d) = (shape.heads, shape.head_dim);
     let group = heads / shape.kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
-    let mut seq_of = vec![0usize; l.num_tokens];
-    for s in 0..l.num_seqs() {
-        seq_of[l.query_starts[s] as usize..l.query_starts[s + 1] as usize].fill(s);
-    }
+    let seq_of = l.token_sequences();
     let mut out = vec![0f32; l.num_tokens * heads * d];
     let simd = simd_available();
     out.par_chunks_mut(d)

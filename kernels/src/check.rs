@@ -99,23 +99,7 @@ pub fn random_case(case: &AttentionCase, seed: u64) -> CaseData {
         .iter()
         .map(|&(_, c)| next.by_ref().take(c.div_ceil(bs)).collect())
         .collect();
-    let mut start = 0;
-    let spans: Vec<SeqSpan> = case
-        .seqs
-        .iter()
-        .zip(&tables)
-        .map(|(&(q_len, ctx), t)| {
-            let span = SeqSpan {
-                query_start: start,
-                query_len: q_len,
-                context_len: ctx,
-                block_table: t,
-            };
-            start += q_len;
-            span
-        })
-        .collect();
-    let layout = PagedLayout::new(&spans, bs, &Device::Cpu)
+    let layout = device_layout(case, &tables, &Device::Cpu)
         .expect("cases are well formed")
         .host()
         .clone();
@@ -321,14 +305,26 @@ fn check_sampling(device: &Device) -> Result<CheckReport> {
     })
 }
 
-fn device_layout(data: &CaseData, case: &AttentionCase, device: &Device) -> Result<PagedLayout> {
-    let l = &data.layout;
-    let spans: Vec<SeqSpan> = (0..l.num_seqs())
-        .map(|s| SeqSpan {
-            query_start: l.query_starts[s] as usize,
-            query_len: (l.query_starts[s + 1] - l.query_starts[s]) as usize,
-            context_len: l.context_lens[s] as usize,
-            block_table: &data.tables[s],
+/// The case's sequences over `tables`, as a layout for `device`.
+fn device_layout(
+    case: &AttentionCase,
+    tables: &[Vec<u32>],
+    device: &Device,
+) -> Result<PagedLayout> {
+    let mut start = 0;
+    let spans: Vec<SeqSpan> = case
+        .seqs
+        .iter()
+        .zip(tables)
+        .map(|(&(query_len, context_len), t)| {
+            let span = SeqSpan {
+                query_start: start,
+                query_len,
+                context_len,
+                block_table: t,
+            };
+            start += query_len;
+            span
         })
         .collect();
     PagedLayout::new(&spans, case.block_size, device)
@@ -351,7 +347,7 @@ fn check_attention(
     )?;
     let (k, kh) = upload(&data.k, &cache_shape, dtype, device)?;
     let (v, vh) = upload(&data.v, &cache_shape, dtype, device)?;
-    let layout = device_layout(&data, case, device)?;
+    let layout = device_layout(case, &data.tables, device)?;
     let got = to_host(&paged_attention(&q, &k, &v, &layout, s)?)?;
     let want = naive_attention(&qh, &kh, &vh, &data.layout, s);
     Ok(CheckReport {
@@ -379,7 +375,7 @@ fn check_write_kv(case: &AttentionCase, dtype: DType, device: &Device) -> Result
         dtype,
         device,
     )?;
-    let layout = device_layout(&data, case, device)?;
+    let layout = device_layout(case, &data.tables, device)?;
     write_kv(&cache, &rows, &layout)?;
     write_kv_ref(
         &mut want,
@@ -414,7 +410,7 @@ fn check_rotary(
     let tables = RotaryTables::new(&cos, &sin, half, interleaved, device)?;
     let n = data.layout.num_tokens;
     let (x, mut want) = upload(&data.q, &[n, s.heads, s.head_dim], dtype, device)?;
-    let layout = device_layout(&data, case, device)?;
+    let layout = device_layout(case, &data.tables, device)?;
     rotary_embedding(&x, &tables, &layout)?;
     rotary(
         &mut want,

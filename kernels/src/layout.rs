@@ -52,13 +52,13 @@ impl HostLayout {
         &self.block_tables[s * self.max_blocks..(s + 1) * self.max_blocks]
     }
 
-    /// Position of flat query `token` of sequence `s`.
-    pub fn position(&self, s: usize, token: usize) -> usize {
-        let (start, end) = (
-            self.query_starts[s] as usize,
-            self.query_starts[s + 1] as usize,
-        );
-        self.context_lens[s] as usize - (end - start) + (token - start)
+    /// For each flat query, its sequence.
+    pub fn token_sequences(&self) -> Vec<usize> {
+        let mut of = vec![0; self.num_tokens];
+        for s in 0..self.num_seqs() {
+            of[self.query_starts[s] as usize..self.query_starts[s + 1] as usize].fill(s);
+        }
+        of
     }
 
     /// Whether every sequence has one query (the decode kernel applies).
@@ -71,7 +71,6 @@ impl HostLayout {
 #[derive(Debug, Clone)]
 pub struct PagedLayout {
     host: HostLayout,
-    device: Device,
     tensors: Option<DeviceTensors>,
 }
 
@@ -164,21 +163,12 @@ impl PagedLayout {
                 slots: Tensor::from_slice(&host.slots, host.num_tokens, device)?,
             })
         };
-        Ok(Self {
-            host,
-            device: device.clone(),
-            tensors,
-        })
+        Ok(Self { host, tensors })
     }
 
     /// The host arrays.
     pub fn host(&self) -> &HostLayout {
         &self.host
-    }
-
-    /// The device the metadata was made for.
-    pub fn device(&self) -> &Device {
-        &self.device
     }
 
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -216,9 +206,9 @@ mod tests {
         assert_eq!(h.block_tables, vec![3, 7, 5, 0]);
         assert_eq!(h.query_starts, vec![0, 20, 21]);
         assert_eq!(h.tiles, vec![0, 0, 16, 0, 16, 4, 1, 20, 1]);
-        assert_eq!(h.position(1, 20), 8);
-        assert_eq!(h.position(0, 19), 19);
+        assert_eq!(h.positions[19], 19);
         assert_eq!(h.positions[20], 8);
+        assert_eq!(h.token_sequences()[19..], [0, 1]);
         assert_eq!(h.slots[17], 7 * 16 + 1);
         assert_eq!(h.slots[20], 5 * 16 + 8);
         assert_eq!(h.max_block, 7);

@@ -24,15 +24,6 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
-/// For each flat query, its sequence.
-fn sequence_of(l: &HostLayout) -> Vec<usize> {
-    let mut of = vec![0; l.num_tokens];
-    for s in 0..l.num_seqs() {
-        of[l.query_starts[s] as usize..l.query_starts[s + 1] as usize].fill(s);
-    }
-    of
-}
-
 /// softmax(q·K / sqrt(d)) V over positions `0..=pos` of each query's sequence.
 pub fn naive_attention(
     q: &[f32],
@@ -44,11 +35,11 @@ pub fn naive_attention(
     let (h_n, d) = (shape.heads, shape.head_dim);
     let group = h_n / shape.kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
-    let seq = sequence_of(l);
+    let seq = l.token_sequences();
     let mut out = vec![0f32; l.num_tokens * h_n * d];
     for t in 0..l.num_tokens {
         let s = seq[t];
-        let pos = l.position(s, t);
+        let pos = l.positions[t] as usize;
         for h in 0..h_n {
             let qh = &q[(t * h_n + h) * d..][..d];
             let scores: Vec<f32> = (0..=pos)
@@ -148,11 +139,11 @@ pub fn tiled_prefill(
     let (h_n, d) = (shape.heads, shape.head_dim);
     let group = h_n / shape.kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
-    let seq = sequence_of(l);
+    let seq = l.token_sequences();
     let mut out = vec![0f32; l.num_tokens * h_n * d];
     for t in 0..l.num_tokens {
         let s = seq[t];
-        let pos = l.position(s, t);
+        let pos = l.positions[t] as usize;
         for h in 0..h_n {
             let qh: Vec<f32> = q[(t * h_n + h) * d..][..d]
                 .iter()

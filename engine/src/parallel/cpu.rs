@@ -5,13 +5,12 @@
 //! Wire format of one buffer: `u32` rank count of dims, `u64` per dim, then the f32 values, all
 //! native-endian (both ends are processes of one machine).
 
-use super::Communicator;
+use super::{BusyClock, Communicator};
 use crate::error::{EngineError, Result};
 use candle_core::{DType, Tensor};
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -95,7 +94,7 @@ pub struct CpuCommunicator {
     world: usize,
     /// Rank 0: one link per other rank, in rank order. Other ranks: the link to rank 0.
     links: Mutex<Vec<UnixStream>>,
-    busy_nanos: AtomicU64,
+    busy: BusyClock,
 }
 
 impl CpuCommunicator {
@@ -104,7 +103,7 @@ impl CpuCommunicator {
             rank,
             world,
             links: Mutex::new(links),
-            busy_nanos: AtomicU64::new(0),
+            busy: BusyClock::default(),
         }
     }
 
@@ -150,15 +149,12 @@ impl CpuCommunicator {
     }
 
     fn timed<T>(&self, f: impl FnOnce(&mut Vec<UnixStream>) -> Result<T>) -> Result<T> {
-        let t0 = Instant::now();
-        let mut links = self
-            .links
-            .lock()
-            .map_err(|_| EngineError::Comm("communicator poisoned by an earlier panic".into()))?;
-        let out = f(&mut links);
-        self.busy_nanos
-            .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        out
+        self.busy.time(|| {
+            let mut links = self.links.lock().map_err(|_| {
+                EngineError::Comm("communicator poisoned by an earlier panic".into())
+            })?;
+            f(&mut links)
+        })
     }
 }
 
@@ -227,7 +223,7 @@ impl Communicator for CpuCommunicator {
     }
 
     fn busy_time(&self) -> Duration {
-        Duration::from_nanos(self.busy_nanos.load(Ordering::Relaxed))
+        self.busy.total()
     }
 }
 

@@ -53,6 +53,29 @@ impl Communicator for SingleRank {
     }
 }
 
+/// Time a communicator spent in collectives, summed over calls (its
+/// [`Communicator::busy_time`]).
+#[derive(Debug, Default)]
+pub(crate) struct BusyClock(std::sync::atomic::AtomicU64);
+
+impl BusyClock {
+    /// Runs `f`, adding its wall time.
+    pub(crate) fn time<T>(&self, f: impl FnOnce() -> T) -> T {
+        let t0 = std::time::Instant::now();
+        let out = f();
+        self.0.fetch_add(
+            t0.elapsed().as_nanos() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        out
+    }
+
+    /// The total so far.
+    pub(crate) fn total(&self) -> std::time::Duration {
+        std::time::Duration::from_nanos(self.0.load(std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
 /// The even share of `total` items that `rank` of `world` owns.
 pub fn shard_range(total: usize, rank: usize, world: usize) -> Range<usize> {
     let per = total / world;

@@ -2,16 +2,15 @@
 //! Rank 0 creates the unique id; the launcher hands it to the other ranks of the group.
 //! Collectives run as candle custom ops, so tensors stay on the device.
 
-use super::Communicator;
+use super::{BusyClock, Communicator};
 use crate::error::{EngineError, Result};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
 use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, NcclType, ReduceOp};
 use candle_core::cuda_backend::{CudaDType, CudaDevice};
 use candle_core::{CudaStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The group's NCCL unique id, created by rank 0.
 pub struct NcclCommunicatorId(Id);
@@ -49,7 +48,7 @@ pub struct NcclCommunicator {
     comm: Arc<Comm>,
     rank: usize,
     world: usize,
-    busy_nanos: AtomicU64,
+    busy: BusyClock,
 }
 
 // SAFETY: the NCCL communicator is only used from the worker's forward pass, one collective at
@@ -71,16 +70,8 @@ impl NcclCommunicator {
             comm: Arc::new(comm),
             rank,
             world,
-            busy_nanos: AtomicU64::new(0),
+            busy: BusyClock::default(),
         })
-    }
-
-    fn timed<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
-        let t0 = Instant::now();
-        let out = f();
-        self.busy_nanos
-            .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        out
     }
 }
 
@@ -94,7 +85,7 @@ impl Communicator for NcclCommunicator {
     }
 
     fn all_reduce_sum(&self, x: &Tensor) -> Result<Tensor> {
-        self.timed(|| {
+        self.busy.time(|| {
             let op = Collective {
                 comm: self.comm.clone(),
                 kind: Kind::AllReduceSum,
@@ -104,7 +95,7 @@ impl Communicator for NcclCommunicator {
     }
 
     fn gather_to_root(&self, x: &Tensor, dim: usize) -> Result<Option<Tensor>> {
-        self.timed(|| {
+        self.busy.time(|| {
             let op = Collective {
                 comm: self.comm.clone(),
                 kind: Kind::AllGather(self.world),
@@ -125,7 +116,7 @@ impl Communicator for NcclCommunicator {
     }
 
     fn busy_time(&self) -> Duration {
-        Duration::from_nanos(self.busy_nanos.load(Ordering::Relaxed))
+        self.busy.total()
     }
 }
 

@@ -1,21 +1,15 @@
 //! Logits processors, as the token lists a row's sampling applies where the logits are
 //! (transformers' order: repetition penalty, then no-repeat n-grams and the minimum length).
 
-use std::collections::HashSet;
-
 /// transformers' `RepetitionPenaltyLogitsProcessor` applies to every distinct token in
 /// `history` (none when `penalty` is 1).
 pub fn penalized_tokens(history: &[u32], penalty: f32) -> Vec<u32> {
     if penalty == 1.0 {
         return Vec::new();
     }
-    let mut seen: Vec<u32> = history
-        .iter()
-        .copied()
-        .collect::<HashSet<_>>()
-        .into_iter()
-        .collect();
+    let mut seen = history.to_vec();
     seen.sort_unstable();
+    seen.dedup();
     seen
 }
 

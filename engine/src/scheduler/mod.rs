@@ -112,7 +112,7 @@ impl Entry {
 
     /// Adds the next `take` uncomputed tokens to `batch`; returns whether they reach the end of
     /// the sequence (then its next-token logits are wanted).
-    fn push_chunk(&self, batch: &mut BatchInput, take: usize, block_size: usize) -> bool {
+    fn push_chunk(&self, batch: &mut BatchInput, take: usize) -> bool {
         let tokens = self.state.tokens();
         let wants = self.computed + take == tokens.len();
         let logits = if wants {
@@ -124,7 +124,6 @@ impl Entry {
             &tokens[self.computed..self.computed + take],
             self.computed,
             &self.table,
-            block_size,
             logits,
         );
         wants
@@ -281,7 +280,7 @@ impl<E: Executor> Scheduler<E> {
                 }
                 continue;
             }
-            plan.push((i, take, e.push_chunk(&mut batch, take, bs)));
+            plan.push((i, take, e.push_chunk(&mut batch, take)));
             budget -= take;
             i += 1;
         }
@@ -305,7 +304,7 @@ impl<E: Executor> Scheduler<E> {
                 break;
             }
             e.queue_time.get_or_insert_with(|| e.arrival.elapsed());
-            plan.push((self.running.len(), take, e.push_chunk(&mut batch, take, bs)));
+            plan.push((self.running.len(), take, e.push_chunk(&mut batch, take)));
             self.running.push(e);
             budget -= take;
         }

@@ -1,5 +1,5 @@
 //! The launcher's side of a tensor-parallel group: every step goes to all its workers; rank 0
-//! answers with the logits.
+//! answers with one sampled token per sequence (or the logits rows, when asked for them).
 
 use super::protocol::{
     self, FromWorker, StepOutput, StepRequest, ToWorker, WorkerInit, WorkerReady,

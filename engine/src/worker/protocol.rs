@@ -163,7 +163,7 @@ mod tests {
     #[test]
     fn messages_round_trip_through_frames() {
         let mut batch = BatchInput::default();
-        batch.push_sequence(&[5, 6, 7], 0, &[3], 16, LogitsWanted::Last);
+        batch.push_sequence(&[5, 6, 7], 0, &[3], LogitsWanted::Last);
         let mut buf = Vec::new();
         let step = StepRequest {
             batch,
