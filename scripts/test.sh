@@ -10,7 +10,8 @@ cargo fmt --all --check
 cargo test --workspace --all-targets "$@"
 
 # Python clients, in a venv of their own.
-VENV="${LIFTOFF_CLIENT_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/liftoff/client-venv}"
+. scripts/cache_dir.sh
+VENV="${LIFTOFF_CLIENT_VENV:-$LIFTOFF_CACHE_DIR/client-venv}"
 if ! "$VENV/bin/python" -c "import openai, takeoff_client, pytest" 2>/dev/null; then
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install --quiet --disable-pip-version-check "openai>=1.40,<4" takeoff-client==0.7.0 pytest

@@ -1,13 +1,16 @@
 //! liftoff's engine: Llama-family models with sharded weights, a paged KV cache, and sampling.
 
 pub mod batch;
+pub mod cache_dir;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod gemv;
 pub mod kv_cache;
 pub mod loader;
 pub mod model;
 pub mod parallel;
+pub mod profile;
 pub mod quant;
 pub mod sampling;
 pub mod scheduler;

@@ -14,12 +14,7 @@ pub fn smollm2_gguf() -> PathBuf {
     if let Some(p) = std::env::var_os("LIFTOFF_DEFAULT_MODEL") {
         return PathBuf::from(p);
     }
-    let base = std::env::var_os("LIFTOFF_CACHE")
-        .map(|c| PathBuf::from(c).join("models"))
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/liftoff/models")
-        });
-    let p = base.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let p = liftoff_engine::cache_dir::default_model_file();
     assert!(
         p.is_file(),
         "{} is missing: run scripts/fetch_default_model.sh",

@@ -10,6 +10,7 @@
 //! ops with them (`liftoff kernel-check` runs it on a GPU).
 
 mod attention;
+mod attention_cpu;
 mod cache;
 pub mod check;
 #[cfg(feature = "cuda")]

@@ -25,6 +25,9 @@ enum BenchCommand {
     Run(RunArgs),
     /// Plot one or more result files into a PNG.
     Plot(PlotArgs),
+    /// Measure this machine's limits (read bandwidth, int8 multiply-add peak per kernel
+    /// family, the int8 GEMM's achieved rate) and print them as JSON.
+    Limits,
 }
 
 #[derive(Args, Debug)]
@@ -268,6 +271,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 std::fs::write(out, serde_json::to_string_pretty(&run)?)
                     .with_context(|| format!("writing {}", out.display()))?;
             }
+            Ok(())
+        }
+        BenchCommand::Limits => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&crate::bench_limits::measure())?
+            );
             Ok(())
         }
         BenchCommand::Plot(p) => {

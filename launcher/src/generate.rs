@@ -77,6 +77,10 @@ pub struct GenerateArgs {
     /// Hugging Face token for gated models (also read from HF_TOKEN).
     #[arg(long, env = "TAKEOFF_ACCESS_TOKEN", hide_env_values = true)]
     access_token: Option<String>,
+    /// Print where the time went (per part of the forward pass, summed over steps) to stderr.
+    /// Parts of worker processes (tensor parallel > 1) are not seen here.
+    #[arg(long)]
+    profile: bool,
 }
 
 /// Runs `liftoff generate`.
@@ -125,12 +129,19 @@ pub fn run(args: GenerateArgs, log_level: &str) -> Result<()> {
     let prompt_ids = engine.tokenizer().encode_prompt(&args.prompt, args.chat)?;
     let stream = matches!(args.format, OutputFormat::Text);
     let mut stdout = std::io::stdout().lock();
+    if args.profile {
+        liftoff_engine::profile::enable();
+    }
+    let started = std::time::Instant::now();
     let generation = engine.generate(&prompt_ids, &params, |step| {
         if stream && !step.text.is_empty() {
             let _ = stdout.write_all(step.text.as_bytes());
             let _ = stdout.flush();
         }
     })?;
+    if args.profile {
+        print_profile(started.elapsed().as_secs_f64(), generation.token_ids.len());
+    }
     if stream {
         writeln!(stdout)?;
     } else {
@@ -142,4 +153,29 @@ pub fn run(args: GenerateArgs, log_level: &str) -> Result<()> {
         s.shutdown(std::time::Duration::from_secs(10));
     }
     Ok(())
+}
+
+/// The `--profile` table, on stderr.
+fn print_profile(wall: f64, tokens: usize) {
+    let parts = liftoff_engine::profile::totals();
+    let timed: f64 = parts.iter().map(|p| p.1).sum();
+    let steps = tokens.max(1) as f64;
+    eprintln!("| part | total ms | ms per generated token | share |");
+    eprintln!("| --- | ---: | ---: | ---: |");
+    let row = |name: &str, secs: f64| {
+        eprintln!(
+            "| {name} | {:.1} | {:.3} | {:.1} % |",
+            secs * 1e3,
+            secs * 1e3 / steps,
+            100.0 * secs / wall.max(1e-9)
+        )
+    };
+    for (part, secs) in parts {
+        row(part.name(), secs);
+    }
+    row(
+        "other (scheduling, detokenization, copies)",
+        (wall - timed).max(0.0),
+    );
+    row("total", wall);
 }

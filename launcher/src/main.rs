@@ -1,6 +1,7 @@
 //! `liftoff`: the launcher and command-line interface.
 
 mod bench;
+mod bench_limits;
 mod bench_plot;
 mod config_doc;
 mod generate;

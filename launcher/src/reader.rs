@@ -12,7 +12,7 @@ use liftoff_engine::loader::{ModelPath, WeightFormat};
 use liftoff_engine::model::Llama;
 use liftoff_engine::parallel::SingleRank;
 use liftoff_engine::scheduler::{
-    Executor, LocalExecutor, Scheduler, SchedulerConfig, SchedulerHandle,
+    Executor, LocalExecutor, Scheduler, SchedulerConfig, SchedulerHandle, StepTarget,
 };
 use liftoff_engine::tokenizer::Tokenizer;
 use liftoff_engine::worker::protocol::WorkerInit;
@@ -95,8 +95,15 @@ pub fn start_groups(
             let loaded = LoadedModel::load(opts, &candle_core::Device::Cpu, Arc::new(SingleRank))?;
             max_seq_len = loaded.model.max_seq_len();
             let blocks = loaded.kv_blocks(opts.block_size, kv_budget)?;
+            // In-process replicas share the cores (as worker processes do).
+            let model = if plans.len() > 1 {
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                loaded.model.with_threads((cores / plans.len()).max(1))?
+            } else {
+                loaded.model
+            };
             executors.push(Box::new(LocalExecutor::new(
-                loaded.model,
+                model,
                 blocks,
                 opts.block_size,
             )?));
@@ -161,6 +168,18 @@ fn kv_budget(args: &ServeArgs) -> Result<KvBudget> {
 /// KV-cache memory per rank on the CPU unless configured.
 const DEFAULT_CPU_KV_MIB: u64 = 512;
 
+/// `--max-step-ms`: `auto`, `off`, or milliseconds.
+pub fn parse_max_step(v: &str) -> Result<StepTarget> {
+    match v.trim() {
+        "auto" => Ok(StepTarget::Auto),
+        "off" => Ok(StepTarget::Off),
+        ms => match ms.parse::<u64>() {
+            Ok(n) if n > 0 => Ok(StepTarget::Fixed(Duration::from_millis(n))),
+            _ => bail!("--max-step-ms must be `auto`, `off` or a positive number of milliseconds, not `{v}`"),
+        },
+    }
+}
+
 /// Loads and starts one reader.
 pub fn start(args: &ServeArgs, log_level: &str) -> Result<Reader> {
     if args.max_batch_size == 0 || args.block_size == 0 || args.max_num_batched_tokens == 0 {
@@ -190,6 +209,7 @@ pub fn start(args: &ServeArgs, log_level: &str) -> Result<Reader> {
         max_seq_len,
         enable_prefix_caching: !args.disable_prefix_caching,
         batch_wait: Duration::from_millis(args.batch_duration_millis),
+        max_step: parse_max_step(&args.max_step_ms)?,
     };
     let mut replicas = Vec::new();
     let mut kv_cache_blocks = 0;

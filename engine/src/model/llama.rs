@@ -3,6 +3,7 @@
 //!
 //! [`SingleRank`]: crate::parallel::SingleRank
 
+use super::cpu_ops;
 use super::rope::RotaryEmbedding;
 use crate::batch::BatchInput;
 use crate::config::LlamaConfig;
@@ -13,6 +14,7 @@ use crate::parallel::{
     shard_range, ColumnParallelLinear, Communicator, HeadSharding, ParallelLmHead,
     RowParallelLinear, VocabParallelEmbedding,
 };
+use crate::profile::{time, Part};
 use candle_core::{DType, Device, Tensor};
 use liftoff_kernels::{PagedLayout, SeqSpan};
 use std::sync::Arc;
@@ -35,6 +37,9 @@ impl RmsNorm {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = cpu_ops::rms_norm(x, &self.weight, self.eps)? {
+            return Ok(y);
+        }
         Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps)?)
     }
 }
@@ -100,7 +105,7 @@ impl Attention {
     ) -> Result<Tensor> {
         let tokens = x.dim(0)?;
         let kv_dtype = cache.config().dtype;
-        let parts = self.qkv.forward(x)?;
+        let parts = time(Part::QkvProjection, || self.qkv.forward(x))?;
         let heads = |t: &Tensor, n: usize| -> Result<Tensor> {
             Ok(t.to_dtype(kv_dtype)?
                 .reshape((tokens, n, self.head_dim))?
@@ -109,14 +114,17 @@ impl Attention {
         let q = heads(&parts[0], self.heads)?;
         let k = heads(&parts[1], self.kv_heads)?;
         let v = heads(&parts[2], self.kv_heads)?;
-        rope.apply(&q, layout)?;
-        rope.apply(&k, layout)?;
-        cache.write(layer, &k, &v, layout)?;
-        let out = cache
-            .attention(layer, &q, layout, self.heads)?
-            .reshape((tokens, self.heads * self.head_dim))?
-            .to_dtype(x.dtype())?;
-        self.o.forward(&out)
+        time(Part::RotaryAndKvWrite, || -> Result<()> {
+            rope.apply(&q, layout)?;
+            rope.apply(&k, layout)?;
+            cache.write(layer, &k, &v, layout)
+        })?;
+        let out = time(Part::Attention, || {
+            cache.attention(layer, &q, layout, self.heads)
+        })?
+        .reshape((tokens, self.heads * self.head_dim))?
+        .to_dtype(x.dtype())?;
+        time(Part::OutputProjection, || self.o.forward(&out))
     }
 }
 
@@ -153,9 +161,15 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gu = self.gate_up.forward(x)?;
-        let act = (candle_nn::ops::silu(&gu[0])? * &gu[1])?;
-        self.down.forward(&act)
+        let gu = time(Part::GateUpProjection, || self.gate_up.forward_fused(x))?;
+        let act = time(Part::Activation, || -> Result<Tensor> {
+            if let Some(y) = cpu_ops::silu_mul_halves(&gu)? {
+                return Ok(y);
+            }
+            let parts = self.gate_up.split(&gu)?;
+            Ok((candle_nn::ops::silu(&parts[0])? * &parts[1])?)
+        })?;
+        time(Part::DownProjection, || self.down.forward(&act))
     }
 }
 
@@ -176,13 +190,21 @@ impl DecoderLayer {
         rope: &RotaryEmbedding,
         cache: &KvCache,
     ) -> Result<Tensor> {
-        let h = self
-            .attn
-            .forward(&self.input_norm.forward(x)?, layer, layout, rope, cache)?;
-        let x = (x + h)?;
-        let h = self.mlp.forward(&self.post_attention_norm.forward(&x)?)?;
-        Ok((x + h)?)
+        let normed = time(Part::Norms, || self.input_norm.forward(x))?;
+        let h = self.attn.forward(&normed, layer, layout, rope, cache)?;
+        let x = time(Part::Residuals, || residual(x, &h))?;
+        let normed = time(Part::Norms, || self.post_attention_norm.forward(&x))?;
+        let h = self.mlp.forward(&normed)?;
+        time(Part::Residuals, || residual(&x, &h))
     }
+}
+
+/// `x + h`.
+fn residual(x: &Tensor, h: &Tensor) -> Result<Tensor> {
+    if let Some(y) = cpu_ops::add(x, h)? {
+        return Ok(y);
+    }
+    Ok((x + h)?)
 }
 
 /// A Llama model shard.
@@ -260,12 +282,7 @@ impl Llama {
             max_seq_len.min(cfg.max_position_embeddings).max(1),
             src.device(),
         )?;
-        let pool = rayon::ThreadPoolBuilder::new()
-            .thread_name(|i| format!("liftoff-compute-{i}"))
-            .build()
-            .map_err(|e| {
-                EngineError::InvalidConfig(format!("cannot start compute threads: {e}"))
-            })?;
+        let pool = compute_pool(None)?;
         Ok(Self {
             config: cfg,
             embed,
@@ -339,6 +356,18 @@ impl Llama {
         self.sharding.rank
     }
 
+    /// Runs the model's CPU work on `threads` threads (replicas in one process share the
+    /// cores instead of each starting a pool as large as the machine).
+    pub fn with_threads(mut self, threads: usize) -> Result<Self> {
+        self.pool = Arc::new(compute_pool(Some(threads))?);
+        Ok(self)
+    }
+
+    /// Runs `f` on the model's compute threads (sampling uses them after the forward).
+    pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        self.pool.install(f)
+    }
+
     /// Runs the batch; returns, on rank 0, the logits (`[rows, vocab]`, f32) of the rows
     /// [`BatchInput::logits_rows`] names, and `None` on the other ranks.
     pub fn forward(&self, batch: &BatchInput, cache: &KvCache) -> Result<Option<Tensor>> {
@@ -380,7 +409,7 @@ impl Llama {
             )));
         }
         let layout = paged_layout(batch, cache.config().block_size, &self.device)?;
-        let mut x = self.embed.forward(&batch.token_ids)?;
+        let mut x = time(Part::Embedding, || self.embed.forward(&batch.token_ids))?;
         for (i, layer) in self.layers.iter().enumerate() {
             x = layer.forward(&x, i, &layout, &self.rope, cache)?;
         }
@@ -393,8 +422,19 @@ impl Llama {
         } else {
             x.index_select(&Tensor::new(rows.as_slice(), &self.device)?, 0)?
         };
-        self.lm_head.forward(&self.norm.forward(&x)?)
+        let x = time(Part::Norms, || self.norm.forward(&x))?;
+        time(Part::LmHead, || self.lm_head.forward(&x))
     }
+}
+
+/// The compute pool: `threads`, else rayon's default (`RAYON_NUM_THREADS` or every core).
+fn compute_pool(threads: Option<usize>) -> Result<rayon::ThreadPool> {
+    let mut b = rayon::ThreadPoolBuilder::new().thread_name(|i| format!("liftoff-compute-{i}"));
+    if let Some(n) = threads {
+        b = b.num_threads(n.max(1));
+    }
+    b.build()
+        .map_err(|e| EngineError::InvalidConfig(format!("cannot start compute threads: {e}")))
 }
 
 /// The step's attention metadata (made once, on the model's device, for all layers).

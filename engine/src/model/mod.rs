@@ -1,5 +1,6 @@
 //! Model definitions.
 
+mod cpu_ops;
 pub mod llama;
 pub mod rope;
 

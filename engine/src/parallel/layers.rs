@@ -44,7 +44,17 @@ impl ColumnParallelLinear {
 
     /// `x: [tokens, in]` -> one `[tokens, part_rows]` tensor per fused part.
     pub fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
-        let y = self.linear.forward(x)?;
+        self.split(&self.forward_fused(x)?)
+    }
+
+    /// `x: [tokens, in]` -> `[tokens, sum of part rows]`, the parts side by side.
+    pub fn forward_fused(&self, x: &Tensor) -> Result<Tensor> {
+        self.linear.forward(x)
+    }
+
+    /// Splits a fused output into its parts (views).
+    pub fn split(&self, y: &Tensor) -> Result<Vec<Tensor>> {
+        let y = y.clone();
         if self.part_sizes.len() == 1 {
             return Ok(vec![y]);
         }

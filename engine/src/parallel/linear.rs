@@ -93,7 +93,10 @@ impl Linear {
     /// `x: [tokens, in] -> [tokens, out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
-            Linear::Dense(w) => x.matmul(&w.t()?)?,
+            Linear::Dense(w) => match crate::gemv::try_matmul_t(x, w)? {
+                Some(y) => y,
+                None => x.matmul(&w.t()?)?,
+            },
             Linear::Quantized(q) => q.forward(x)?,
             Linear::Fast(f) => f.forward(x)?,
         })

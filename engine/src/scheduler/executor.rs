@@ -133,7 +133,10 @@ pub fn run_step(
         return Ok(None);
     };
     Ok(Some(match sampling {
-        Some(specs) => StepRows::Sampled(sample(logits, specs)?),
+        Some(specs) => StepRows::Sampled(crate::profile::time(
+            crate::profile::Part::Sampling,
+            || model.install(|| sample(logits, specs)),
+        )?),
         None => StepRows::Logits(logits.to_vec2::<f32>()?),
     }))
 }

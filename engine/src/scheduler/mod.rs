@@ -6,10 +6,12 @@
 mod executor;
 mod handle;
 mod stats;
+mod step_budget;
 
 pub use executor::{run_step, Executor, LocalExecutor, StepRows, StepTiming};
 pub use handle::{SchedulerHandle, SubmitError};
 pub use stats::SchedulerStats;
+pub use step_budget::{StepCostModel, StepTarget, AUTO_FACTOR, MIN_PREFILL_TOKENS};
 
 use crate::batch::{BatchInput, LogitsWanted};
 use crate::kv_cache::{block_hash, BlockManager};
@@ -38,6 +40,8 @@ pub struct SchedulerConfig {
     /// When idle, how long the first request waits for others to batch with it
     /// (Takeoff's batch duration; zero starts at once).
     pub batch_wait: Duration,
+    /// How long a step that decodes may take when prompts are prefilled beside it.
+    pub max_step: StepTarget,
 }
 
 impl Default for SchedulerConfig {
@@ -49,6 +53,7 @@ impl Default for SchedulerConfig {
             max_seq_len: 2048,
             enable_prefix_caching: true,
             batch_wait: Duration::ZERO,
+            max_step: StepTarget::Auto,
         }
     }
 }
@@ -140,6 +145,8 @@ pub struct Scheduler<E: Executor> {
     waiting: VecDeque<Entry>,
     running: Vec<Entry>,
     stats: Arc<SchedulerStats>,
+    /// Learned step cost, for sizing prefill chunks.
+    cost: StepCostModel,
     /// Set when a step failed fatally; the scheduler then serves nothing more.
     failed: Option<String>,
 }
@@ -161,6 +168,7 @@ impl<E: Executor> Scheduler<E> {
             waiting: VecDeque::new(),
             running: Vec::new(),
             stats,
+            cost: StepCostModel::default(),
             failed: None,
         }
     }
@@ -253,18 +261,41 @@ impl<E: Executor> Scheduler<E> {
     }
 
     /// Plans and runs one step. Returns false when there was nothing to do.
+    ///
+    /// Every running sequence that decodes gets its token; prompts (chunks of running ones
+    /// first, then new admissions) share the prefill budget: the token budget, and, when the
+    /// step also decodes, the tokens that fit in the step-time target.
     pub fn step(&mut self) -> bool {
         self.drop_cancelled();
         let bs = self.blocks.block_size();
+        let remaining = |e: &Entry| e.state.total_len() - e.computed;
+        let decode_rows = self
+            .running
+            .iter()
+            .filter(|e| remaining(e) == 1)
+            .count()
+            .min(self.config.max_num_batched_tokens);
         let mut budget = self.config.max_num_batched_tokens;
+        let mut prefill = budget - decode_rows;
+        if let Some(t) = self.cost.prefill_tokens(
+            self.config.max_step,
+            decode_rows,
+            self.config.max_batch_size,
+        ) {
+            prefill = prefill.min(t);
+        }
         let mut batch = BatchInput::default();
         // (index in running, tokens taken, wants logits)
         let mut plan: Vec<(usize, usize, bool)> = Vec::new();
 
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
-            let total = self.running[i].state.total_len();
-            let take = (total - self.running[i].computed).min(budget);
+            let left = remaining(&self.running[i]);
+            let take = if left == 1 { 1 } else { left.min(prefill) };
+            if take == 0 {
+                i += 1;
+                continue;
+            }
             let e = &mut self.running[i];
             if !self.blocks.ensure_capacity(&mut e.table, e.computed + take) {
                 let victim = self.running.len() - 1;
@@ -282,10 +313,13 @@ impl<E: Executor> Scheduler<E> {
             }
             plan.push((i, take, e.push_chunk(&mut batch, take)));
             budget -= take;
+            if left > 1 {
+                prefill -= take;
+            }
             i += 1;
         }
 
-        while budget > 0 && self.running.len() < self.config.max_batch_size {
+        while prefill > 0 && budget > 0 && self.running.len() < self.config.max_batch_size {
             let Some(mut e) = self.waiting.pop_front() else {
                 break;
             };
@@ -297,7 +331,7 @@ impl<E: Executor> Scheduler<E> {
                 e.last_hash = hash;
                 e.table = table;
             }
-            let take = (tokens.len() - e.computed).min(budget);
+            let take = (tokens.len() - e.computed).min(prefill).min(budget);
             if !self.blocks.ensure_capacity(&mut e.table, e.computed + take) {
                 e.release_blocks(&mut self.blocks);
                 self.waiting.push_front(e);
@@ -307,6 +341,7 @@ impl<E: Executor> Scheduler<E> {
             plan.push((self.running.len(), take, e.push_chunk(&mut batch, take)));
             self.running.push(e);
             budget -= take;
+            prefill -= take;
         }
 
         if plan.is_empty() {
@@ -320,7 +355,11 @@ impl<E: Executor> Scheduler<E> {
             .collect();
         let t0 = Instant::now();
         let result = self.executor.execute(&batch, &specs);
-        self.stats.record_step(batch.num_tokens(), t0.elapsed());
+        let took = t0.elapsed();
+        self.stats.record_step(batch.num_tokens(), took);
+        if result.is_ok() {
+            self.cost.observe(batch.num_tokens(), took);
+        }
         if let Some(t) = self.executor.last_timing() {
             self.stats.record_timing(t);
         }

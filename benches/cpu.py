@@ -1,0 +1,249 @@
+#!/usr/bin/env python3
+"""The CPU benchmark (issue: speed), one run on an idle machine:
+
+1. the machine's limits (`liftoff bench limits`: read bandwidth, int8 multiply-add peak, the
+   int8 GEMM's achieved rate);
+2. prompt (512 tokens) and decode (128 tokens) speed, liftoff (`generate --format json`) and
+   llama.cpp's llama-server (its own `timings`), same GGUF, same prompt text, runs alternated;
+3. serving at concurrency 1, 4, 16, 32 with `liftoff bench run` against `liftoff serve` and
+   `llama-server --parallel N` (N = 16 for concurrency up to 16, 32 for 32);
+
+each repeated `--runs` times, medians reported, liftoff's figures also as a fraction of the
+machine's limit. Writes docs/bench/cpu.json, the plot, and the tables between the markers in
+docs/benchmarks.md.
+
+Usage: benches/cpu.py --liftoff BIN --llama-server BIN --model GGUF [--runs 3]
+"""
+import argparse, datetime, json, os, re, statistics, subprocess, sys, time, urllib.request
+
+# SmolLM2-135M (the default GGUF): multiply-adds per token of the layers' linears
+# (30 x (576x960 qkv + 576x576 o + 576x3072 gate/up + 1536x576 down)) and of the LM head.
+LAYER_MACS = 30 * (576 * 960 + 576 * 576 + 576 * 3072 + 1536 * 576)
+HEAD_MACS = 576 * 49152
+MARK_BEGIN, MARK_END = "<!-- benches/cpu.py: begin -->", "<!-- benches/cpu.py: end -->"
+
+TEXT = (
+    "The history of computing is a story of abstraction. Early machines were programmed by rewiring "
+    "panels; then came stored programs, assemblers and compilers that let people describe what they "
+    "wanted instead of how the hardware should do it. Operating systems hid the details of devices, "
+    "networks hid the distance between machines, and databases hid the layout of records on disk. "
+)
+
+
+def post(url, body, timeout=600):
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def wait_health(url, proc, secs=180):
+    t = time.time()
+    while time.time() - t < secs:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except Exception:
+            time.sleep(0.5)
+    raise SystemExit(f"{url} did not become healthy")
+
+
+def stop(proc):
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def median(xs):
+    xs = list(xs)
+    if not xs or any(x is None or x != x or x in (float("inf"), float("-inf")) for x in xs):
+        raise SystemExit(f"a measurement is missing or not finite: {xs}")
+    return statistics.median(xs)
+
+
+def llama_server(binary, model, parallel, port, threads):
+    args = [binary, "-m", model, "-t", str(threads), "-c", str(512 * max(parallel, 8)), "--parallel", str(parallel),
+            "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_health(f"http://127.0.0.1:{port}/health", proc)
+    return proc
+
+
+def prompt_of(port, n):
+    """A text of exactly `n` tokens (llama.cpp's tokenizer equals liftoff's, see MODELS.md)."""
+    ids = post(f"http://127.0.0.1:{port}/tokenize", {"content": TEXT * 40})["tokens"][:n]
+    return post(f"http://127.0.0.1:{port}/detokenize", {"tokens": ids})["content"]
+
+
+def single_stream(a, prompt, new_tokens):
+    srv = llama_server(a.llama_server, a.model, 1, a.port, a.threads)
+    rows = {"liftoff": [], "llama.cpp": []}
+    try:
+        def llama():
+            r = post(f"http://127.0.0.1:{a.port}/completion", {"prompt": prompt, "n_predict": new_tokens,
+                                                                 "temperature": 0, "ignore_eos": True, "cache_prompt": False})
+            t = r["timings"]
+            return {"prompt_tokens": t["prompt_n"], "prompt_tok_s": t["prompt_per_second"],
+                    "decode_tok_s": t["predicted_per_second"]}
+
+        def liftoff():
+            out = subprocess.run([a.liftoff, "generate", "--model", a.model, "--prompt", prompt, "--temperature", "0",
+                                  "--max-new-tokens", str(new_tokens), "--ignore-eos", "--format", "json"],
+                                 capture_output=True, text=True, check=True)
+            v = json.loads(out.stdout)
+            return {"prompt_tokens": len(v["prompt_token_ids"]), "prompt_tok_s": v["prompt_tokens_per_s"],
+                    "decode_tok_s": v["decode_tokens_per_s"]}
+
+        llama(), liftoff()  # warm-up: page cache, first touch
+        for _ in range(a.runs):
+            rows["llama.cpp"].append(llama())
+            rows["liftoff"].append(liftoff())
+    finally:
+        stop(srv)
+    return rows
+
+
+def serving(a, out_dir):
+    levels = [1, 4, 16, 32]
+    runs = {"liftoff": [], "llama.cpp": []}
+    for i in range(a.runs):
+        srv = subprocess.Popen([a.liftoff, "serve", "--model", a.model, "--host", "127.0.0.1", "--port", str(a.port),
+                                "--management-port", str(a.port + 1), "--max-batch-size", "32"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_health(f"http://127.0.0.1:{a.port}/health", srv)
+            path = f"{out_dir}/cpu_serving_liftoff_{i}.json"
+            subprocess.run([a.liftoff, "bench", "run", "--url", f"http://127.0.0.1:{a.port}", "--label", "liftoff",
+                            "--concurrency", ",".join(map(str, levels)), "--out", path], check=True)
+            runs["liftoff"].append(json.load(open(path)))
+        finally:
+            stop(srv)
+        parts = []
+        for parallel, lv in ((16, [c for c in levels if c <= 16]), (32, [32])):
+            srv = llama_server(a.llama_server, a.model, parallel, a.port + 2, a.threads)
+            try:
+                path = f"{out_dir}/cpu_serving_llamacpp_{i}_p{parallel}.json"
+                subprocess.run([a.liftoff, "bench", "run", "--url", f"http://127.0.0.1:{a.port + 2}",
+                                "--label", "llama.cpp llama-server", "--concurrency", ",".join(map(str, lv)),
+                                "--out", path], check=True)
+                parts.append(json.load(open(path)))
+            finally:
+                stop(srv)
+        merged = dict(parts[0])
+        merged["levels"] = [l for p in parts for l in p["levels"]]
+        runs["llama.cpp"].append(merged)
+    return levels, runs
+
+
+def level_medians(runs, c):
+    ls = [next(l for l in r["levels"] if l["concurrency"] == c) for r in runs]
+    return {
+        "output_tok_s": median(l["output_tokens_per_s"] for l in ls),
+        "ttft_p50": median(l["ttft_ms"]["p50"] for l in ls),
+        "itl_p50": median(l["itl_ms"]["p50"] for l in ls),
+        "itl_p99": median(l["itl_ms"]["p99"] for l in ls),
+        "failed": sum(l["failed"] for l in ls),
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--liftoff", required=True)
+    ap.add_argument("--llama-server", required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--port", type=int, default=18300)
+    ap.add_argument("--out-dir", default="docs/bench")
+    ap.add_argument("--doc", default="docs/benchmarks.md")
+    a = ap.parse_args()
+    os.makedirs(a.out_dir, exist_ok=True)
+
+    limits = json.loads(subprocess.run([a.liftoff, "bench", "limits"], capture_output=True, text=True, check=True).stdout)
+    srv = llama_server(a.llama_server, a.model, 1, a.port, a.threads)
+    try:
+        prompt = prompt_of(a.port, 512)
+    finally:
+        stop(srv)
+    single = single_stream(a, prompt, 128)
+    levels, serve = serving(a, a.out_dir)
+    subprocess.run([a.liftoff, "bench", "plot", f"{a.out_dir}/cpu_serving_liftoff_0.json",
+                    f"{a.out_dir}/cpu_serving_llamacpp_0_p16.json", "--out", f"{a.out_dir}/cpu_serving.png"], check=True)
+
+    bw = limits["read_bandwidth_bytes_per_s"]
+    isa = limits["detected_isa"]
+    fam = next(k for k in limits["kernels"] if k["isa"] == isa)
+    peak = fam.get("int8_peak_macs_per_s") or float("nan")
+    model_bytes = os.path.getsize(a.model)
+    s = {e: {k: median(r[k] for r in rs) for k in ("prompt_tokens", "prompt_tok_s", "decode_tok_s")} for e, rs in single.items()}
+    sv = {e: {c: level_medians(rs, c) for c in levels} for e, rs in serve.items()}
+    result = {"date": datetime.date.today().isoformat(), "limits": limits, "model_bytes": model_bytes,
+              "single_stream_runs": single, "single_stream": s, "serving": sv, "runs": a.runs}
+    json.dump(result, open(f"{a.out_dir}/cpu.json", "w"), indent=1)
+
+    lo, lc = s["liftoff"], s["llama.cpp"]
+    out = []
+    w = out.append
+    w(MARK_BEGIN)
+    w(f"Measured {result['date']} by `benches/cpu.sh` on **{limits['cpu']}**, {limits['threads']} threads, "
+      f"flags {', '.join(limits['flags'])}; liftoff's kernels: `{isa}`. Median of {a.runs} runs, liftoff and "
+      f"llama.cpp alternated in one session on an idle machine. Raw data: `docs/bench/cpu.json`.")
+    w("")
+    w("**The machine's limits** (`liftoff bench limits`):")
+    w("")
+    w("| limit | value |")
+    w("| --- | ---: |")
+    w(f"| memory read bandwidth, all threads | {bw / 1e9:.1f} GB/s |")
+    for k in limits["kernels"]:
+        if not k["available"]:
+            w(f"| {k['isa']} | not on this CPU |")
+            continue
+        pk = k.get("int8_peak_macs_per_s")
+        w(f"| {k['isa']}: int8 multiply-add peak (register loop) | {pk / 1e9:.0f} G/s |" if pk else
+          f"| {k['isa']}: int8 multiply-add peak | - |")
+        w(f"| {k['isa']}: Q4_1 GEMM 512x1536x576 achieved | {k['gemm_q4_1_512x1536x576_macs_per_s'] / 1e9:.0f} G/s |")
+    w("")
+    w(f"**Single stream** (prompt of {lo['prompt_tokens']:.0f} tokens for liftoff, {lc['prompt_tokens']:.0f} for llama.cpp; "
+      f"128 tokens decoded, greedy, EOS ignored):")
+    w("")
+    w("| measure | liftoff | llama.cpp | ratio | liftoff vs the machine's limit |")
+    w("| --- | ---: | ---: | ---: | --- |")
+    pp_bound = peak / LAYER_MACS
+    dec_bound = bw / model_bytes
+    w(f"| prompt tok/s | {lo['prompt_tok_s']:.1f} | {lc['prompt_tok_s']:.1f} | **{lo['prompt_tok_s'] / lc['prompt_tok_s']:.2f}x** | "
+      f"{100 * lo['prompt_tok_s'] / pp_bound:.0f} % of the int8 peak ({pp_bound:.0f} tok/s at {LAYER_MACS / 1e6:.0f} M multiply-adds per token) |")
+    w(f"| decode tok/s | {lo['decode_tok_s']:.1f} | {lc['decode_tok_s']:.1f} | **{lo['decode_tok_s'] / lc['decode_tok_s']:.2f}x** | "
+      f"{100 * lo['decode_tok_s'] / dec_bound:.0f} % of the bandwidth bound ({dec_bound:.0f} tok/s: the {model_bytes / 1e6:.0f} MB file once per token) |")
+    w("")
+    w("**Serving** (`liftoff bench run`: ~100-token prompts, 64 new tokens, EOS ignored; llama-server "
+      "`--parallel 16` up to concurrency 16, `--parallel 32` at 32; liftoff `--max-batch-size 32`):")
+    w("")
+    w("| concurrency | liftoff tok/s | llama.cpp tok/s | ratio | liftoff ITL p50 / p99 ms | p99/p50 | llama.cpp ITL p50 / p99 ms | TTFT p50 liftoff / llama.cpp ms | liftoff vs compute bound | failed |")
+    w("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for c in levels:
+        L, C = sv["liftoff"][c], sv["llama.cpp"][c]
+        # Every output token costs the layers and the LM head; prompts (~100 tokens) the layers.
+        bound = peak / (LAYER_MACS + HEAD_MACS + 100 / 64 * LAYER_MACS)
+        w(f"| {c} | {L['output_tok_s']:.1f} | {C['output_tok_s']:.1f} | **{L['output_tok_s'] / C['output_tok_s']:.2f}x** | "
+          f"{L['itl_p50']:.1f} / {L['itl_p99']:.1f} | {L['itl_p99'] / L['itl_p50']:.2f} | {C['itl_p50']:.1f} / {C['itl_p99']:.1f} | "
+          f"{L['ttft_p50']:.0f} / {C['ttft_p50']:.0f} | {100 * L['output_tok_s'] / bound:.0f} % | {L['failed']} / {C['failed']} |")
+    w("")
+    w("![liftoff and llama-server against concurrency](bench/cpu_serving.png)")
+    w(MARK_END)
+    section = "\n".join(out)
+    doc = open(a.doc).read()
+    if MARK_BEGIN in doc:
+        doc = re.sub(re.escape(MARK_BEGIN) + ".*?" + re.escape(MARK_END), lambda _: section, doc, flags=re.S)
+    else:
+        doc += "\n## CPU speed against llama.cpp (benches/cpu.sh)\n\n" + section + "\n"
+    open(a.doc, "w").write(doc)
+    print(section)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+//! Element-wise steps of the forward pass (RMS norm, SiLU(gate) * up, residual add) for f32
+//! CPU tensors, fused into one pass each. candle runs each of these as one or two parallel
+//! regions; at decode sizes (a few rows of 576 values) waking the pool costs more than the
+//! work, so small inputs run on the calling thread and large ones split rows over rayon.
+//! Other dtypes and devices return `None` and the caller uses candle.
+
+use candle_core::{CpuStorage, DType, Storage, Tensor};
+use rayon::prelude::*;
+
+/// Below this many values an op runs on the calling thread.
+const PARALLEL_FROM: usize = 1 << 15;
+
+/// The values of a contiguous f32 CPU tensor.
+fn f32_values(t: &Tensor) -> Option<Vec<f32>> {
+    if t.dtype() != DType::F32 || !t.device().is_cpu() {
+        return None;
+    }
+    let (storage, layout) = t.storage_and_layout();
+    let (start, end) = layout.contiguous_offsets()?;
+    match &*storage {
+        Storage::Cpu(CpuStorage::F32(v)) => Some(v[start..end].to_vec()),
+        _ => None,
+    }
+}
+
+/// Applies `f` to every `row`-long chunk of `out` with its index.
+fn for_rows(out: &mut [f32], row: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
+    if out.len() >= PARALLEL_FROM {
+        out.par_chunks_mut(row)
+            .enumerate()
+            .for_each(|(i, r)| f(i, r));
+    } else {
+        out.chunks_mut(row).enumerate().for_each(|(i, r)| f(i, r));
+    }
+}
+
+/// `x / rms(x) * weight` over the last dimension.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> candle_core::Result<Option<Tensor>> {
+    let (Some(mut v), Some(w)) = (f32_values(x), f32_values(weight)) else {
+        return Ok(None);
+    };
+    let dim = w.len();
+    if dim == 0 || x.dims().last() != Some(&dim) {
+        return Ok(None);
+    }
+    for_rows(&mut v, dim, |_, r| {
+        let ms = r.iter().map(|a| a * a).sum::<f32>() / dim as f32;
+        let inv = 1.0 / (ms + eps).sqrt();
+        for (a, g) in r.iter_mut().zip(&w) {
+            *a = *a * inv * g;
+        }
+    });
+    Ok(Some(Tensor::from_vec(v, x.shape(), x.device())?))
+}
+
+/// `silu(gate) * up` of a fused `[rows, 2 * half]` gate/up output: `[rows, half]`.
+pub fn silu_mul_halves(gu: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    let Some(v) = f32_values(gu) else {
+        return Ok(None);
+    };
+    let Ok((rows, width)) = gu.dims2() else {
+        return Ok(None);
+    };
+    let half = width / 2;
+    if half == 0 || width % 2 != 0 {
+        return Ok(None);
+    }
+    let mut out = vec![0f32; rows * half];
+    for_rows(&mut out, half, |i, r| {
+        let (g, u) = v[i * width..(i + 1) * width].split_at(half);
+        for ((o, a), b) in r.iter_mut().zip(g).zip(u) {
+            *o = a / (1.0 + (-a).exp()) * b;
+        }
+    });
+    Ok(Some(Tensor::from_vec(out, (rows, half), gu.device())?))
+}
+
+/// `a + b`, same shapes.
+pub fn add(a: &Tensor, b: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    if a.dims() != b.dims() {
+        return Ok(None);
+    }
+    let (Some(mut x), Some(y)) = (f32_values(a), f32_values(b)) else {
+        return Ok(None);
+    };
+    let row = *a.dims().last().unwrap_or(&1).max(&1);
+    for_rows(&mut x, row, |i, r| {
+        for (p, q) in r.iter_mut().zip(&y[i * row..]) {
+            *p += q;
+        }
+    });
+    Ok(Some(Tensor::from_vec(x, a.shape(), a.device())?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn t(rows: usize, cols: usize, seed: u32) -> Tensor {
+        let v: Vec<f32> = (0..rows * cols)
+            .map(|i| {
+                ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 1000) as f32 / 250.0 - 2.0
+            })
+            .collect();
+        Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
+    }
+
+    fn close(a: &Tensor, b: &Tensor, tol: f32) {
+        let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(&b) {
+            assert!(x.is_finite() && (x - y).abs() <= tol, "{x} vs candle {y}");
+        }
+    }
+
+    /// Against candle's ops (independent implementations), below and above the parallel size.
+    #[test]
+    fn match_candle() {
+        for rows in [1, 3, 200] {
+            let (x, y) = (t(rows, 576, 1), t(rows, 576, 7));
+            let w = t(1, 576, 3).squeeze(0).unwrap();
+            close(
+                &rms_norm(&x, &w, 1e-5).unwrap().unwrap(),
+                &candle_nn::ops::rms_norm(&x, &w, 1e-5).unwrap(),
+                1e-5,
+            );
+            let want = (candle_nn::ops::silu(&x).unwrap() * &y).unwrap();
+            let fused = Tensor::cat(&[&x, &y], 1).unwrap();
+            close(&silu_mul_halves(&fused).unwrap().unwrap(), &want, 1e-5);
+            close(&add(&x, &y).unwrap().unwrap(), &(&x + &y).unwrap(), 0.0);
+        }
+        // Not f32: candle's turn.
+        let h = t(2, 64, 1).to_dtype(DType::BF16).unwrap();
+        assert!(add(&h, &h).unwrap().is_none());
+    }
+}

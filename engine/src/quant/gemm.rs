@@ -1,0 +1,291 @@
+//! The int8 GEMM driver: `out[m, n] = acts[m, k] · W[n, k]ᵀ` over a packed matrix.
+//!
+//! Work is split over the rayon pool by panels of output rows, one contiguous range per thread
+//! (one synchronisation per matmul). Each thread walks its panels once per chunk of
+//! [`ACT_CHUNK`] activation rows: the chunk (a few tens of KB) stays in L2 while a panel (a few
+//! KB) is reused from L1 by every tile of [`MAX_ACTS`] activation rows, so at decode sizes the
+//! weights stream from memory once per step for the whole batch.
+
+use super::activation::BlockQ8;
+use super::isa::Isa;
+use super::microkernel::{tile, MAX_ACTS};
+use super::packed::{PackedMatrix, PANEL};
+use rayon::prelude::*;
+
+/// Activation rows per cache block.
+pub const ACT_CHUNK: usize = 64;
+
+/// The output buffer, written by disjoint column ranges from several threads.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: every task writes only the columns of its own panels (see `gemm`).
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// The element at `i` (a method, so closures capture the whole `Send` wrapper).
+    fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
+/// `acts` holds `m` rows of `w.blocks_per_row()` blocks; returns `[m, n]` row-major.
+pub fn gemm(w: &PackedMatrix, acts: &[BlockQ8], m: usize, isa: Isa) -> Vec<f32> {
+    let (n, nb) = (w.n(), w.blocks_per_row());
+    assert_eq!(acts.len(), m * nb, "activations do not hold {m} rows");
+    let mut out = vec![0f32; m * n];
+    if m == 0 || n == 0 {
+        return out;
+    }
+    let panels = w.panels();
+    let tasks = rayon::current_num_threads().clamp(1, panels);
+    let per_task = panels.div_ceil(tasks);
+    let ptr = OutPtr(out.as_mut_ptr());
+    (0..tasks).into_par_iter().for_each(|t| {
+        let range = t * per_task..((t + 1) * per_task).min(panels);
+        for a0 in (0..m).step_by(ACT_CHUNK) {
+            let a_end = (a0 + ACT_CHUNK).min(m);
+            for p in range.clone() {
+                let panel = w.panel(p);
+                let col = p * PANEL;
+                let cols = PANEL.min(n - col);
+                let row = |a: usize| &acts[a * nb..(a + 1) * nb];
+                let store = |a: usize, vals: &[f32; PANEL]| {
+                    // SAFETY: `a < m` and `col + cols <= n`, so the write is inside `out`; no
+                    // other task owns panel `p`'s columns.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(vals.as_ptr(), ptr.at(a * n + col), cols)
+                    }
+                };
+                let mut a = a0;
+                while a + MAX_ACTS <= a_end {
+                    let r = tile::<4>(
+                        isa,
+                        w.kind(),
+                        panel,
+                        nb,
+                        [row(a), row(a + 1), row(a + 2), row(a + 3)],
+                    );
+                    r.iter().enumerate().for_each(|(j, v)| store(a + j, v));
+                    a += MAX_ACTS;
+                }
+                match a_end - a {
+                    3 => {
+                        let r =
+                            tile::<3>(isa, w.kind(), panel, nb, [row(a), row(a + 1), row(a + 2)]);
+                        r.iter().enumerate().for_each(|(j, v)| store(a + j, v));
+                    }
+                    2 => {
+                        let r = tile::<2>(isa, w.kind(), panel, nb, [row(a), row(a + 1)]);
+                        r.iter().enumerate().for_each(|(j, v)| store(a + j, v));
+                    }
+                    1 => store(a, &tile::<1>(isa, w.kind(), panel, nb, [row(a)])[0]),
+                    _ => {}
+                }
+            }
+        }
+    });
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::activation::{quantize_rows, QK};
+    use super::super::packed::{WeightKind, Q4_1_BYTES, Q8_0_BYTES};
+    use super::super::reference::reference_dot;
+    use super::*;
+    use half::f16;
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            self.0 >> 33
+        }
+        fn f(&mut self) -> f32 {
+            (self.next() as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+        }
+    }
+
+    /// How a generated matrix's bytes look.
+    #[derive(Clone, Copy, Debug)]
+    enum Fill {
+        Random,
+        /// Extreme integers: nibbles 15 / bytes ±127 and -128, large scales.
+        Extreme,
+        /// Zero scales on every other block.
+        ZeroScales,
+        /// Every row the same.
+        EqualRows,
+    }
+
+    fn ggml_matrix(kind: WeightKind, n: usize, k: usize, fill: Fill, rng: &mut Rng) -> Vec<u8> {
+        let gb = kind.ggml_block_bytes();
+        let nb = k / QK;
+        let mut first_row = Vec::new();
+        let mut data = Vec::with_capacity(n * nb * gb);
+        for row in 0..n {
+            if matches!(fill, Fill::EqualRows) && row > 0 {
+                data.extend_from_slice(&first_row);
+                continue;
+            }
+            let start = data.len();
+            for b in 0..nb {
+                let zero = matches!(fill, Fill::ZeroScales) && b % 2 == 1;
+                let extreme = matches!(fill, Fill::Extreme);
+                let scale = |rng: &mut Rng| {
+                    if zero {
+                        0.0
+                    } else if extreme {
+                        if rng.next().is_multiple_of(2) {
+                            60000.0
+                        } else {
+                            -60000.0
+                        }
+                    } else {
+                        rng.f() * 0.05
+                    }
+                };
+                let d = f16::from_f32(scale(rng)).to_bits().to_le_bytes();
+                data.extend_from_slice(&d);
+                match kind {
+                    WeightKind::Q4_1 => {
+                        let m = f16::from_f32(scale(rng)).to_bits().to_le_bytes();
+                        data.extend_from_slice(&m);
+                        for _ in 0..16 {
+                            data.push(if extreme { 0xFF } else { rng.next() as u8 });
+                        }
+                    }
+                    WeightKind::Q8_0 => {
+                        for i in 0..32 {
+                            let v = if extreme {
+                                [127i8, -127, -128][(i + b) % 3]
+                            } else {
+                                rng.next() as i8
+                            };
+                            data.push(v as u8);
+                        }
+                    }
+                }
+            }
+            if row == 0 {
+                first_row = data[start..].to_vec();
+            }
+        }
+        assert_eq!(data.len(), n * nb * gb);
+        data
+    }
+
+    fn activations(m: usize, k: usize, fill: Fill, rng: &mut Rng) -> Vec<f32> {
+        (0..m * k)
+            .map(|i| match fill {
+                // Every block's extreme value maps to ±127.
+                Fill::Extreme => {
+                    if i % 3 == 0 {
+                        -3.0
+                    } else {
+                        3.0
+                    }
+                }
+                Fill::ZeroScales if (i / QK) % 3 == 1 => 0.0,
+                _ => rng.f() * 4.0,
+            })
+            .collect()
+    }
+
+    fn check(kind: WeightKind, n: usize, k: usize, m: usize, fill: Fill, isa: Isa, seed: u64) {
+        let mut rng = Rng(seed);
+        let ggml = ggml_matrix(kind, n, k, fill, &mut rng);
+        let packed = PackedMatrix::pack(kind, &ggml, n, k);
+        let acts = quantize_rows(&activations(m, k, fill, &mut rng), k);
+        let out = gemm(&packed, &acts, m, isa);
+        let (nb, gb) = (k / QK, kind.ggml_block_bytes());
+        let mut nonzero = 0;
+        for a in 0..m {
+            for r in 0..n {
+                let want = reference_dot(
+                    kind,
+                    &ggml[r * nb * gb..(r + 1) * nb * gb],
+                    &acts[a * nb..(a + 1) * nb],
+                );
+                let got = out[a * n + r];
+                assert!(
+                    want.to_bits() == got.to_bits() || (want.is_nan() && got.is_nan()),
+                    "{kind:?} {} {fill:?} n={n} k={k} m={m}: out[{a}][{r}] = {got:e}, reference {want:e}",
+                    isa.name()
+                );
+                nonzero += (got != 0.0) as usize;
+            }
+        }
+        // Guards against comparing two all-zero outputs.
+        assert!(
+            nonzero > m * n / 4,
+            "{kind:?} {fill:?}: only {nonzero} nonzero outputs"
+        );
+    }
+
+    /// Every family this CPU has, against the reference; prints the ones it lacks.
+    fn for_each_isa(f: impl Fn(Isa)) {
+        for isa in Isa::ALL {
+            if isa.available() {
+                f(isa);
+            } else {
+                println!(
+                    "skipped: the {} kernels (this CPU lacks the instructions)",
+                    isa.name()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn every_kernel_equals_the_reference_bit_for_bit() {
+        for_each_isa(|isa| {
+            for kind in [WeightKind::Q4_1, WeightKind::Q8_0] {
+                let shapes = [
+                    (8, 32, 1),
+                    (13, 64, 3),
+                    (40, 96, 5),
+                    (130, 256, 7),
+                    (64, 576, 70),
+                ];
+                for (i, &(n, k, m)) in shapes.iter().enumerate() {
+                    for fill in [
+                        Fill::Random,
+                        Fill::Extreme,
+                        Fill::ZeroScales,
+                        Fill::EqualRows,
+                    ] {
+                        check(kind, n, k, m, fill, isa, 7 + i as u64);
+                    }
+                }
+            }
+        });
+    }
+
+    #[test]
+    fn nan_and_infinite_scales_propagate() {
+        // A NaN scale in the file must show up as NaN, not be hidden by the kernels.
+        for_each_isa(|isa| {
+            let kind = WeightKind::Q8_0;
+            let (n, k) = (8, 64);
+            let mut ggml = ggml_matrix(kind, n, k, Fill::Random, &mut Rng(3));
+            ggml[0..2].copy_from_slice(&f16::NAN.to_bits().to_le_bytes());
+            let packed = PackedMatrix::pack(kind, &ggml, n, k);
+            let acts = quantize_rows(&activations(1, k, Fill::Random, &mut Rng(4)), k);
+            let out = gemm(&packed, &acts, 1, isa);
+            assert!(out[0].is_nan(), "{}: {}", isa.name(), out[0]);
+            assert!(out[1..].iter().all(|v| v.is_finite()));
+        });
+    }
+
+    #[test]
+    fn block_sizes_match_ggml() {
+        assert_eq!(WeightKind::Q4_1.ggml_block_bytes(), Q4_1_BYTES);
+        assert_eq!(WeightKind::Q8_0.ggml_block_bytes(), Q8_0_BYTES);
+        assert_eq!(WeightKind::Q4_1.panel_block_bytes(), PANEL * Q4_1_BYTES);
+    }
+}

@@ -1,0 +1,199 @@
+//! Latency-aware chunked prefill (Sarathi-Serve's stall-free batching): the prefill tokens
+//! added to a step that also decodes are bounded by time, not by a fixed count. A step's cost
+//! is learned online as `t = c0 + c1 * tokens` from recent steps, and each mixed step gets as
+//! many prefill tokens as fit in the target step time.
+
+use std::time::Duration;
+
+/// The step-time target.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum StepTarget {
+    /// `AUTO_FACTOR` times the predicted time of a full decode step (`max_batch_size` rows, or
+    /// the step's decode rows if more): a mixed step is never much slower than the decode steps
+    /// of a full batch, and while few sequences decode, prompts get the room a full batch would
+    /// take.
+    Auto,
+    /// A fixed bound on a mixed step's time.
+    Fixed(Duration),
+    /// No time bound: prefill chunks are limited by the token budget only.
+    Off,
+}
+
+/// How much longer than a full decode step an automatic mixed step may take.
+pub const AUTO_FACTOR: f64 = 1.4;
+
+/// Prefill tokens a mixed step always gets while a prompt waits, so prompts make progress
+/// even when the target leaves no room.
+pub const MIN_PREFILL_TOKENS: usize = 8;
+
+/// Prefill tokens per mixed step before any step has been timed.
+const COLD_PREFILL_TOKENS: usize = 64;
+
+/// Forgetting factor of the cost fit (per step): recent steps count most.
+const DECAY: f64 = 0.97;
+
+/// Exponentially weighted least-squares fit of step time against tokens.
+#[derive(Debug, Clone, Default)]
+pub struct StepCostModel {
+    w: f64,
+    sx: f64,
+    sy: f64,
+    sxx: f64,
+    sxy: f64,
+}
+
+impl StepCostModel {
+    /// Records a step of `tokens` tokens that took `took`.
+    pub fn observe(&mut self, tokens: usize, took: Duration) {
+        let (x, y) = (tokens as f64, took.as_secs_f64());
+        if tokens == 0 || !y.is_finite() {
+            return;
+        }
+        self.w = self.w * DECAY + 1.0;
+        self.sx = self.sx * DECAY + x;
+        self.sy = self.sy * DECAY + y;
+        self.sxx = self.sxx * DECAY + x * x;
+        self.sxy = self.sxy * DECAY + x * y;
+    }
+
+    /// `(c0, c1)`: fixed seconds per step and seconds per token; `None` before any step.
+    pub fn coefficients(&self) -> Option<(f64, f64)> {
+        if self.w <= 0.0 {
+            return None;
+        }
+        let (mx, my) = (self.sx / self.w, self.sy / self.w);
+        let var = self.sxx / self.w - mx * mx;
+        let per_token_avg = my / mx.max(1.0);
+        // Too little spread in step sizes for a slope: treat the cost as proportional.
+        if var < 1.0 {
+            return Some((0.0, per_token_avg));
+        }
+        let slope = (self.sxy / self.w - mx * my) / var;
+        if !slope.is_finite() || slope <= 0.0 {
+            return Some((0.0, per_token_avg));
+        }
+        let c0 = (my - slope * mx).max(0.0);
+        Some((c0, slope))
+    }
+
+    /// Predicted time of a step of `tokens` tokens.
+    pub fn predict(&self, tokens: usize) -> Option<Duration> {
+        let (c0, c1) = self.coefficients()?;
+        Some(Duration::from_secs_f64(c0 + c1 * tokens as f64))
+    }
+
+    /// Prefill tokens that a step with `decode_rows` decode rows may add under `target`, for a
+    /// scheduler that runs at most `full_rows` sequences; `None` means no time bound (only the
+    /// token budget applies).
+    pub fn prefill_tokens(
+        &self,
+        target: StepTarget,
+        decode_rows: usize,
+        full_rows: usize,
+    ) -> Option<usize> {
+        if decode_rows == 0 || target == StepTarget::Off {
+            // A lone prompt (or a batch of prompts only) prefills at full speed.
+            return None;
+        }
+        let Some((c0, c1)) = self.coefficients() else {
+            return Some(COLD_PREFILL_TOKENS);
+        };
+        let decode = c0 + c1 * decode_rows as f64;
+        let limit = match target {
+            StepTarget::Auto => (c0 + c1 * decode_rows.max(full_rows) as f64) * AUTO_FACTOR,
+            StepTarget::Fixed(d) => d.as_secs_f64(),
+            StepTarget::Off => unreachable!("handled above"),
+        };
+        let room = ((limit - decode) / c1).floor();
+        let tokens = if room.is_finite() && room > 0.0 {
+            room.min(1e9) as usize
+        } else {
+            0
+        };
+        Some(tokens.max(MIN_PREFILL_TOKENS))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(v: f64) -> Duration {
+        Duration::from_secs_f64(v / 1000.0)
+    }
+
+    /// Steps that cost 5 ms + 2 ms per token.
+    fn trained() -> StepCostModel {
+        let mut m = StepCostModel::default();
+        for i in 0..200 {
+            let tokens = [1, 16, 40, 16, 100][i % 5];
+            m.observe(tokens, ms(5.0 + 2.0 * tokens as f64));
+        }
+        m
+    }
+
+    #[test]
+    fn fit_recovers_a_linear_cost() {
+        let (c0, c1) = trained().coefficients().unwrap();
+        assert!(
+            (c0 - 0.005).abs() < 1e-6 && (c1 - 0.002).abs() < 1e-7,
+            "{c0} {c1}"
+        );
+    }
+
+    #[test]
+    fn prefill_fits_the_fixed_target() {
+        let m = trained();
+        // 16 decode rows cost 37 ms; a 100 ms target leaves 63 ms = 31 tokens.
+        let t = m
+            .prefill_tokens(StepTarget::Fixed(ms(100.0)), 16, 16)
+            .unwrap();
+        assert_eq!(t, 31);
+        let step = m.predict(16 + t).unwrap();
+        assert!(step <= ms(100.0) && m.predict(16 + t + 1).unwrap() > ms(100.0));
+    }
+
+    #[test]
+    fn auto_keeps_mixed_steps_within_the_factor() {
+        let m = trained();
+        let full = m.predict(64).unwrap().as_secs_f64();
+        for rows in [64, 20, 1] {
+            let t = m.prefill_tokens(StepTarget::Auto, rows, 64).unwrap();
+            assert!(t > MIN_PREFILL_TOKENS);
+            // The mixed step fills the room up to 1.4x a full decode step, whatever the rows.
+            let ratio = m.predict(rows + t).unwrap().as_secs_f64() / full;
+            assert!(
+                ratio <= AUTO_FACTOR && ratio > AUTO_FACTOR - 0.01,
+                "{rows} rows + {t}: {ratio}"
+            );
+        }
+    }
+
+    #[test]
+    fn prompts_always_progress_and_lone_prompts_run_free() {
+        let m = trained();
+        // A target below the decode rows' own cost still admits the minimum chunk.
+        assert_eq!(
+            m.prefill_tokens(StepTarget::Fixed(ms(1.0)), 16, 16),
+            Some(MIN_PREFILL_TOKENS)
+        );
+        assert_eq!(m.prefill_tokens(StepTarget::Auto, 0, 16), None);
+        assert_eq!(m.prefill_tokens(StepTarget::Off, 16, 16), None);
+        let cold = StepCostModel::default();
+        assert_eq!(
+            cold.prefill_tokens(StepTarget::Auto, 4, 16),
+            Some(COLD_PREFILL_TOKENS)
+        );
+    }
+
+    #[test]
+    fn one_step_size_gives_a_proportional_cost() {
+        let mut m = StepCostModel::default();
+        for _ in 0..10 {
+            m.observe(16, ms(32.0));
+        }
+        let (c0, c1) = m.coefficients().unwrap();
+        assert_eq!(c0, 0.0);
+        assert!((c1 - 0.002).abs() < 1e-9);
+    }
+}

@@ -1,0 +1,285 @@
+//! Paged attention on the CPU. Work is split into tasks of (sequence, KV head, up to
+//! [`QUERY_TILE`] of the sequence's queries) spread over rayon: a task reads each key and value
+//! row in place from its cache block once, for all the query heads that share the KV head and
+//! all the task's queries (a decode step is a task of one query), so the cache is read once per
+//! tile rather than once per query and head. Every output row goes through the same
+//! operations in the same order whatever the tiling, which keeps batching bit-exact.
+
+use crate::{AttentionShape, HostLayout};
+use rayon::prelude::*;
+
+/// Queries (tokens of one sequence) per task.
+const QUERY_TILE: usize = 32;
+
+/// Query-key pairs below which one call runs on the calling thread.
+const SEQUENTIAL_WORK: usize = 256;
+
+/// One task: sequence `seq`, KV head `kv_head`, its queries `first..end` (relative). A
+/// sequence with one query (decode) reads the cache in place instead of gathering it.
+#[derive(Debug, Clone, Copy)]
+struct Task {
+    seq: usize,
+    kv_head: usize,
+    first: usize,
+    end: usize,
+}
+
+/// Per-thread buffers, reused across tasks.
+#[derive(Default)]
+struct Scratch {
+    q: Vec<f32>,
+    s: Vec<f32>,
+    o: Vec<f32>,
+}
+
+/// The output, written by disjoint (token, head) rows from several threads.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: each task writes only the rows of its own queries and KV head's query heads.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// The element at `i` (a method, so closures capture the whole `Send` wrapper).
+    fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
+/// `q`: `[tokens, heads, d]`; caches `[blocks, block_size, kv_heads, d]`; returns
+/// `[tokens, heads, d]`.
+pub(crate) fn attention_cpu(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    l: &HostLayout,
+    shape: AttentionShape,
+) -> Vec<f32> {
+    let (heads, d) = (shape.heads, shape.head_dim);
+    let mut out = vec![0f32; l.num_tokens * heads * d];
+    let mut tasks = Vec::new();
+    for seq in 0..l.num_seqs() {
+        let qlen = (l.query_starts[seq + 1] - l.query_starts[seq]) as usize;
+        for kv_head in 0..shape.kv_heads {
+            for first in (0..qlen).step_by(QUERY_TILE) {
+                let end = (first + QUERY_TILE).min(qlen);
+                tasks.push(Task {
+                    seq,
+                    kv_head,
+                    first,
+                    end,
+                });
+            }
+        }
+    }
+    // Largest tasks (most keys) first, so the last ones to finish are small.
+    tasks.sort_by_key(|t| std::cmp::Reverse(keys_seen(l, t)));
+    let ptr = OutPtr(out.as_mut_ptr());
+    let run = |scratch: &mut Scratch, task: &Task| attend(q, k, v, l, shape, *task, scratch, ptr);
+    // Query-key pairs of the whole call: below SEQUENTIAL_WORK, waking the pool costs more
+    // than the work (one decoding sequence with a short context).
+    let work: usize = tasks
+        .iter()
+        .map(|t| (t.end - t.first) * keys_seen(l, t))
+        .sum();
+    if work < SEQUENTIAL_WORK {
+        let mut scratch = Scratch::default();
+        tasks.iter().for_each(|t| run(&mut scratch, t));
+    } else {
+        tasks
+            .par_iter()
+            .with_max_len(1)
+            .for_each_init(Scratch::default, run);
+    }
+    out
+}
+
+/// Keys the task's last query attends to.
+fn keys_seen(l: &HostLayout, t: &Task) -> usize {
+    let qlen = (l.query_starts[t.seq + 1] - l.query_starts[t.seq]) as usize;
+    l.context_lens[t.seq] as usize - qlen + t.end
+}
+
+/// One task: the KV head's query heads for the task's queries, keys and values read in place
+/// from their blocks.
+#[allow(clippy::too_many_arguments)]
+fn attend(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    l: &HostLayout,
+    shape: AttentionShape,
+    task: Task,
+    sc: &mut Scratch,
+    out: OutPtr,
+) {
+    let (heads, kvh, d) = (shape.heads, shape.kv_heads, shape.head_dim);
+    let group = heads / kvh;
+    let start = l.query_starts[task.seq] as usize;
+    let qlen = l.query_starts[task.seq + 1] as usize - start;
+    // Position of the sequence's first query this step.
+    let p0 = l.context_lens[task.seq] as usize - qlen;
+    let tokens = task.end - task.first;
+    let rows = tokens * group;
+    let n_keys = p0 + task.end;
+    // Query rows (token, head in group): each token's group of heads is contiguous in `q`.
+    sc.q.clear();
+    for t in task.first..task.end {
+        let off = ((start + t) * heads + task.kv_head * group) * d;
+        sc.q.extend_from_slice(&q[off..off + group * d]);
+    }
+    let c = TileCall {
+        q: &sc.q,
+        k,
+        v,
+        table: l.block_table(task.seq),
+        bs: l.block_size,
+        stride: kvh * d,
+        first: task.kv_head * d,
+        n_keys,
+        visible0: p0 + task.first + 1,
+        group,
+        rows,
+        d,
+    };
+    sc.s.clear();
+    sc.s.resize(rows * n_keys, 0.0);
+    sc.o.clear();
+    sc.o.resize(rows * d, 0.0);
+    #[cfg(target_arch = "x86_64")]
+    if simd() {
+        // SAFETY: AVX2 and FMA were detected.
+        unsafe { tile_avx2(&c, &mut sc.s, &mut sc.o) };
+    } else {
+        tile(&c, &mut sc.s, &mut sc.o);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    tile(&c, &mut sc.s, &mut sc.o);
+    for (i, t) in (task.first..task.end).enumerate() {
+        let off = ((start + t) * heads + task.kv_head * group) * d;
+        let src = &sc.o[i * group * d..(i + 1) * group * d];
+        // SAFETY: rows (start + t, the KV head's query heads) belong to this task only, and
+        // lie inside the `[tokens, heads, d]` output.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), out.at(off), group * d) };
+    }
+}
+
+/// What one task reads.
+struct TileCall<'a> {
+    /// Query rows, `rows x d`: row `r` is token `r / group`, head `r % group`.
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    table: &'a [u32],
+    bs: usize,
+    /// Floats from one cache position to the next.
+    stride: usize,
+    /// Offset of this KV head within a position.
+    first: usize,
+    /// Keys the last row sees.
+    n_keys: usize,
+    /// Keys the first token sees; token `i` sees `visible0 + i`.
+    visible0: usize,
+    group: usize,
+    rows: usize,
+    d: usize,
+}
+
+impl TileCall<'_> {
+    /// Offsets of the key/value rows of positions `0..n_keys`, block by block.
+    #[inline(always)]
+    fn positions(&self) -> impl Iterator<Item = usize> + '_ {
+        self.table
+            .iter()
+            .flat_map(move |&b| {
+                let base = b as usize * self.bs * self.stride + self.first;
+                (0..self.bs).map(move |j| base + j * self.stride)
+            })
+            .take(self.n_keys)
+    }
+
+    /// Keys row `r` sees.
+    #[inline(always)]
+    fn visible(&self, r: usize) -> usize {
+        self.visible0 + r / self.group
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn simd() -> bool {
+    static SIMD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SIMD.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_avx2(c: &TileCall, scores: &mut [f32], out: &mut [f32]) {
+    tile(c, scores, out)
+}
+
+/// Scores (`rows x n_keys`), a causal softmax per row, then `out = P V` (`rows x d`, zeroed
+/// by the caller). The tile's key and value rows stay in L1/L2 while its rows go over them;
+/// each output row is computed by the same operations in the same order whatever the tile (a
+/// decode is a tile of one token), so batching and chunked prefill change no bit.
+#[inline(always)]
+fn tile(c: &TileCall, scores: &mut [f32], out: &mut [f32]) {
+    let (d, n) = (c.d, c.n_keys);
+    let scale = 1.0 / (d as f32).sqrt();
+    let offsets: Vec<usize> = c.positions().collect();
+    for r in 0..c.rows {
+        let (q, visible) = (&c.q[r * d..(r + 1) * d], c.visible(r));
+        let row = &mut scores[r * n..(r + 1) * n];
+        for (s, &off) in row[..visible].iter_mut().zip(&offsets) {
+            *s = dot_lanes(q, &c.k[off..off + d]) * scale;
+        }
+        softmax_prefix(row, visible);
+        let o = &mut out[r * d..(r + 1) * d];
+        for (&p, &off) in row[..visible].iter().zip(&offsets) {
+            for (o, x) in o.iter_mut().zip(&c.v[off..off + d]) {
+                *o = p.mul_add(*x, *o);
+            }
+        }
+    }
+}
+
+/// A dot product in 32 independent lanes of fused multiply-adds, summed by a fixed tree
+/// (32 -> 16 -> ... -> 1): no long serial chain, and the same bits in every caller.
+#[inline(always)]
+fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
+    const L: usize = 32;
+    let mut acc = [0f32; L];
+    let (ac, bc) = (a.chunks_exact(L), b.chunks_exact(L));
+    let (ar, br) = (ac.remainder(), bc.remainder());
+    for (x, y) in ac.zip(bc) {
+        for i in 0..L {
+            acc[i] = x[i].mul_add(y[i], acc[i]);
+        }
+    }
+    for (i, (x, y)) in ar.iter().zip(br).enumerate() {
+        acc[i] = x.mul_add(*y, acc[i]);
+    }
+    let mut width = L / 2;
+    while width > 0 {
+        for i in 0..width {
+            acc[i] += acc[i + width];
+        }
+        width /= 2;
+    }
+    acc[0]
+}
+
+/// Softmax over `row[..visible]`; the rest (future positions) becomes 0.
+fn softmax_prefix(row: &mut [f32], visible: usize) {
+    let (seen, future) = row.split_at_mut(visible);
+    future.fill(0.0);
+    let max = seen.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    let mut sum = 0f32;
+    for x in seen.iter_mut() {
+        *x = (*x - max).exp();
+        sum += *x;
+    }
+    let inv = 1.0 / sum;
+    for x in seen.iter_mut() {
+        *x *= inv;
+    }
+}
