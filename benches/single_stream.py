@@ -74,7 +74,7 @@ def main():
         wait_health(f"http://127.0.0.1:{a.port}/health", server)
         configs = {
             "llama.cpp llama-server": lambda: run_llama(a.port, a.new_tokens),
-            "liftoff (own AVX2 Q4_1/Q8_0 kernels)": lambda: run_liftoff(a.liftoff, a.model, a.new_tokens, dict(os.environ)),
+            "liftoff (own int8 GEMM)": lambda: run_liftoff(a.liftoff, a.model, a.new_tokens, dict(os.environ)),
             "liftoff (candle quantized matmul)": lambda: run_liftoff(
                 a.liftoff, a.model, a.new_tokens, dict(os.environ, LIFTOFF_DISABLE_FAST_QMATMUL="1")),
         }

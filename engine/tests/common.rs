@@ -62,6 +62,11 @@ pub fn max_topk_error(ours: &[Vec<f32>], reference: &[Vec<(u32, f32)>]) -> f32 {
 
 /// Index of the largest value.
 pub fn argmax(row: &[f32]) -> u32 {
+    // A NaN would never compare greater and could hide behind index 0.
+    assert!(
+        row.iter().all(|x| x.is_finite()),
+        "non-finite logit in a row"
+    );
     let mut best = 0;
     for (i, &v) in row.iter().enumerate() {
         if v > row[best] {

@@ -129,6 +129,8 @@ fn quantized_path_agrees_statistically() {
     let top1_rate = top1 as f64 / positions as f64;
     let overlap_rate = overlap as f64 / (positions * 10) as f64;
     println!("Q4_1 vs f32 reference: top-1 agreement {top1_rate:.3}, top-10 overlap {overlap_rate:.3} over {positions} positions");
-    assert!(top1_rate >= 0.93, "top-1 agreement {top1_rate}");
-    assert!(overlap_rate >= 0.90, "top-10 overlap {overlap_rate}");
+    // The floors are what the path measured before the int8 GEMM (97.3 % and 96.7 %): a kernel
+    // change may not lose accuracy.
+    assert!(top1_rate >= 0.973, "top-1 agreement {top1_rate}");
+    assert!(overlap_rate >= 0.96, "top-10 overlap {overlap_rate}");
 }

@@ -99,6 +99,11 @@ fn rank_steps(
 }
 
 fn argmax(row: &[f32]) -> u32 {
+    // A NaN would never compare greater and could hide behind index 0.
+    assert!(
+        row.iter().all(|x| x.is_finite()),
+        "non-finite logit in a row"
+    );
     let mut best = 0;
     for (i, &x) in row.iter().enumerate() {
         if x > row[best] {
