@@ -162,7 +162,14 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter()
         .zip(b)
         .map(|(x, y)| (x - y).abs())
-        .fold(0.0, |m, d| if d.is_nan() { f32::NAN } else { m.max(d) })
+        // f32::max drops NaN: once a NaN is seen the result stays NaN (and fails the check).
+        .fold(0.0, |m: f32, d| {
+            if m.is_nan() || d.is_nan() {
+                f32::NAN
+            } else {
+                m.max(d)
+            }
+        })
 }
 
 /// `data` as a `dtype` tensor on `device`, and the rounded values back on the host.
@@ -444,6 +451,28 @@ mod tests {
         assert!(reports.len() >= 10);
         for r in &reports {
             assert!(r.passed(), "{r}");
+        }
+    }
+
+    #[test]
+    fn max_diff_keeps_nan() {
+        assert!(max_diff(&[f32::NAN, 1.0], &[0.0, 1.0]).is_nan());
+        assert!(max_diff(&[1.0, f32::NAN], &[1.0, 0.0]).is_nan());
+        assert_eq!(max_diff(&[1.0, 2.0], &[1.5, 2.0]), 0.5);
+    }
+
+    /// Head dims that are not a multiple of 32 (the CPU kernels' vector loops have a tail),
+    /// decode and prefill; CPU only (the GPU kernels take 64, 128 and 256).
+    #[test]
+    fn cpu_attention_handles_odd_head_dims() {
+        for (i, d) in [40, 72, 8].into_iter().enumerate() {
+            for case in [
+                AttentionCase::decode(&[1, 33, 300], 6, 2, d, 16),
+                AttentionCase::mixed(&[(37, 37), (1, 50), (20, 60)], 4, 1, d, 8),
+            ] {
+                let r = check_attention(&case, 500 + i as u64, DType::F32, &Device::Cpu).unwrap();
+                assert!(r.passed(), "head dim {d}: {r}");
+            }
         }
     }
 
