@@ -136,6 +136,7 @@ def serving(a, out_dir):
                 stop(srv)
         merged = dict(parts[0])
         merged["levels"] = [l for p in parts for l in p["levels"]]
+        json.dump(merged, open(f"{out_dir}/cpu_serving_llamacpp_{i}.json", "w"), indent=1)
         runs["llama.cpp"].append(merged)
     return levels, runs
 
@@ -173,7 +174,7 @@ def main():
     single = single_stream(a, prompt, 128)
     levels, serve = serving(a, a.out_dir)
     subprocess.run([a.liftoff, "bench", "plot", f"{a.out_dir}/cpu_serving_liftoff_0.json",
-                    f"{a.out_dir}/cpu_serving_llamacpp_0_p16.json", "--out", f"{a.out_dir}/cpu_serving.png"], check=True)
+                    f"{a.out_dir}/cpu_serving_llamacpp_0.json", "--out", f"{a.out_dir}/cpu_serving.png"], check=True)
 
     bw = limits["read_bandwidth_bytes_per_s"]
     isa = limits["detected_isa"]
