@@ -14,7 +14,9 @@ docs/benchmarks.md.
 
 Usage: benches/cpu.py --liftoff BIN --llama-server BIN --model GGUF [--runs 3]
 """
-import argparse, datetime, json, os, re, statistics, subprocess, sys, time, urllib.request
+import argparse, datetime, json, os, re, statistics, subprocess, sys
+
+from single_stream import post, wait_health  # the same HTTP helpers as the older benchmark
 
 # SmolLM2-135M (the default GGUF): multiply-adds per token of the layers' linears
 # (30 x (576x960 qkv + 576x576 o + 576x3072 gate/up + 1536x576 down)) and of the LM head.
@@ -28,26 +30,6 @@ TEXT = (
     "wanted instead of how the hardware should do it. Operating systems hid the details of devices, "
     "networks hid the distance between machines, and databases hid the layout of records on disk. "
 )
-
-
-def post(url, body, timeout=600):
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.loads(r.read())
-
-
-def wait_health(url, proc, secs=180):
-    t = time.time()
-    while time.time() - t < secs:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except Exception:
-            time.sleep(0.5)
-    raise SystemExit(f"{url} did not become healthy")
 
 
 def stop(proc):

@@ -7,6 +7,7 @@
 
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 use half::bf16;
+use liftoff_kernels::DisjointOut;
 use rayon::prelude::*;
 
 /// Most activation rows this kernel takes; more go to candle's GEMM.
@@ -52,24 +53,11 @@ pub fn try_matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor
     ))
 }
 
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: every task writes only the columns of its own weight rows.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// The element at `i` (a method, so closures capture the whole `Send` wrapper).
-    fn at(self, i: usize) -> *mut f32 {
-        self.0.wrapping_add(i)
-    }
-}
-
 fn rows_times<W: Elem>(w: &[W], xs: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
     let mut out = vec![0f32; m * n];
     let tasks = rayon::current_num_threads().clamp(1, n.max(1));
     let per = n.div_ceil(tasks);
-    let ptr = OutPtr(out.as_mut_ptr());
+    let ptr = DisjointOut::new(&mut out);
     let simd = simd_level();
     (0..tasks).into_par_iter().for_each(|t| {
         for r in t * per..((t + 1) * per).min(n) {
@@ -152,18 +140,7 @@ fn dot<W: Elem>(w: &[W], x: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn random(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 33) as f32 / (1u64 << 31) as f32) - 0.5
-            })
-            .collect()
-    }
+    use crate::quant::tests::random;
 
     /// Against candle's matmul (an independent implementation), f32 and bf16 weights, odd
     /// shapes; f32 sums in another order differ by rounding only.

@@ -5,6 +5,7 @@
 //! tile rather than once per query and head. Every output row goes through the same
 //! operations in the same order whatever the tiling, which keeps batching bit-exact.
 
+use crate::DisjointOut;
 use crate::{AttentionShape, HostLayout};
 use rayon::prelude::*;
 
@@ -34,20 +35,6 @@ struct Scratch {
     q: Vec<f32>,
     s: Vec<f32>,
     o: Vec<f32>,
-}
-
-/// The output, written by disjoint (token, head) rows from several threads.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: each task writes only the rows of its own queries and KV head's query heads.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// The element at `i` (a method, so closures capture the whole `Send` wrapper).
-    fn at(self, i: usize) -> *mut f32 {
-        self.0.wrapping_add(i)
-    }
 }
 
 /// `q`: `[tokens, heads, d]`; caches `[blocks, block_size, kv_heads, d]`; returns
@@ -90,7 +77,7 @@ pub(crate) fn attention_cpu(
     }
     // Largest tasks (most keys) first, so the last ones to finish are small.
     tasks.sort_by_key(|t| std::cmp::Reverse(keys_seen(l, t)));
-    let ptr = OutPtr(out.as_mut_ptr());
+    let ptr = DisjointOut::new(&mut out);
     let run = |scratch: &mut Scratch, task: &Task| attend(q, k, v, l, shape, *task, scratch, ptr);
     // Query-key pairs of the whole call: below SEQUENTIAL_WORK, waking the pool costs more
     // than the work (one decoding sequence with a short context).
@@ -127,7 +114,7 @@ fn attend(
     shape: AttentionShape,
     task: Task,
     sc: &mut Scratch,
-    out: OutPtr,
+    out: DisjointOut,
 ) {
     let (heads, kvh, d) = (shape.heads, shape.kv_heads, shape.head_dim);
     let group = heads / kvh;

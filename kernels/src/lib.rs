@@ -15,6 +15,7 @@ mod cache;
 pub mod check;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod disjoint;
 mod layout;
 pub mod reference;
 mod rotary;
@@ -23,6 +24,7 @@ mod storage;
 
 pub use attention::{paged_attention, AttentionShape};
 pub use cache::write_kv;
+pub use disjoint::DisjointOut;
 pub use layout::{HostLayout, PagedLayout, SeqSpan};
 pub use rotary::{rotary_embedding, RotaryTables};
 pub use sampling::{sample, RowSampling, SampledToken};

@@ -10,24 +10,11 @@ use super::activation::BlockQ8;
 use super::isa::Isa;
 use super::microkernel::{tile, MAX_ACTS};
 use super::packed::{PackedMatrix, PANEL};
+use liftoff_kernels::DisjointOut;
 use rayon::prelude::*;
 
 /// Activation rows per cache block.
 pub const ACT_CHUNK: usize = 64;
-
-/// The output buffer, written by disjoint column ranges from several threads.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: every task writes only the columns of its own panels (see `gemm`).
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// The element at `i` (a method, so closures capture the whole `Send` wrapper).
-    fn at(self, i: usize) -> *mut f32 {
-        self.0.wrapping_add(i)
-    }
-}
 
 /// `acts` holds `m` rows of `w.blocks_per_row()` blocks; returns `[m, n]` row-major.
 pub fn gemm(w: &PackedMatrix, acts: &[BlockQ8], m: usize, isa: Isa) -> Vec<f32> {
@@ -40,7 +27,7 @@ pub fn gemm(w: &PackedMatrix, acts: &[BlockQ8], m: usize, isa: Isa) -> Vec<f32> 
     let panels = w.panels();
     let tasks = rayon::current_num_threads().clamp(1, panels);
     let per_task = panels.div_ceil(tasks);
-    let ptr = OutPtr(out.as_mut_ptr());
+    let ptr = DisjointOut::new(&mut out);
     (0..tasks).into_par_iter().for_each(|t| {
         let range = t * per_task..((t + 1) * per_task).min(panels);
         for a0 in (0..m).step_by(ACT_CHUNK) {

@@ -82,12 +82,13 @@ impl FastQMatMul {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::quantized::QMatMul;
     use candle_core::Module;
 
-    fn random(n: usize, seed: u64) -> Vec<f32> {
+    /// `n` values in [-0.5, 0.5), a fixed LCG per seed (shared by the CPU kernels' tests).
+    pub(crate) fn random(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed;
         (0..n)
             .map(|_| {
