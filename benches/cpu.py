@@ -16,7 +16,7 @@ Usage: benches/cpu.py --liftoff BIN --llama-server BIN --model GGUF [--runs 3]
 """
 import argparse, datetime, json, os, re, statistics, subprocess, sys
 
-from single_stream import post, wait_health  # the same HTTP helpers as the older benchmark
+from single_stream import post, run_liftoff, run_llama, wait_health  # shared with the older benchmark
 
 # SmolLM2-135M (the default GGUF): multiply-adds per token of the layers' linears
 # (30 x (576x960 qkv + 576x576 o + 576x3072 gate/up + 1536x576 down)) and of the LM head.
@@ -66,20 +66,15 @@ def single_stream(a, prompt, new_tokens):
     srv = llama_server(a.llama_server, a.model, 1, a.port, a.threads)
     rows = {"liftoff": [], "llama.cpp": []}
     try:
+        def row(measured):
+            prompt_tokens, prompt_tok_s, decode_tok_s = measured
+            return {"prompt_tokens": prompt_tokens, "prompt_tok_s": prompt_tok_s, "decode_tok_s": decode_tok_s}
+
         def llama():
-            r = post(f"http://127.0.0.1:{a.port}/completion", {"prompt": prompt, "n_predict": new_tokens,
-                                                                 "temperature": 0, "ignore_eos": True, "cache_prompt": False})
-            t = r["timings"]
-            return {"prompt_tokens": t["prompt_n"], "prompt_tok_s": t["prompt_per_second"],
-                    "decode_tok_s": t["predicted_per_second"]}
+            return row(run_llama(a.port, new_tokens, prompt))
 
         def liftoff():
-            out = subprocess.run([a.liftoff, "generate", "--model", a.model, "--prompt", prompt, "--temperature", "0",
-                                  "--max-new-tokens", str(new_tokens), "--ignore-eos", "--format", "json"],
-                                 capture_output=True, text=True, check=True)
-            v = json.loads(out.stdout)
-            return {"prompt_tokens": len(v["prompt_token_ids"]), "prompt_tok_s": v["prompt_tokens_per_s"],
-                    "decode_tok_s": v["decode_tokens_per_s"]}
+            return row(run_liftoff(a.liftoff, a.model, new_tokens, prompt=prompt))
 
         llama(), liftoff()  # warm-up: page cache, first touch
         for _ in range(a.runs):

@@ -40,15 +40,15 @@ def wait_health(url, proc, secs=120):
     raise SystemExit("server did not become healthy")
 
 
-def run_llama(port, n):
-    r = post(f"http://127.0.0.1:{port}/completion", {"prompt": PROMPT, "n_predict": n, "temperature": 0,
+def run_llama(port, n, prompt=PROMPT):
+    r = post(f"http://127.0.0.1:{port}/completion", {"prompt": prompt, "n_predict": n, "temperature": 0,
                                                        "ignore_eos": True, "cache_prompt": False})
     t = r["timings"]
     return t["prompt_n"], t["prompt_per_second"], t["predicted_per_second"]
 
 
-def run_liftoff(binary, model, n, env):
-    out = subprocess.run([binary, "generate", "--model", model, "--prompt", PROMPT, "--temperature", "0",
+def run_liftoff(binary, model, n, env=None, prompt=PROMPT):
+    out = subprocess.run([binary, "generate", "--model", model, "--prompt", prompt, "--temperature", "0",
                           "--max-new-tokens", str(n), "--ignore-eos", "--format", "json"],
                          capture_output=True, text=True, env=env, check=True)
     v = json.loads(out.stdout)

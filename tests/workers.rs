@@ -141,6 +141,10 @@ fn configuration_errors_are_one_line_with_the_numbers() {
             "unknown device 'tpu' (cpu, cuda, auto)",
         ),
         (
+            &["serve", "--model", &model, "--max-step-ms", "fast"],
+            "--max-step-ms must be `auto`, `off` or a positive number of milliseconds, not `fast`",
+        ),
+        (
             &[
                 "generate",
                 "--model",

@@ -35,6 +35,7 @@ struct Scratch {
     q: Vec<f32>,
     s: Vec<f32>,
     o: Vec<f32>,
+    offsets: Vec<usize>,
 }
 
 /// `q`: `[tokens, heads, d]`; caches `[blocks, block_size, kv_heads, d]`; returns
@@ -133,14 +134,23 @@ fn attend(
         let off = ((start + t) * heads + task.kv_head * group + h0) * d;
         sc.q.extend_from_slice(&q[off..off + per_token * d]);
     }
+    // Cache offsets of this KV head's rows for positions 0..n_keys, block by block.
+    let (bs, stride) = (l.block_size, kvh * d);
+    sc.offsets.clear();
+    sc.offsets.extend(
+        l.block_table(task.seq)
+            .iter()
+            .flat_map(|&b| {
+                let base = b as usize * bs * stride + task.kv_head * d;
+                (0..bs).map(move |j| base + j * stride)
+            })
+            .take(n_keys),
+    );
     let c = TileCall {
         q: &sc.q,
         k,
         v,
-        table: l.block_table(task.seq),
-        bs: l.block_size,
-        stride: kvh * d,
-        first: task.kv_head * d,
+        offsets: &sc.offsets,
         n_keys,
         visible0: p0 + task.first + 1,
         per_token,
@@ -175,12 +185,8 @@ struct TileCall<'a> {
     q: &'a [f32],
     k: &'a [f32],
     v: &'a [f32],
-    table: &'a [u32],
-    bs: usize,
-    /// Floats from one cache position to the next.
-    stride: usize,
-    /// Offset of this KV head within a position.
-    first: usize,
+    /// Where the key/value row of each position `0..n_keys` starts in the caches.
+    offsets: &'a [usize],
     /// Keys the last row sees.
     n_keys: usize,
     /// Keys the first token sees; token `i` sees `visible0 + i`.
@@ -192,18 +198,6 @@ struct TileCall<'a> {
 }
 
 impl TileCall<'_> {
-    /// Offsets of the key/value rows of positions `0..n_keys`, block by block.
-    #[inline(always)]
-    fn positions(&self) -> impl Iterator<Item = usize> + '_ {
-        self.table
-            .iter()
-            .flat_map(move |&b| {
-                let base = b as usize * self.bs * self.stride + self.first;
-                (0..self.bs).map(move |j| base + j * self.stride)
-            })
-            .take(self.n_keys)
-    }
-
     /// Keys row `r` sees.
     #[inline(always)]
     fn visible(&self, r: usize) -> usize {
@@ -275,11 +269,11 @@ impl Kernels for Plain {
 fn tile_with<K: Kernels>(c: &TileCall, scores: &mut [f32], out: &mut [f32]) {
     let (d, n) = (c.d, c.n_keys);
     let scale = 1.0 / (d as f32).sqrt();
-    let offsets: Vec<usize> = c.positions().collect();
+    let offsets = c.offsets;
     for r in 0..c.rows {
         let (q, visible) = (&c.q[r * d..(r + 1) * d], c.visible(r));
         let row = &mut scores[r * n..(r + 1) * n];
-        for (s, &off) in row[..visible].iter_mut().zip(&offsets) {
+        for (s, &off) in row[..visible].iter_mut().zip(offsets) {
             *s = K::dot(q, &c.k[off..off + d]) * scale;
         }
         softmax_prefix(row, visible);

@@ -28,6 +28,7 @@ pub use disjoint::DisjointOut;
 pub use layout::{HostLayout, PagedLayout, SeqSpan};
 pub use rotary::{rotary_embedding, RotaryTables};
 pub use sampling::{sample, RowSampling, SampledToken};
+pub use storage::with_cpu_f32;
 
 /// Keys per partition of the split-K decode kernel; a context longer than this is split.
 pub const DECODE_PARTITION: usize = 512;

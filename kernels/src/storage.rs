@@ -29,8 +29,9 @@ pub(crate) fn cpu_f32_mut<'a>(
     }
 }
 
-/// Runs `f` on the f32 data of a CPU tensor held by an op (not one of its operands).
-pub(crate) fn with_cpu_f32<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+/// Runs `f` on the f32 data of a contiguous CPU tensor in place (an op's non-operand
+/// tensors, and the engine's fused CPU steps).
+pub fn with_cpu_f32<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let (guard, layout) = t.storage_and_layout();
     match &*guard {
         Storage::Cpu(s) => Ok(f(cpu_f32(s, layout, what)?)),

@@ -186,6 +186,8 @@ pub fn start(args: &ServeArgs, log_level: &str) -> Result<Reader> {
         bail!("--max-batch-size, --block-size and --max-num-batched-tokens must be at least 1");
     }
     let dtype: DTypeChoice = args.dtype.parse()?;
+    // Checked before the weights load, like the other settings.
+    let max_step = parse_max_step(&args.max_step_ms)?;
     let path = model_resolve::resolve(&args.model, args.access_token.as_deref())?;
     let mut opts = EngineOptions::new(&path);
     opts.dtype = dtype;
@@ -209,7 +211,7 @@ pub fn start(args: &ServeArgs, log_level: &str) -> Result<Reader> {
         max_seq_len,
         enable_prefix_caching: !args.disable_prefix_caching,
         batch_wait: Duration::from_millis(args.batch_duration_millis),
-        max_step: parse_max_step(&args.max_step_ms)?,
+        max_step,
     };
     let mut replicas = Vec::new();
     let mut kv_cache_blocks = 0;
@@ -286,6 +288,23 @@ mod tests {
             .map(OsString::from)
             .collect();
         crate::serve_config::readers_from(argv).unwrap().remove(0)
+    }
+
+    #[test]
+    fn max_step_is_auto_off_or_milliseconds() {
+        assert_eq!(parse_max_step("auto").unwrap(), StepTarget::Auto);
+        assert_eq!(parse_max_step("off").unwrap(), StepTarget::Off);
+        assert_eq!(
+            parse_max_step("120").unwrap(),
+            StepTarget::Fixed(Duration::from_millis(120))
+        );
+        for bad in ["0", "-5", "fast", "1.5", ""] {
+            let err = parse_max_step(bad).unwrap_err().to_string();
+            assert!(
+                err.contains("--max-step-ms") && err.contains(bad),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

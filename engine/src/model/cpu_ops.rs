@@ -4,23 +4,18 @@
 //! work, so small inputs run on the calling thread and large ones split rows over rayon.
 //! Other dtypes and devices return `None` and the caller uses candle.
 
-use candle_core::{CpuStorage, DType, Storage, Tensor};
+use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
 /// Below this many values an op runs on the calling thread.
 const PARALLEL_FROM: usize = 1 << 15;
 
-/// The values of a contiguous f32 CPU tensor.
-fn f32_values(t: &Tensor) -> Option<Vec<f32>> {
-    if t.dtype() != DType::F32 || !t.device().is_cpu() {
+/// Runs `f` on the values of a contiguous f32 CPU tensor, in place; `None` for anything else.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    if t.dtype() != DType::F32 || !t.device().is_cpu() || !t.is_contiguous() {
         return None;
     }
-    let (storage, layout) = t.storage_and_layout();
-    let (start, end) = layout.contiguous_offsets()?;
-    match &*storage {
-        Storage::Cpu(CpuStorage::F32(v)) => Some(v[start..end].to_vec()),
-        _ => None,
-    }
+    liftoff_kernels::with_cpu_f32(t, "input", f).ok()
 }
 
 /// Applies `f` to every `row`-long chunk of `out` with its index.
@@ -36,28 +31,31 @@ fn for_rows(out: &mut [f32], row: usize, f: impl Fn(usize, &mut [f32]) + Sync + 
 
 /// `x / rms(x) * weight` over the last dimension.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> candle_core::Result<Option<Tensor>> {
-    let (Some(mut v), Some(w)) = (f32_values(x), f32_values(weight)) else {
-        return Ok(None);
-    };
-    let dim = w.len();
+    let dim = weight.elem_count();
     if dim == 0 || x.dims().last() != Some(&dim) {
         return Ok(None);
     }
-    for_rows(&mut v, dim, |_, r| {
-        let ms = r.iter().map(|a| a * a).sum::<f32>() / dim as f32;
-        let inv = 1.0 / (ms + eps).sqrt();
-        for (a, g) in r.iter_mut().zip(&w) {
-            *a = *a * inv * g;
-        }
+    let out = with_f32(x, |xs| {
+        with_f32(weight, |w| {
+            let mut v = xs.to_vec();
+            for_rows(&mut v, dim, |_, r| {
+                let ms = r.iter().map(|a| a * a).sum::<f32>() / dim as f32;
+                let inv = 1.0 / (ms + eps).sqrt();
+                for (a, g) in r.iter_mut().zip(w) {
+                    *a = *a * inv * g;
+                }
+            });
+            v
+        })
     });
-    Ok(Some(Tensor::from_vec(v, x.shape(), x.device())?))
+    match out.flatten() {
+        Some(v) => Ok(Some(Tensor::from_vec(v, x.shape(), x.device())?)),
+        None => Ok(None),
+    }
 }
 
 /// `silu(gate) * up` of a fused `[rows, 2 * half]` gate/up output: `[rows, half]`.
 pub fn silu_mul_halves(gu: &Tensor) -> candle_core::Result<Option<Tensor>> {
-    let Some(v) = f32_values(gu) else {
-        return Ok(None);
-    };
     let Ok((rows, width)) = gu.dims2() else {
         return Ok(None);
     };
@@ -65,14 +63,20 @@ pub fn silu_mul_halves(gu: &Tensor) -> candle_core::Result<Option<Tensor>> {
     if half == 0 || width % 2 != 0 {
         return Ok(None);
     }
-    let mut out = vec![0f32; rows * half];
-    for_rows(&mut out, half, |i, r| {
-        let (g, u) = v[i * width..(i + 1) * width].split_at(half);
-        for ((o, a), b) in r.iter_mut().zip(g).zip(u) {
-            *o = a / (1.0 + (-a).exp()) * b;
-        }
+    let out = with_f32(gu, |v| {
+        let mut out = vec![0f32; rows * half];
+        for_rows(&mut out, half, |i, r| {
+            let (g, u) = v[i * width..(i + 1) * width].split_at(half);
+            for ((o, a), b) in r.iter_mut().zip(g).zip(u) {
+                *o = a / (1.0 + (-a).exp()) * b;
+            }
+        });
+        out
     });
-    Ok(Some(Tensor::from_vec(out, (rows, half), gu.device())?))
+    match out {
+        Some(v) => Ok(Some(Tensor::from_vec(v, (rows, half), gu.device())?)),
+        None => Ok(None),
+    }
 }
 
 /// `a + b`, same shapes.
@@ -80,16 +84,22 @@ pub fn add(a: &Tensor, b: &Tensor) -> candle_core::Result<Option<Tensor>> {
     if a.dims() != b.dims() {
         return Ok(None);
     }
-    let (Some(mut x), Some(y)) = (f32_values(a), f32_values(b)) else {
-        return Ok(None);
-    };
     let row = *a.dims().last().unwrap_or(&1).max(&1);
-    for_rows(&mut x, row, |i, r| {
-        for (p, q) in r.iter_mut().zip(&y[i * row..]) {
-            *p += q;
-        }
+    let out = with_f32(a, |x| {
+        with_f32(b, |y| {
+            let mut out = x.to_vec();
+            for_rows(&mut out, row, |i, r| {
+                for (p, q) in r.iter_mut().zip(&y[i * row..]) {
+                    *p += q;
+                }
+            });
+            out
+        })
     });
-    Ok(Some(Tensor::from_vec(x, a.shape(), a.device())?))
+    match out.flatten() {
+        Some(v) => Ok(Some(Tensor::from_vec(v, a.shape(), a.device())?)),
+        None => Ok(None),
+    }
 }
 
 #[cfg(test)]
