@@ -1,9 +1,9 @@
 //! Causal attention over the paged KV cache: each query attends to positions `0..=pos` of its
 //! own sequence, reading keys and values through the block table.
 
-use crate::storage::{cpu_f32, with_cpu_f32};
+use crate::storage::{cpu_f32, with_cpu, with_cpu_f32};
 use crate::PagedLayout;
-use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 
 /// Heads of one attention call (this rank's shard).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,8 +51,15 @@ pub fn paged_attention(
             host.max_block
         );
     }
-    if q.dtype() != k_cache.dtype() || q.dtype() != v_cache.dtype() {
-        bail!("paged_attention: q and the caches differ in dtype");
+    let cpu_f16_cache =
+        q.device().is_cpu() && q.dtype() == DType::F32 && k_cache.dtype() == DType::F16;
+    if k_cache.dtype() != v_cache.dtype() || (q.dtype() != k_cache.dtype() && !cpu_f16_cache) {
+        bail!(
+            "paged_attention: q ({:?}) and the caches ({:?}, {:?}) differ in dtype (the CPU also takes f32 q with f16 caches)",
+            q.dtype(),
+            k_cache.dtype(),
+            v_cache.dtype()
+        );
     }
     q.contiguous()?.apply_op1_no_bwd(&PagedAttention {
         k_cache,
@@ -76,11 +83,19 @@ impl CustomOp1 for PagedAttention<'_> {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let q = cpu_f32(storage, layout, "q")?;
-        let out = with_cpu_f32(self.k_cache, "k_cache", |k| {
-            with_cpu_f32(self.v_cache, "v_cache", |v| {
-                crate::attention_cpu::attention_cpu(q, k, v, self.layout.host(), self.shape)
-            })
-        })??;
+        let (host, shape) = (self.layout.host(), self.shape);
+        let out = match self.k_cache.dtype() {
+            DType::F16 => with_cpu::<half::f16, _>(self.k_cache, "k_cache", |k| {
+                with_cpu::<half::f16, _>(self.v_cache, "v_cache", |v| {
+                    crate::attention_cpu::attention_cpu(q, k, v, host, shape)
+                })
+            })??,
+            _ => with_cpu_f32(self.k_cache, "k_cache", |k| {
+                with_cpu_f32(self.v_cache, "v_cache", |v| {
+                    crate::attention_cpu::attention_cpu(q, k, v, host, shape)
+                })
+            })??,
+        };
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 

@@ -2,7 +2,7 @@
 
 use crate::storage::{contiguous, cpu_f32, cpu_f32_mut};
 use crate::PagedLayout;
-use candle_core::{bail, CpuStorage, InplaceOp2, Layout, Result, Tensor};
+use candle_core::{bail, CpuStorage, DType, InplaceOp2, Layout, Result, Tensor};
 
 /// Writes `src` (`[tokens, kv_heads, head_dim]`) into `cache`
 /// (`[num_blocks, block_size, kv_heads, head_dim]`) at the layout's slots.
@@ -23,8 +23,16 @@ pub fn write_kv(cache: &Tensor, src: &Tensor, layout: &PagedLayout) -> Result<()
             host.block_size
         );
     }
-    if src.dtype() != cache.dtype() || src.device().location() != cache.device().location() {
-        bail!("write_kv: cache and rows differ in dtype or device");
+    let cpu_f16_cache =
+        cache.device().is_cpu() && cache.dtype() == DType::F16 && src.dtype() == DType::F32;
+    if (src.dtype() != cache.dtype() && !cpu_f16_cache)
+        || src.device().location() != cache.device().location()
+    {
+        bail!(
+            "write_kv: cache ({:?}) and rows ({:?}) differ in dtype or device (the CPU also writes f32 rows to an f16 cache)",
+            cache.dtype(),
+            src.dtype()
+        );
     }
     if host.num_tokens == 0 {
         return Ok(());
@@ -48,15 +56,23 @@ impl InplaceOp2 for WriteKv<'_> {
         src: &CpuStorage,
         sl: &Layout,
     ) -> Result<()> {
-        contiguous(cl, "cache")?;
+        let (start, end) = contiguous(cl, "cache")?;
         let row = sl.dims()[1] * sl.dims()[2];
         let src = cpu_f32(src, sl, "new rows")?;
-        crate::reference::write_kv(
-            cpu_f32_mut(cache, cl, "cache")?,
-            src,
-            &self.layout.host().slots,
-            row,
-        );
+        let slots = &self.layout.host().slots;
+        match cache {
+            // Rounded to the nearest f16 (what the cache then holds exactly).
+            CpuStorage::F16(c) => {
+                let c = &mut c[start..end];
+                for (&slot, new) in slots.iter().zip(src.chunks_exact(row)) {
+                    let at = slot as usize * row;
+                    for (x, &y) in c[at..at + row].iter_mut().zip(new) {
+                        *x = half::f16::from_f32(y);
+                    }
+                }
+            }
+            _ => crate::reference::write_kv(cpu_f32_mut(cache, cl, "cache")?, src, slots, row),
+        }
         Ok(())
     }
 

@@ -214,13 +214,27 @@ pub fn run(device: &Device) -> Result<Vec<CheckReport>> {
     let mut reports = Vec::new();
     for &dtype in dtypes {
         for (i, case) in attention_cases().iter().enumerate() {
-            reports.push(check_attention(case, 100 + i as u64, dtype, device)?);
+            reports.push(check_attention(case, 100 + i as u64, dtype, dtype, device)?);
         }
         let case = AttentionCase::mixed(&[(9, 20), (1, 7), (30, 30)], 4, 2, 64, 16);
-        reports.push(check_write_kv(&case, dtype, device)?);
+        reports.push(check_write_kv(&case, dtype, dtype, device)?);
         for interleaved in [false, true] {
             reports.push(check_rotary(&case, interleaved, dtype, device)?);
         }
+    }
+    if device.is_cpu() {
+        // The CPU's f16 KV cache: f32 queries and rows, f16 storage.
+        for (i, case) in attention_cases().iter().enumerate() {
+            reports.push(check_attention(
+                case,
+                100 + i as u64,
+                DType::F32,
+                DType::F16,
+                device,
+            )?);
+        }
+        let case = AttentionCase::mixed(&[(9, 20), (1, 7), (30, 30)], 4, 2, 64, 16);
+        reports.push(check_write_kv(&case, DType::F32, DType::F16, device)?);
     }
     reports.push(check_sampling(device)?);
     Ok(reports)
@@ -337,10 +351,13 @@ fn device_layout(
     PagedLayout::new(&spans, case.block_size, device)
 }
 
+/// Attention of `dtype` queries over `cache_dtype` caches against the reference on the same
+/// rounded values.
 fn check_attention(
     case: &AttentionCase,
     seed: u64,
     dtype: DType,
+    cache_dtype: DType,
     device: &Device,
 ) -> Result<CheckReport> {
     let data = random_case(case, seed);
@@ -352,8 +369,8 @@ fn check_attention(
         dtype,
         device,
     )?;
-    let (k, kh) = upload(&data.k, &cache_shape, dtype, device)?;
-    let (v, vh) = upload(&data.v, &cache_shape, dtype, device)?;
+    let (k, kh) = upload(&data.k, &cache_shape, cache_dtype, device)?;
+    let (v, vh) = upload(&data.v, &cache_shape, cache_dtype, device)?;
     let layout = device_layout(case, &data.tables, device)?;
     let got = to_host(&paged_attention(&q, &k, &v, &layout, s)?)?;
     let want = naive_attention(&qh, &kh, &vh, &data.layout, s);
@@ -363,18 +380,36 @@ fn check_attention(
         } else {
             "paged-prefill"
         },
-        case: case.name.clone(),
+        case: cache_note(&case.name, dtype, cache_dtype),
         dtype,
         max_abs_err: max_diff(&got, &want),
         tolerance: tolerance(dtype),
     })
 }
 
-fn check_write_kv(case: &AttentionCase, dtype: DType, device: &Device) -> Result<CheckReport> {
+fn cache_note(name: &str, dtype: DType, cache_dtype: DType) -> String {
+    if dtype == cache_dtype {
+        name.to_string()
+    } else {
+        format!(
+            "{name} ({} cache)",
+            format!("{cache_dtype:?}").to_lowercase()
+        )
+    }
+}
+
+/// `dtype` rows written into a `cache_dtype` cache: the cache must hold exactly the rows
+/// rounded to its dtype at their slots, and its old values everywhere else.
+fn check_write_kv(
+    case: &AttentionCase,
+    dtype: DType,
+    cache_dtype: DType,
+    device: &Device,
+) -> Result<CheckReport> {
     let data = random_case(case, 7);
     let s = case.shape;
     let cache_shape = [data.num_blocks, case.block_size, s.kv_heads, s.head_dim];
-    let (cache, mut want) = upload(&data.k, &cache_shape, dtype, device)?;
+    let (cache, mut want) = upload(&data.k, &cache_shape, cache_dtype, device)?;
     let n = data.layout.num_tokens;
     let (rows, rows_h) = upload(
         &data.v[..n * s.kv_heads * s.head_dim],
@@ -384,15 +419,17 @@ fn check_write_kv(case: &AttentionCase, dtype: DType, device: &Device) -> Result
     )?;
     let layout = device_layout(case, &data.tables, device)?;
     write_kv(&cache, &rows, &layout)?;
+    let rows_rounded = rows.to_dtype(cache_dtype)?;
     write_kv_ref(
         &mut want,
-        &rows_h,
+        &to_host(&rows_rounded)?,
         &data.layout.slots,
         s.kv_heads * s.head_dim,
     );
+    debug_assert!(dtype != cache_dtype || to_host(&rows)? == rows_h);
     Ok(CheckReport {
         op: "write-kv",
-        case: case.name.clone(),
+        case: cache_note(&case.name, dtype, cache_dtype),
         dtype,
         max_abs_err: max_diff(&to_host(&cache)?, &want),
         tolerance: 0.0,
@@ -470,8 +507,11 @@ mod tests {
                 AttentionCase::decode(&[1, 33, 300], 6, 2, d, 16),
                 AttentionCase::mixed(&[(37, 37), (1, 50), (20, 60)], 4, 1, d, 8),
             ] {
-                let r = check_attention(&case, 500 + i as u64, DType::F32, &Device::Cpu).unwrap();
-                assert!(r.passed(), "head dim {d}: {r}");
+                for cache in [DType::F32, DType::F16] {
+                    let seed = 500 + i as u64;
+                    let r = check_attention(&case, seed, DType::F32, cache, &Device::Cpu).unwrap();
+                    assert!(r.passed(), "head dim {d}: {r}");
+                }
             }
         }
     }

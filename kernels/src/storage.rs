@@ -39,6 +39,20 @@ pub fn with_cpu_f32<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> R) -> R
     }
 }
 
+/// Runs `f` on the `T` data of a contiguous CPU tensor in place.
+pub(crate) fn with_cpu<T: candle_core::WithDType, R>(
+    t: &Tensor,
+    what: &str,
+    f: impl FnOnce(&[T]) -> R,
+) -> Result<R> {
+    let (guard, layout) = t.storage_and_layout();
+    let (start, end) = contiguous(layout, what)?;
+    match &*guard {
+        Storage::Cpu(s) => Ok(f(&s.as_slice::<T>()?[start..end])),
+        _ => bail!("{what} must be on the same device as the op's input (the CPU)"),
+    }
+}
+
 pub(crate) fn contiguous(layout: &Layout, what: &str) -> Result<(usize, usize)> {
     match layout.contiguous_offsets() {
         Some(o) => Ok(o),

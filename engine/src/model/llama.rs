@@ -104,10 +104,16 @@ impl Attention {
         cache: &KvCache,
     ) -> Result<Tensor> {
         let tokens = x.dim(0)?;
-        let kv_dtype = cache.config().dtype;
+        // Attention computes in f32 on the CPU (over an f32 or f16 cache), in the cache's
+        // dtype on a GPU.
+        let attn_dtype = if x.device().is_cpu() {
+            DType::F32
+        } else {
+            cache.config().dtype
+        };
         let parts = time(Part::QkvProjection, || self.qkv.forward(x))?;
         let heads = |t: &Tensor, n: usize| -> Result<Tensor> {
-            Ok(t.to_dtype(kv_dtype)?
+            Ok(t.to_dtype(attn_dtype)?
                 .reshape((tokens, n, self.head_dim))?
                 .contiguous()?)
         };
@@ -217,8 +223,8 @@ pub struct Llama {
     rope: RotaryEmbedding,
     sharding: HeadSharding,
     device: Device,
-    /// Activation dtype.
-    dtype: DType,
+    /// What the KV cache holds.
+    kv_dtype: DType,
     /// CPU threads for the kernels; the forward runs inside this pool so the calling thread
     /// is one of its workers instead of waking a pool for every matmul.
     pool: Arc<rayon::ThreadPool>,
@@ -282,6 +288,15 @@ impl Llama {
             max_seq_len.min(cfg.max_position_embeddings).max(1),
             src.device(),
         )?;
+        let kv_dtype = match (src.device().is_cpu(), format) {
+            // Half the bytes every decode step streams (the CPU attends in f32 over f16
+            // keys and values, as llama.cpp does by default); f16's rounding is far below
+            // the weights' quantization error. Dense checkpoints keep f32, so the f32 path's
+            // greedy tokens stay those of transformers in f32.
+            (true, WeightFormat::Quantized(_)) => DType::F16,
+            (true, WeightFormat::Dense(_)) => DType::F32,
+            (false, _) => dtype,
+        };
         let pool = compute_pool(None)?;
         Ok(Self {
             config: cfg,
@@ -292,7 +307,7 @@ impl Llama {
             rope,
             sharding,
             device: src.device().clone(),
-            dtype,
+            kv_dtype,
             pool: Arc::new(pool),
         })
     }
@@ -336,14 +351,10 @@ impl Llama {
         }
     }
 
-    /// The KV cache's element type: f32 on the CPU (its attention runs in f32), the
-    /// activations' dtype on a GPU.
+    /// The KV cache's element type: f16 for quantized weights on the CPU, f32 for dense ones
+    /// (its attention runs in f32 over either), the activations' dtype on a GPU.
     pub fn kv_dtype(&self) -> DType {
-        if self.device.is_cpu() {
-            DType::F32
-        } else {
-            self.dtype
-        }
+        self.kv_dtype
     }
 
     /// The device the shard lives on.

@@ -1,0 +1,407 @@
+//! AVX2 + FMA attention loops: scores for two query rows x four keys at a time (each key
+//! loaded once for both rows, one horizontal reduction per four keys), exponentials with a
+//! polynomial `exp`, and `P V` for two rows with 32 output values each in registers (64 for a
+//! lone row).
+
+use super::kernels::Elem;
+use std::arch::x86_64::*;
+
+/// Whether this CPU has the family's instructions.
+pub(super) fn available() -> bool {
+    static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVX2.get_or_init(|| {
+        is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+    })
+}
+
+/// The AVX2 + FMA (+ F16C for f16 caches) family; use only after [`available`].
+pub(super) struct Avx2;
+
+impl super::Kernels for Avx2 {
+    fn scores<E: Elem>(
+        q: &[f32],
+        d: usize,
+        k: &[E],
+        offsets: &[usize],
+        scale: f32,
+        s: &mut [f32],
+        stride: usize,
+    ) {
+        // SAFETY: `Avx2` is only used after `available()`.
+        unsafe { scores(q, d, k, offsets, scale, s, stride) }
+    }
+
+    fn exp_row(row: &mut [f32]) -> (f32, f32) {
+        // SAFETY: as above.
+        unsafe { exp_row(row) }
+    }
+
+    fn pv<E: Elem>(o: &mut [f32], d: usize, p: &[f32], stride: usize, offsets: &[usize], v: &[E]) {
+        // SAFETY: as above.
+        unsafe { pv(o, d, p, stride, offsets, v) }
+    }
+
+    fn exp1(x: f32) -> f32 {
+        // SAFETY: as above.
+        unsafe { exp1(x) }
+    }
+
+    fn scale_add(o: &mut [f32], a: f32, y: &[f32], b: f32) {
+        // SAFETY: as above.
+        unsafe { scale_add(o, a, y, b) }
+    }
+}
+
+/// The trait's default loop, compiled with FMA (a fused multiply-add instruction, not a
+/// library call); the same operations, so the same bits.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scale_add(o: &mut [f32], a: f32, y: &[f32], b: f32) {
+    for (x, &y) in o.iter_mut().zip(y) {
+        *x = x.mul_add(a, y * b);
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scores<E: Elem>(
+    q: &[f32],
+    d: usize,
+    k: &[E],
+    offsets: &[usize],
+    scale: f32,
+    s: &mut [f32],
+    stride: usize,
+) {
+    let (rows, n) = (q.len() / d, offsets.len());
+    if rows == 0 || n == 0 {
+        return;
+    }
+    assert!(n <= stride && s.len() >= (rows - 1) * stride + n);
+    assert!(offsets.iter().all(|&off| off + d <= k.len()));
+    let mut r = 0;
+    // SAFETY: AVX2 and FMA are enabled; the bounds are checked above.
+    unsafe {
+        while r + 2 <= rows {
+            scores_rows::<E, 2>(
+                &q[r * d..],
+                d,
+                k,
+                offsets,
+                scale,
+                &mut s[r * stride..],
+                stride,
+            );
+            r += 2;
+        }
+        if r < rows {
+            scores_rows::<E, 1>(
+                &q[r * d..],
+                d,
+                k,
+                offsets,
+                scale,
+                &mut s[r * stride..],
+                stride,
+            );
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn exp_row(row: &mut [f32]) -> (f32, f32) {
+    let n = row.len();
+    let n8 = n - n % 8;
+    // SAFETY: AVX2 and FMA are enabled; loads and stores stay within
+    // `row[..n8]` or the local tail buffer.
+    unsafe {
+        let p = row.as_mut_ptr();
+        // A NaN score need not survive the max: it reaches the output through `exp`.
+        let mut m = _mm256_set1_ps(f32::NEG_INFINITY);
+        for c in (0..n8).step_by(8) {
+            m = _mm256_max_ps(m, _mm256_loadu_ps(p.add(c)));
+        }
+        let mut max = hmax(m);
+        for &x in &row[n8..] {
+            max = max.max(x);
+        }
+        let mv = _mm256_set1_ps(max);
+        let mut acc = _mm256_setzero_ps();
+        for c in (0..n8).step_by(8) {
+            let e = exp(_mm256_sub_ps(_mm256_loadu_ps(p.add(c)), mv));
+            _mm256_storeu_ps(p.add(c), e);
+            acc = _mm256_add_ps(acc, e);
+        }
+        let mut sum = hsum(acc);
+        if n8 < n {
+            let mut tail = [0f32; 8];
+            tail[..n - n8].copy_from_slice(&row[n8..]);
+            let e = exp(_mm256_sub_ps(_mm256_loadu_ps(tail.as_ptr()), mv));
+            _mm256_storeu_ps(tail.as_mut_ptr(), e);
+            for (x, e) in row[n8..].iter_mut().zip(tail) {
+                *x = e;
+                sum += e;
+            }
+        }
+        (max, sum)
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn pv<E: Elem>(
+    o: &mut [f32],
+    d: usize,
+    p: &[f32],
+    stride: usize,
+    offsets: &[usize],
+    v: &[E],
+) {
+    let (rows, n) = (o.len() / d, offsets.len());
+    if rows == 0 || n == 0 {
+        return;
+    }
+    assert!(n <= stride && p.len() >= (rows - 1) * stride + n);
+    assert!(offsets.iter().all(|&off| off + d <= v.len()));
+    let mut r = 0;
+    // SAFETY: AVX2 and FMA are enabled; the bounds are checked above and
+    // every block below stays within `d` columns.
+    unsafe {
+        while r + 2 <= rows {
+            let (o, p) = (&mut o[r * d..(r + 2) * d], &p[r * stride..]);
+            let mut c = 0;
+            while c + 32 <= d {
+                pv_rows::<E, 2, 4>(o, d, p, stride, offsets, v, c);
+                c += 32;
+            }
+            while c + 8 <= d {
+                pv_rows::<E, 2, 1>(o, d, p, stride, offsets, v, c);
+                c += 8;
+            }
+            pv_tail(o, d, p, stride, offsets, v, c);
+            r += 2;
+        }
+        if r < rows {
+            let (o, p) = (&mut o[r * d..(r + 1) * d], &p[r * stride..]);
+            let mut c = 0;
+            while c + 64 <= d {
+                pv_rows::<E, 1, 8>(o, d, p, stride, offsets, v, c);
+                c += 64;
+            }
+            while c + 8 <= d {
+                pv_rows::<E, 1, 1>(o, d, p, stride, offsets, v, c);
+                c += 8;
+            }
+            pv_tail(o, d, p, stride, offsets, v, c);
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn exp1(x: f32) -> f32 {
+    // SAFETY: AVX2 and FMA are enabled.
+    unsafe { _mm256_cvtss_f32(exp(_mm256_set1_ps(x))) }
+}
+
+/// Scores of `R` rows (`q`: `R x d`) against every key; `s`: rows `stride` apart.
+///
+/// # Safety
+/// AVX2, FMA and F16C; `off + d <= k.len()` for every offset, `q.len() >= R * d`,
+/// `s.len() >= (R - 1) * stride + n`.
+#[inline(always)]
+unsafe fn scores_rows<E: Elem, const R: usize>(
+    q: &[f32],
+    d: usize,
+    k: &[E],
+    offsets: &[usize],
+    scale: f32,
+    s: &mut [f32],
+    stride: usize,
+) {
+    let n = offsets.len();
+    let d8 = d - d % 8;
+    let (pq, pk) = (q.as_ptr(), k.as_ptr());
+    let mut j = 0;
+    while j < n {
+        // Four keys; past the end the last key is repeated and its extra sums dropped (each
+        // key's sum is its own lane, so its neighbours change no bit of it).
+        let offs = [0, 1, 2, 3].map(|i| offsets[(j + i).min(n - 1)]);
+        let mut acc = [[_mm256_setzero_ps(); 4]; R];
+        let mut c = 0;
+        while c < d8 {
+            let mut x = [_mm256_setzero_ps(); R];
+            for (r, x) in x.iter_mut().enumerate() {
+                *x = _mm256_loadu_ps(pq.add(r * d + c));
+            }
+            for (i, &off) in offs.iter().enumerate() {
+                let kv = E::load8(pk.add(off + c));
+                for r in 0..R {
+                    acc[r][i] = _mm256_fmadd_ps(x[r], kv, acc[r][i]);
+                }
+            }
+            c += 8;
+        }
+        for r in 0..R {
+            let mut sums = [0f32; 4];
+            _mm_storeu_ps(sums.as_mut_ptr(), reduce4(acc[r]));
+            for (i, (mut sum, off)) in sums.into_iter().zip(offs).enumerate().take(n - j) {
+                for e in d8..d {
+                    sum = q[r * d + e].mul_add(k[off + e].to_f32(), sum);
+                }
+                s[r * stride + j + i] = sum * scale;
+            }
+        }
+        j += 4;
+    }
+}
+
+/// Columns `c..c + 8W` of `R` output rows (`o`: `R x d`, `p`: rows `stride` apart).
+///
+/// # Safety
+/// AVX2, FMA and F16C; `c + 8W <= d`, `o.len() >= R * d`, `p.len() >= (R - 1) * stride + n` and
+/// `off + d <= v.len()` for every offset.
+#[inline(always)]
+unsafe fn pv_rows<E: Elem, const R: usize, const W: usize>(
+    o: &mut [f32],
+    d: usize,
+    p: &[f32],
+    stride: usize,
+    offsets: &[usize],
+    v: &[E],
+    c: usize,
+) {
+    let po = o.as_mut_ptr();
+    let mut acc = [[_mm256_setzero_ps(); W]; R];
+    for (r, acc) in acc.iter_mut().enumerate() {
+        for (w, a) in acc.iter_mut().enumerate() {
+            *a = _mm256_loadu_ps(po.add(r * d + c + 8 * w));
+        }
+    }
+    for (j, &off) in offsets.iter().enumerate() {
+        let pv = v.as_ptr().add(off + c);
+        let mut weight = [_mm256_setzero_ps(); R];
+        for (r, x) in weight.iter_mut().enumerate() {
+            *x = _mm256_set1_ps(*p.get_unchecked(r * stride + j));
+        }
+        for w in 0..W {
+            let x = E::load8(pv.add(8 * w));
+            for r in 0..R {
+                acc[r][w] = _mm256_fmadd_ps(weight[r], x, acc[r][w]);
+            }
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        for (w, a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(po.add(r * d + c + 8 * w), *a);
+        }
+    }
+}
+
+/// Columns `c..d` element by element (the same fused multiply-add in position order).
+fn pv_tail<E: Elem>(
+    o: &mut [f32],
+    d: usize,
+    p: &[f32],
+    stride: usize,
+    offsets: &[usize],
+    v: &[E],
+    c: usize,
+) {
+    for (o, p) in o.chunks_exact_mut(d).zip(p.chunks(stride)) {
+        for e in c..d {
+            for (&p, &off) in p.iter().zip(offsets) {
+                o[e] = p.mul_add(v[off + e].to_f32(), o[e]);
+            }
+        }
+    }
+}
+
+/// The four horizontal sums of `acc`, one per lane, each `((l0+l1)+(l2+l3))+((l4+l5)+(l6+l7))`.
+#[inline(always)]
+unsafe fn reduce4(acc: [__m256; 4]) -> __m128 {
+    let t01 = _mm256_hadd_ps(acc[0], acc[1]);
+    let t23 = _mm256_hadd_ps(acc[2], acc[3]);
+    let u = _mm256_hadd_ps(t01, t23);
+    _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1))
+}
+
+#[inline(always)]
+unsafe fn hsum(v: __m256) -> f32 {
+    let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)))
+}
+
+#[inline(always)]
+unsafe fn hmax(v: __m256) -> f32 {
+    let h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)))
+}
+
+/// `e^x` for `x <= 0` (scores minus their maximum), within 2 ulp of the true value down to
+/// `x = -87` and flushed towards 0 below; NaN stays NaN. Cephes' `expf`: `x = n ln 2 + r`,
+/// `|r| <= ln 2 / 2`, a degree-6 polynomial in `r`, times `2^n`.
+#[inline(always)]
+pub(super) unsafe fn exp(x: __m256) -> __m256 {
+    // `max(lo, x)` returns `x` when it is NaN, so NaN is kept.
+    let x = _mm256_max_ps(_mm256_set1_ps(-87.0), x);
+    let x = _mm256_min_ps(_mm256_set1_ps(88.0), x);
+    let n = _mm256_round_ps(
+        _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+    );
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+    let mut y = _mm256_set1_ps(1.987_569_2e-4);
+    for c in [1.398_2e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5] {
+        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
+    }
+    let y = _mm256_fmadd_ps(
+        y,
+        _mm256_mul_ps(r, r),
+        _mm256_add_ps(r, _mm256_set1_ps(1.0)),
+    );
+    let pow2n = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
+        _mm256_cvtps_epi32(n),
+        _mm256_set1_epi32(127),
+    )));
+    _mm256_mul_ps(y, pow2n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The polynomial `exp` against the standard library over the softmax range, with its
+    /// ends, and NaN.
+    #[test]
+    fn exp_is_within_two_ulp() {
+        if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
+            eprintln!("skipped: this CPU has no AVX2/FMA");
+            return;
+        }
+        let mut xs: Vec<f32> = (0..=200_000)
+            .map(|i| -87.0 * i as f32 / 200_000.0)
+            .collect();
+        xs.extend([0.0, -0.0, -1e-30, -86.99, f32::MIN_POSITIVE]);
+        for chunk in xs.chunks(8) {
+            let mut buf = [0f32; 8];
+            buf[..chunk.len()].copy_from_slice(chunk);
+            // SAFETY: AVX2 and FMA detected above.
+            unsafe { _mm256_storeu_ps(buf.as_mut_ptr(), exp(_mm256_loadu_ps(buf.as_ptr()))) };
+            for (&x, &y) in chunk.iter().zip(&buf) {
+                let want = x.exp();
+                let ulp = (want.to_bits() as i64 - y.to_bits() as i64).abs();
+                assert!(
+                    y.is_finite() && ulp <= 2,
+                    "exp({x}) = {y}, want {want} ({ulp} ulp)"
+                );
+            }
+        }
+        let mut buf = [f32::NAN, -1.0, 0.0, f32::NAN, -5.0, -0.5, f32::NAN, -2.0];
+        // SAFETY: as above.
+        unsafe { _mm256_storeu_ps(buf.as_mut_ptr(), exp(_mm256_loadu_ps(buf.as_ptr()))) };
+        assert!(buf[0].is_nan() && buf[3].is_nan() && buf[6].is_nan());
+        assert!(buf[1].is_finite() && buf[2] == 1.0);
+    }
+}
