@@ -37,7 +37,9 @@ RUN apt-get update && apt-get install -y --no-install-recommends python3 python3
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build-cpu /liftoff /usr/local/bin/liftoff
 COPY scripts/docker-entrypoint.sh scripts/fetch_default_model.sh /usr/local/bin/
-ENV LIFTOFF_CACHE=/models TAKEOFF_DEVICE=cpu
+# The management port must be reachable through `-p 3001:3001`; set TAKEOFF_MANAGEMENT_API_KEY
+# to guard it.
+ENV LIFTOFF_CACHE=/models TAKEOFF_DEVICE=cpu TAKEOFF_MANAGEMENT_HOST=0.0.0.0
 RUN PIP_BREAK_SYSTEM_PACKAGES=1 fetch_default_model.sh
 EXPOSE 3000 3001
 ENTRYPOINT ["docker-entrypoint.sh"]
@@ -48,6 +50,6 @@ RUN apt-get update && apt-get install -y --no-install-recommends libnccl2 python
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build-cuda /liftoff /usr/local/bin/liftoff
 COPY scripts/docker-entrypoint.sh scripts/fetch_default_model.sh /usr/local/bin/
-ENV LIFTOFF_CACHE=/models TAKEOFF_DEVICE=cuda
+ENV LIFTOFF_CACHE=/models TAKEOFF_DEVICE=cuda TAKEOFF_MANAGEMENT_HOST=0.0.0.0
 EXPOSE 3000 3001
 ENTRYPOINT ["docker-entrypoint.sh"]

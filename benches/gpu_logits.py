@@ -12,7 +12,7 @@ first divergence and compares log-probabilities up to it.
 
 Usage: gpu_logits.py LIFTOFF_BIN CHECKPOINT_DIR
 """
-import json, subprocess, sys
+import json, math, subprocess, sys
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -43,8 +43,11 @@ def main():
         for step, top in enumerate(g["top_logprobs"][:agree]):
             row = lsm[len(ids) - 1 + step]
             for tid, lp in top:
-                diff = max(diff, abs(row[tid].item() - lp))
-        worst = max(worst, diff)
+                d = abs(row[tid].item() - lp)
+                # Python's max() drops NaN when it is not the first argument: count a NaN or an
+                # infinity (on either side) as infinitely wrong.
+                diff = diff if d <= diff else (d if math.isfinite(d) else math.inf)
+        worst = worst if diff <= worst else diff
         ok = diff <= TOL
         failures += not ok
         print(f"{'ok' if ok else 'FAIL'}  {p!r}: greedy tokens agree for {agree}/{NEW}, "

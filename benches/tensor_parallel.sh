@@ -53,12 +53,12 @@ for label in ["tp1-in-process", "tp1-worker", "tp2"]:
     for c in [1, 8]:
         b, a = read(f"{tmp}/{label}-{c}.before"), read(f"{tmp}/{label}-{c}.after")
         d = {k: a.get(k, 0) - b.get(k, 0) for k in a}
-        steps = d.get("liftoff_steps", 0) or 1
+        steps = d.get("liftoff_steps_total", 0) or 1
         bench = json.load(open(f"{tmp}/{label}-{c}.json"))
         level = bench["levels"][0] if "levels" in bench else bench["results"][0]
-        step = d.get("liftoff_step_time_microseconds", 0) / steps / 1000
-        compute = d.get("liftoff_worker_compute_time_microseconds", 0) / steps / 1000
-        comm = d.get("liftoff_allreduce_time_microseconds", 0) / steps / 1000
+        step = d.get("liftoff_step_time_seconds_total", 0) / steps * 1000
+        compute = d.get("liftoff_worker_compute_time_seconds_total", 0) / steps * 1000
+        comm = d.get("liftoff_allreduce_time_seconds_total", 0) / steps * 1000
         rows.append({"config": label, "concurrency": c, "steps": int(steps),
                      "step_ms": round(step, 2),
                      "rank0_forward_ms": round(compute, 2) if compute else None,

@@ -117,6 +117,15 @@ async fn openai_routes_stream_with_usage() {
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
     let usage = &chunks.last().unwrap()["usage"];
     assert!(usage["completion_tokens"].as_u64().unwrap() >= 1, "{usage}");
+    // One chunk per generated token, even one without text of its own.
+    let token_chunks = chunks
+        .iter()
+        .filter(|c| c["choices"].as_array().is_some_and(|a| !a.is_empty()))
+        .count();
+    assert_eq!(
+        Some(token_chunks as u64),
+        usage["completion_tokens"].as_u64()
+    );
     assert_eq!(
         usage["total_tokens"].as_u64(),
         Some(
@@ -306,7 +315,6 @@ async fn concurrent_greedy_equals_alone() {
         })
         .collect();
     assert_eq!(together, alone);
-    assert!(s.metric("liftoff_prefix_cache_hit_blocks").await >= 0.0);
 }
 
 #[tokio::test]
@@ -342,6 +350,129 @@ async fn prefix_cache_hits_on_a_repeated_prompt() {
             .await;
         assert_eq!(st, 200);
     }
-    assert!(s.metric("liftoff_prefix_cache_hit_blocks").await >= 5.0);
+    assert!(s.metric("liftoff_prefix_cache_hit_blocks_total").await >= 5.0);
     assert!(s.metric("liftoff_prefix_cache_hit_rate").await > 0.4);
+    // Both requests are done: no block is held, the prompt's full blocks stay cached.
+    assert_eq!(s.metric("liftoff_kv_cache_used_blocks").await, 0.0);
+    assert!(s.metric("liftoff_kv_cache_cached_blocks").await >= 5.0);
+}
+
+/// `/metrics` as a Prometheus server reads it: every running total is a counter named
+/// `*_total`, gauges are gauges, histograms are histograms, and the counters move.
+#[tokio::test]
+async fn metrics_parse_as_prometheus_text() {
+    let s = Server::start(&[]).await;
+    let (st, _) = s
+        .post("/generate", json!({"text": "Hello", "max_new_tokens": 3}))
+        .await;
+    assert_eq!(st, 200);
+    let scrape = s.scrape().await;
+    let kind = |name: &str| {
+        let v = &scrape
+            .samples
+            .iter()
+            .find(|x| x.metric == name)
+            .unwrap_or_else(|| panic!("no {name}"))
+            .value;
+        match v {
+            prometheus_parse::Value::Counter(_) => "counter",
+            prometheus_parse::Value::Gauge(_) => "gauge",
+            prometheus_parse::Value::Histogram(_) => "histogram",
+            _ => "other",
+        }
+    };
+    for sample in &scrape.samples {
+        if sample.metric.ends_with("_total") {
+            assert_eq!(kind(&sample.metric), "counter", "{}", sample.metric);
+        }
+    }
+    for c in [
+        "liftoff_requests_total",
+        "liftoff_steps_total",
+        "liftoff_step_time_seconds_total",
+        "liftoff_preemptions_total",
+        "liftoff_cancelled_requests_total",
+        "liftoff_prefix_cache_queried_blocks_total",
+        "liftoff_generation_tokens_total",
+    ] {
+        assert_eq!(kind(c), "counter", "{c}");
+    }
+    for g in [
+        "liftoff_num_requests_running",
+        "liftoff_kv_cache_used_blocks",
+        "liftoff_kv_cache_cached_blocks",
+        "liftoff_kv_cache_total_blocks",
+        "liftoff_replica_healthy",
+    ] {
+        assert_eq!(kind(g), "gauge", "{g}");
+    }
+    assert_eq!(kind("liftoff_time_to_first_token_seconds"), "histogram");
+    assert!(s.metric("liftoff_steps_total").await >= 3.0);
+    assert!(s.metric("liftoff_step_time_seconds_total").await > 0.0);
+    assert_eq!(s.metric("liftoff_generation_tokens_total").await, 3.0);
+    assert_eq!(s.metric("liftoff_replica_healthy").await, 1.0);
+}
+
+/// `--api-key` (a list) guards the inference port and `--management-api-key` the management
+/// port: 401 JSON without a right `Authorization: Bearer` key, `/health` open on both, each
+/// port taking only its own keys.
+#[tokio::test]
+async fn api_keys_guard_each_port() {
+    let s = Server::start(&["--api-key", "k1, k2", "--management-api-key", "m1"]).await;
+    let client = reqwest::Client::new();
+    let body = json!({"prompt": "Hi", "max_tokens": 2});
+    let send = |key: Option<&str>| {
+        let mut r = client
+            .post(format!("{}/v1/completions", s.base))
+            .json(&body);
+        if let Some(k) = key {
+            r = r.bearer_auth(k);
+        }
+        r.send()
+    };
+    for key in [None, Some("k3"), Some("m1"), Some("")] {
+        let r = send(key).await.unwrap();
+        assert_eq!(r.status(), 401, "key {key:?}");
+        assert_eq!(r.headers()["www-authenticate"], "Bearer");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["type"], "authentication_error", "{v}");
+    }
+    for key in ["k1", "k2"] {
+        assert_eq!(send(Some(key)).await.unwrap().status(), 200, "key {key}");
+    }
+    for base in [&s.base, &s.mgmt] {
+        let r = client.get(format!("{base}/health")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{base}/health stays open");
+    }
+    let info = |key: Option<&str>| {
+        let mut r = client.get(format!("{}/info", s.mgmt));
+        if let Some(k) = key {
+            r = r.bearer_auth(k);
+        }
+        r.send()
+    };
+    assert_eq!(info(None).await.unwrap().status(), 401);
+    assert_eq!(info(Some("k1")).await.unwrap().status(), 401);
+    assert_eq!(info(Some("m1")).await.unwrap().status(), 200);
+}
+
+/// `--body-size-limit-bytes`: a larger body gets 413 with a JSON error, a smaller one passes.
+#[tokio::test]
+async fn bodies_over_the_limit_get_413() {
+    let s = Server::start(&["--body-size-limit-bytes", "2000"]).await;
+    let (st, v) = s
+        .post(
+            "/generate",
+            json!({"text": "word ".repeat(1000), "max_new_tokens": 1}),
+        )
+        .await;
+    assert_eq!(st, 413, "{v}");
+    assert!(v["error"]["message"].is_string(), "{v}");
+    let (st, _) = s
+        .post(
+            "/generate",
+            json!({"text": "word ".repeat(100), "max_new_tokens": 1}),
+        )
+        .await;
+    assert_eq!(st, 200);
 }

@@ -48,16 +48,25 @@ pub fn load_ref(name: &str) -> RefFile {
     .unwrap()
 }
 
-/// Largest |ours - reference| over the reference's top-k logits at every position.
+/// Largest of `diffs`, infinite if any is NaN or infinite (`f32::max` would drop a NaN).
+pub fn worst(diffs: impl IntoIterator<Item = f32>) -> f32 {
+    diffs.into_iter().fold(0f32, |w, d| {
+        if d.is_finite() {
+            w.max(d.abs())
+        } else {
+            f32::INFINITY
+        }
+    })
+}
+
+/// Largest |ours - reference| over the reference's top-k logits at every position (infinite
+/// if a logit is NaN or infinite).
 pub fn max_topk_error(ours: &[Vec<f32>], reference: &[Vec<(u32, f32)>]) -> f32 {
     assert_eq!(ours.len(), reference.len());
-    let mut worst = 0f32;
-    for (row, refs) in ours.iter().zip(reference) {
-        for &(id, logit) in refs {
-            worst = worst.max((row[id as usize] - logit).abs());
-        }
-    }
-    worst
+    worst(ours.iter().zip(reference).flat_map(|(row, refs)| {
+        refs.iter()
+            .map(move |&(id, logit)| row[id as usize] - logit)
+    }))
 }
 
 /// Index of the largest value.

@@ -134,3 +134,16 @@ fn quantized_path_agrees_statistically() {
     assert!(top1_rate >= 0.973, "top-1 agreement {top1_rate}");
     assert!(overlap_rate >= 0.96, "top-10 overlap {overlap_rate}");
 }
+
+/// The comparison helpers fail on a NaN or an infinity anywhere (f32::max would skip a NaN).
+#[test]
+fn comparisons_fail_on_nan_and_infinity() {
+    let refs = vec![vec![(0u32, 1.0f32), (2, 0.5)]];
+    assert_eq!(max_topk_error(&[vec![1.0, 9.0, 0.5]], &refs), 0.0);
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        assert_eq!(max_topk_error(&[vec![1.0, 0.0, bad]], &refs), f32::INFINITY);
+        assert_eq!(max_topk_error(&[vec![bad, 0.0, 0.5]], &refs), f32::INFINITY);
+        assert_eq!(worst([0.1, bad, 0.2]), f32::INFINITY);
+        assert!(std::panic::catch_unwind(|| argmax(&[0.0, bad, 1.0])).is_err());
+    }
+}

@@ -87,7 +87,7 @@ fn rank_steps(
             rows.push(t.to_vec2::<f32>().unwrap().remove(0));
         }
         if alone && tokens.len() < prompt_len + greedy {
-            tokens.push(argmax(rows.last().unwrap()));
+            tokens.push(common::argmax(rows.last().unwrap()));
         }
         if end == tokens.len() {
             break;
@@ -96,21 +96,6 @@ fn rank_steps(
         end += 1;
     }
     (tokens, rows)
-}
-
-fn argmax(row: &[f32]) -> u32 {
-    // A NaN would never compare greater and could hide behind index 0.
-    assert!(
-        row.iter().all(|x| x.is_finite()),
-        "non-finite logit in a row"
-    );
-    let mut best = 0;
-    for (i, &x) in row.iter().enumerate() {
-        if x > row[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 /// Greedy-decodes `steps` tokens with one rank, then checks each `world` against it.
@@ -130,14 +115,13 @@ fn check(
         let mut worst = 0f32;
         for (step, (a, b)) in rows.iter().zip(&reference).enumerate() {
             assert_eq!(
-                argmax(a),
-                argmax(b),
+                common::argmax(a),
+                common::argmax(b),
                 "{}: TP={world} greedy token differs at step {step}",
                 model.display()
             );
-            for (x, y) in a.iter().zip(b) {
-                worst = worst.max((x - y).abs());
-            }
+            // Infinite if a difference is NaN or infinite.
+            worst = worst.max(common::worst(a.iter().zip(b).map(|(x, y)| x - y)));
         }
         eprintln!(
             "{} {dtype:?} TP={world}: max |logit diff| {worst:e}",

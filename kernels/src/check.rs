@@ -4,7 +4,7 @@
 //! differs is summation order, `__expf` (a few f32 ulp) and the single rounding of the output
 //! (values here are within [-1, 1]: half an ulp is 2e-3 in bf16 and 2.4e-4 in f16).
 
-use crate::reference::{naive_attention, rotary, write_kv as write_kv_ref};
+use crate::reference::naive_attention;
 use crate::{
     paged_attention, rotary_embedding, sample, write_kv, AttentionShape, HostLayout, PagedLayout,
     RotaryTables, RowSampling, SeqSpan,
@@ -288,8 +288,93 @@ pub fn sampling_specs(vocab: u32) -> Vec<RowSampling> {
     specs
 }
 
-/// The device's tokens must equal the CPU's except where the draw fell within 1e-3 of a
-/// boundary (sums in another order may land on either side); log-probabilities within 1e-3.
+/// The sampling steps of [`crate::sampling`] written again, plainly and in f64: the CPU's
+/// `sample` *is* `sample_row`, so the check compares against this instead. Returns the token,
+/// how close the draw came to a decision boundary (relative to the mass, infinite for the arg
+/// max) and the top log-probabilities.
+fn plain_sample(row: &[f32], spec: &RowSampling) -> (u32, f64, Vec<(u32, f64)>) {
+    let raw: Vec<f64> = row
+        .iter()
+        .map(|&v| {
+            if v.is_nan() {
+                f64::NEG_INFINITY
+            } else {
+                v as f64
+            }
+        })
+        .collect();
+    let max = raw.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let log_sum = max + raw.iter().map(|v| (v - max).exp()).sum::<f64>().ln();
+    let mut by_value: Vec<usize> = (0..raw.len()).collect();
+    by_value.sort_by(|&a, &b| raw[b].total_cmp(&raw[a]).then(a.cmp(&b)));
+    let top = by_value
+        .iter()
+        .take(spec.logprobs as usize)
+        .map(|&i| (i as u32, raw[i] - log_sum))
+        .collect();
+    // The penalty is defined on f32 values (transformers' rule); bans remove tokens.
+    let mut x = raw.clone();
+    for &t in &spec.penalized {
+        let v = row[t as usize];
+        let p = spec.repetition_penalty;
+        x[t as usize] = if v > 0.0 {
+            (v / p) as f64
+        } else {
+            (v * p) as f64
+        };
+    }
+    for &t in &spec.banned {
+        x[t as usize] = f64::NEG_INFINITY;
+    }
+    // The first (lowest id) of the largest values.
+    let arg = (0..x.len()).fold(0, |a, i| if x[i] > x[a] { i } else { a });
+    let best = x[arg];
+    if spec.temperature <= 0.0 || best == f64::NEG_INFINITY {
+        return (arg as u32, f64::INFINITY, top);
+    }
+    let mut desc: Vec<f64> = x.iter().cloned().filter(|v| v.is_finite()).collect();
+    desc.sort_by(|a, b| b.total_cmp(a));
+    let mut floor = f64::NEG_INFINITY;
+    if spec.top_k > 0 && (spec.top_k as usize) < desc.len() {
+        floor = desc[spec.top_k as usize - 1];
+    }
+    let weight = |v: f64| ((v - best) / spec.temperature as f64).exp();
+    let mut margin = f64::INFINITY;
+    if spec.top_p < 1.0 {
+        let kept: Vec<f64> = desc.iter().cloned().filter(|&v| v >= floor).collect();
+        let total: f64 = kept.iter().map(|&v| weight(v)).sum();
+        let need = spec.top_p as f64 * total;
+        let mut acc = 0.0;
+        for &v in &kept {
+            let before = acc;
+            acc += weight(v);
+            if acc >= need {
+                margin = ((need - before).abs().min(acc - need)) / total;
+                floor = floor.max(v);
+                break;
+            }
+        }
+    }
+    let kept = |v: f64| v.is_finite() && v >= floor;
+    let total: f64 = x.iter().filter(|&&v| kept(v)).map(|&v| weight(v)).sum();
+    let target = spec.uniform as f64 * total;
+    let mut acc = 0.0;
+    for (i, &v) in x.iter().enumerate() {
+        if !kept(v) {
+            continue;
+        }
+        let before = acc;
+        acc += weight(v);
+        if acc >= target {
+            let m = (target - before).abs().min(acc - target) / total;
+            return (i as u32, margin.min(m), top);
+        }
+    }
+    (arg as u32, 0.0, top)
+}
+
+/// The device's tokens must equal [`plain_sample`]'s except where the draw fell within 1e-3 of
+/// a boundary (sums in another order may land on either side); log-probabilities within 1e-3.
 fn check_sampling(device: &Device) -> Result<CheckReport> {
     let (rows, vocab) = (8usize, 5000usize);
     let specs = sampling_specs(vocab as u32);
@@ -299,19 +384,19 @@ fn check_sampling(device: &Device) -> Result<CheckReport> {
     let got = sample(logits, &specs)?;
     let mut err = 0f32;
     for (r, spec) in specs.iter().enumerate() {
-        let mut row = host[r * vocab..(r + 1) * vocab].to_vec();
-        let (want, margin) = crate::sampling::sample_row(&mut row, spec);
-        if got[r].token != want.token && margin >= 1e-3 {
+        let (token, margin, top) = plain_sample(&host[r * vocab..(r + 1) * vocab], spec);
+        if got[r].token != token && margin >= 1e-3 {
             err = f32::INFINITY;
         }
-        if got[r].top_logprobs.len() != want.top_logprobs.len() {
+        if got[r].top_logprobs.len() != top.len() {
             err = f32::INFINITY;
         }
-        for (a, b) in got[r].top_logprobs.iter().zip(&want.top_logprobs) {
-            err = if a.0 != b.0 {
+        for (a, b) in got[r].top_logprobs.iter().zip(&top) {
+            let d = (a.1 as f64 - b.1).abs() as f32;
+            err = if a.0 != b.0 || !d.is_finite() {
                 f32::INFINITY
             } else {
-                err.max((a.1 - b.1).abs())
+                err.max(d)
             };
         }
     }
@@ -419,14 +504,19 @@ fn check_write_kv(
     )?;
     let layout = device_layout(case, &data.tables, device)?;
     write_kv(&cache, &rows, &layout)?;
-    let rows_rounded = rows.to_dtype(cache_dtype)?;
-    write_kv_ref(
-        &mut want,
-        &to_host(&rows_rounded)?,
-        &data.layout.slots,
-        s.kv_heads * s.head_dim,
-    );
-    debug_assert!(dtype != cache_dtype || to_host(&rows)? == rows_h);
+    // Written out here by block, offset, head and element (not with `reference::write_kv`,
+    // which the CPU op uses).
+    let new = to_host(&rows.to_dtype(cache_dtype)?)?;
+    let (bs, kvh, d) = (case.block_size, s.kv_heads, s.head_dim);
+    for (t, &slot) in data.layout.slots.iter().enumerate() {
+        let (block, offset) = (slot as usize / bs, slot as usize % bs);
+        for h in 0..kvh {
+            for e in 0..d {
+                want[((block * bs + offset) * kvh + h) * d + e] = new[(t * kvh + h) * d + e];
+            }
+        }
+    }
+    debug_assert!(dtype != cache_dtype || new == rows_h);
     Ok(CheckReport {
         op: "write-kv",
         case: cache_note(&case.name, dtype, cache_dtype),
@@ -456,15 +546,34 @@ fn check_rotary(
     let (x, mut want) = upload(&data.q, &[n, s.heads, s.head_dim], dtype, device)?;
     let layout = device_layout(case, &data.tables, device)?;
     rotary_embedding(&x, &tables, &layout)?;
-    rotary(
-        &mut want,
-        &data.layout.positions,
-        &cos,
-        &sin,
-        s.heads,
-        half,
-        interleaved,
-    );
+    // Each element from its own formula, in f64 (not with `reference::rotary`, which the CPU
+    // op uses): element e pairs with e ± 1 (interleaved) or e ± half, with angle index j.
+    let d = s.head_dim;
+    let input = want.clone();
+    for (t, &p) in data.layout.positions.iter().enumerate() {
+        for h in 0..s.heads {
+            let at = (t * s.heads + h) * d;
+            for e in 0..d {
+                let (j, first) = if interleaved {
+                    (e / 2, e % 2 == 0)
+                } else {
+                    (e % half, e < half)
+                };
+                let partner = if interleaved { e ^ 1 } else { (e + half) % d };
+                let (c, sn) = (
+                    cos[p as usize * half + j] as f64,
+                    sin[p as usize * half + j] as f64,
+                );
+                let (x, y) = (input[at + e] as f64, input[at + partner] as f64);
+                // (x + iy)(c + is) for the first of a pair, its conjugate pairing for the second.
+                want[at + e] = if first {
+                    x * c - y * sn
+                } else {
+                    x * c + y * sn
+                } as f32;
+            }
+        }
+    }
     Ok(CheckReport {
         op: if interleaved {
             "rotary-interleaved"

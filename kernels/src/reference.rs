@@ -228,12 +228,19 @@ mod tests {
     use super::*;
     use crate::check::{random_case, AttentionCase};
 
+    /// Largest difference; infinite if any is NaN or infinite (f32::max would drop a NaN).
     fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         assert_eq!(a.len(), b.len());
         a.iter()
             .zip(b)
             .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f32::max)
+            .fold(0.0, |m, d| {
+                if d.is_finite() {
+                    m.max(d)
+                } else {
+                    f32::INFINITY
+                }
+            })
     }
 
     /// Decode batches with contexts from a few keys to several partitions.

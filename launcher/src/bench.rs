@@ -182,10 +182,10 @@ async fn one_request(
         if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
             usage_tokens = Some(n as usize);
         }
-        let has_text = v["choices"][0]["text"]
-            .as_str()
-            .is_some_and(|t| !t.is_empty());
-        if has_text {
+        // A chunk with a choice carries one token (possibly with empty text: part of a
+        // character, or a special token); the usage chunk has none.
+        let has_token = v["choices"].as_array().is_some_and(|c| !c.is_empty());
+        if has_token {
             let now = Instant::now();
             match last {
                 None => first = Some(now),

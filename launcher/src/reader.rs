@@ -290,6 +290,17 @@ mod tests {
         crate::serve_config::readers_from(argv).unwrap().remove(0)
     }
 
+    /// The management API listens on loopback unless told otherwise; no keys by default.
+    #[test]
+    fn management_is_loopback_and_open_by_default() {
+        let a = args(&[]);
+        assert_eq!(a.management_host, "127.0.0.1");
+        assert_eq!((a.api_key, a.management_api_key), (None, None));
+        let a = args(&["--management-host", "0.0.0.0", "--api-key", "a,b"]);
+        assert_eq!(a.management_host, "0.0.0.0");
+        assert_eq!(a.api_key.as_deref(), Some("a,b"));
+    }
+
     #[test]
     fn max_step_is_auto_off_or_milliseconds() {
         assert_eq!(parse_max_step("auto").unwrap(), StepTarget::Auto);

@@ -7,7 +7,7 @@ use crate::reader::{self, Reader};
 use anyhow::{Context, Result};
 use clap::Args;
 use liftoff_engine::kv_cache::DEFAULT_BLOCK_SIZE;
-use liftoff_server::AppState;
+use liftoff_server::{AppState, ServerOptions};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -48,6 +48,20 @@ pub struct ServeArgs {
     /// Management API port (health, info, metrics, readers).
     #[arg(long, env = "TAKEOFF_MANAGEMENT_PORT", default_value_t = 3001)]
     pub management_port: u16,
+    /// Address the management API listens on (loopback unless set: it can change what is
+    /// served).
+    #[arg(long, env = "TAKEOFF_MANAGEMENT_HOST", default_value = "127.0.0.1")]
+    pub management_host: String,
+    /// API keys of the inference port, comma-separated: requests then need
+    /// `Authorization: Bearer <key>` (401 otherwise); /health stays open.
+    #[arg(long, env = "TAKEOFF_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// API keys of the management port, comma-separated (/health stays open).
+    #[arg(long, env = "TAKEOFF_MANAGEMENT_API_KEY", hide_env_values = true)]
+    pub management_api_key: Option<String>,
+    /// Largest request body in bytes; larger ones get 413.
+    #[arg(long, env = "TAKEOFF_BODY_SIZE_LIMIT_BYTES", default_value_t = 8 * 1024 * 1024)]
+    pub body_size_limit_bytes: usize,
     /// Consumer group this model serves.
     #[arg(long, env = "TAKEOFF_CONSUMER_GROUP", default_value = "primary")]
     pub consumer_group: String,
@@ -113,7 +127,12 @@ pub fn run(readers: Vec<ServeArgs>, log_level: &str) -> Result<()> {
         services.push(Arc::new(service));
         supervisors.extend(supervisor);
     }
-    let state = Arc::new(AppState::new(services)?);
+    let options = ServerOptions {
+        api_keys: keys(first.api_key.as_deref()),
+        management_api_keys: keys(first.management_api_key.as_deref()),
+        body_size_limit_bytes: first.body_size_limit_bytes,
+    };
+    let state = Arc::new(AppState::with_options(services, options)?);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -127,13 +146,28 @@ pub fn run(readers: Vec<ServeArgs>, log_level: &str) -> Result<()> {
     served
 }
 
+/// The keys of a comma-separated list (empty entries dropped).
+fn keys(list: Option<&str>) -> Vec<String> {
+    list.unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .map(String::from)
+        .collect()
+}
+
 async fn serve_http(state: Arc<AppState>, args: &ServeArgs) -> Result<()> {
     let addr: SocketAddr = format!("{}:{}", args.host, args.port)
         .parse()
         .with_context(|| format!("bad listen address {}:{}", args.host, args.port))?;
-    let maddr: SocketAddr = format!("{}:{}", args.host, args.management_port)
+    let maddr: SocketAddr = format!("{}:{}", args.management_host, args.management_port)
         .parse()
-        .with_context(|| format!("bad listen address {}:{}", args.host, args.management_port))?;
+        .with_context(|| {
+            format!(
+                "bad listen address {}:{}",
+                args.management_host, args.management_port
+            )
+        })?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding {addr}"))?;

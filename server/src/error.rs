@@ -48,6 +48,18 @@ impl ApiError {
         }
     }
 
+    /// 401: no API key, or not one of the server's.
+    pub fn unauthorized() -> Self {
+        Self {
+            status: StatusCode::UNAUTHORIZED,
+            message: "missing or invalid API key: send the header 'Authorization: Bearer <key>'"
+                .into(),
+            kind: "authentication_error",
+            param: None,
+            retry_after: None,
+        }
+    }
+
     /// 503: overloaded or no healthy replica.
     pub fn unavailable(message: impl Into<String>, retry_after: Option<u64>) -> Self {
         Self {
@@ -79,6 +91,10 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut resp = (self.status, axum::Json(self.body())).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
         if let Some(s) = self.retry_after {
             if let Ok(v) = HeaderValue::from_str(&s.to_string()) {
                 resp.headers_mut().insert(header::RETRY_AFTER, v);

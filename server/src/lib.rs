@@ -21,22 +21,51 @@ use serde_json::json;
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
-/// Largest request body accepted (prompts are text; 8 MiB is far above any context).
-const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
+/// How the HTTP front end guards itself.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// Keys the inference port accepts as `Authorization: Bearer <key>`; none: open.
+    pub api_keys: Vec<String>,
+    /// Keys the management port accepts; none: open (it listens on loopback by default).
+    pub management_api_keys: Vec<String>,
+    /// Largest request body; larger ones get 413.
+    pub body_size_limit_bytes: usize,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            api_keys: Vec::new(),
+            management_api_keys: Vec::new(),
+            // Prompts are text: 8 MiB is far above any context.
+            body_size_limit_bytes: 8 * 1024 * 1024,
+        }
+    }
+}
 
 /// Everything the handlers share.
 pub struct AppState {
     services: RwLock<Vec<Arc<ModelService>>>,
     pub metrics: Arc<Metrics>,
+    pub options: ServerOptions,
     started: Instant,
 }
 
 impl AppState {
-    /// State serving `services`.
+    /// State serving `services`, open, with the default body limit.
     pub fn new(services: Vec<Arc<ModelService>>) -> Result<Self, prometheus::Error> {
+        Self::with_options(services, ServerOptions::default())
+    }
+
+    /// State serving `services` with `options`.
+    pub fn with_options(
+        services: Vec<Arc<ModelService>>,
+        options: ServerOptions,
+    ) -> Result<Self, prometheus::Error> {
         Ok(Self {
             services: RwLock::new(services),
             metrics: Arc::new(Metrics::new()?),
+            options,
             started: Instant::now(),
         })
     }
@@ -103,7 +132,13 @@ pub fn inference_router(state: Arc<AppState>) -> axum::Router {
         .route("/v1/models", get(openai::models))
         .merge(management_routes())
         .fallback(not_found)
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::extract::DefaultBodyLimit::max(
+            state.options.body_size_limit_bytes,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            (state.clone(), Port::Inference),
+            require_key,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             count_requests,
@@ -116,7 +151,55 @@ pub fn management_router(state: Arc<AppState>) -> axum::Router {
     management_routes()
         .route("/reader_groups", get(reader_groups))
         .fallback(not_found)
+        .layer(axum::extract::DefaultBodyLimit::max(
+            state.options.body_size_limit_bytes,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            (state.clone(), Port::Management),
+            require_key,
+        ))
         .with_state(state)
+}
+
+/// Which port a request came in on (each has its own keys).
+#[derive(Debug, Clone, Copy)]
+enum Port {
+    Inference,
+    Management,
+}
+
+/// Answers 401 unless the request carries one of the port's keys (`Authorization: Bearer`),
+/// compared in constant time; `/health` stays open for probes.
+async fn require_key(
+    State((state, port)): State<(Arc<AppState>, Port)>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let keys = match port {
+        Port::Inference => &state.options.api_keys,
+        Port::Management => &state.options.management_api_keys,
+    };
+    let open = matches!(req.uri().path(), "/health" | "/healthz");
+    if keys.is_empty() || open {
+        return next.run(req).await;
+    }
+    let given = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    // Every key is compared (no early exit), each in constant time.
+    let ok = given.is_some_and(|g| {
+        keys.iter().fold(false, |ok, k| {
+            ok | constant_time_eq::constant_time_eq(k.as_bytes(), g.as_bytes())
+        })
+    });
+    if ok {
+        next.run(req).await
+    } else {
+        ApiError::unauthorized().into_response()
+    }
 }
 
 fn management_routes() -> axum::Router<Arc<AppState>> {

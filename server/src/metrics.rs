@@ -1,11 +1,14 @@
 //! Prometheus metrics: request counts by route and status, latency histograms (time to first
-//! token, inter-token, end-to-end, queue time), token counters, and per-replica gauges read
-//! from the schedulers at scrape time.
+//! token, inter-token, end-to-end, queue time), token counters, and per-replica gauges and
+//! counters read from the schedulers at scrape time (running totals are `*_total` counters,
+//! so `rate()` works on them).
 
+use liftoff_engine::scheduler::SchedulerStats;
+use prometheus::proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType};
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
 };
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// All of liftoff's metrics.
 pub struct Metrics {
@@ -18,21 +21,6 @@ pub struct Metrics {
     pub prompt_tokens: IntCounterVec,
     pub generation_tokens: IntCounterVec,
     pub group_requests: IntCounterVec,
-    running: IntGaugeVec,
-    waiting: IntGaugeVec,
-    kv_used: IntGaugeVec,
-    kv_total: IntGaugeVec,
-    kv_usage: GaugeVec,
-    prefix_hit_rate: GaugeVec,
-    prefix_queries: IntGaugeVec,
-    prefix_hits: IntGaugeVec,
-    preemptions: IntGaugeVec,
-    cancelled: IntGaugeVec,
-    healthy: IntGaugeVec,
-    step_micros: IntGaugeVec,
-    compute_micros: IntGaugeVec,
-    comm_micros: IntGaugeVec,
-    steps: IntGaugeVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -44,7 +32,7 @@ const LATENCY_BUCKETS: &[f64] = &[
 pub struct ReplicaSnapshot<'a> {
     pub model: &'a str,
     pub replica: String,
-    pub stats: &'a liftoff_engine::scheduler::SchedulerStats,
+    pub stats: &'a SchedulerStats,
     pub healthy: bool,
 }
 
@@ -66,16 +54,6 @@ impl Metrics {
                 registry.register(Box::new(c.clone()))?;
                 Ok(c)
             };
-        let igauge = |name: &str, help: &str| -> Result<IntGaugeVec, prometheus::Error> {
-            let g = IntGaugeVec::new(Opts::new(name, help), &["model", "replica"])?;
-            registry.register(Box::new(g.clone()))?;
-            Ok(g)
-        };
-        let fgauge = |name: &str, help: &str| -> Result<GaugeVec, prometheus::Error> {
-            let g = GaugeVec::new(Opts::new(name, help), &["model", "replica"])?;
-            registry.register(Box::new(g.clone()))?;
-            Ok(g)
-        };
         Ok(Self {
             requests: counter(
                 "liftoff_requests_total",
@@ -113,101 +91,171 @@ impl Metrics {
                 "Requests routed to each replica group",
                 &["model", "replica"],
             )?,
-            running: igauge(
-                "liftoff_num_requests_running",
-                "Sequences running in a replica group",
-            )?,
-            waiting: igauge(
-                "liftoff_num_requests_waiting",
-                "Sequences waiting in a replica group",
-            )?,
-            kv_used: igauge(
-                "liftoff_kv_cache_used_blocks",
-                "KV-cache blocks held by sequences",
-            )?,
-            kv_total: igauge(
-                "liftoff_kv_cache_total_blocks",
-                "KV-cache blocks in the pool",
-            )?,
-            kv_usage: fgauge(
-                "liftoff_kv_cache_usage_ratio",
-                "Fraction of KV-cache blocks in use",
-            )?,
-            prefix_hit_rate: fgauge(
-                "liftoff_prefix_cache_hit_rate",
-                "Fraction of looked-up prompt blocks found in the prefix cache",
-            )?,
-            prefix_queries: igauge(
-                "liftoff_prefix_cache_queried_blocks",
-                "Prompt blocks looked up in the prefix cache",
-            )?,
-            prefix_hits: igauge(
-                "liftoff_prefix_cache_hit_blocks",
-                "Prompt blocks found in the prefix cache",
-            )?,
-            preemptions: igauge(
-                "liftoff_preemptions",
-                "Sequences preempted for lack of KV blocks",
-            )?,
-            cancelled: igauge(
-                "liftoff_cancelled_requests",
-                "Sequences dropped because their client went away",
-            )?,
-            healthy: igauge(
-                "liftoff_replica_healthy",
-                "1 when the replica group is serving",
-            )?,
-            step_micros: igauge(
-                "liftoff_step_time_microseconds",
-                "Total time in model steps",
-            )?,
-            compute_micros: igauge(
-                "liftoff_worker_compute_time_microseconds",
-                "Total forward time on rank 0 of a worker group, collectives included",
-            )?,
-            comm_micros: igauge(
-                "liftoff_allreduce_time_microseconds",
-                "Total time rank 0 of a worker group spent in all-reduce and gather",
-            )?,
-            steps: igauge("liftoff_steps", "Model steps run")?,
             registry,
         })
     }
 
-    /// Prometheus text exposition, with the gauges refreshed from `replicas`.
+    /// Prometheus text exposition, with the per-replica series read from `replicas`.
     pub fn render(&self, replicas: &[ReplicaSnapshot]) -> String {
-        use std::sync::atomic::Ordering::Relaxed;
-        for r in replicas {
-            let l = [r.model, r.replica.as_str()];
-            let s = r.stats;
-            let load = |c: &std::sync::atomic::AtomicU64| c.load(Relaxed) as i64;
-            let counts = [
-                (&self.running, load(&s.running)),
-                (&self.waiting, load(&s.waiting) + load(&s.queued)),
-                (&self.kv_used, load(&s.kv_blocks_used)),
-                (&self.kv_total, load(&s.kv_blocks_total)),
-                (&self.prefix_queries, load(&s.prefix_queried_blocks)),
-                (&self.prefix_hits, load(&s.prefix_hit_blocks)),
-                (&self.preemptions, load(&s.preemptions)),
-                (&self.cancelled, load(&s.cancelled)),
-                (&self.healthy, r.healthy as i64),
-                (&self.step_micros, load(&s.step_micros)),
-                (&self.compute_micros, load(&s.compute_micros)),
-                (&self.comm_micros, load(&s.comm_micros)),
-                (&self.steps, load(&s.steps)),
-            ];
-            for (gauge, value) in counts {
-                gauge.with_label_values(&l).set(value);
-            }
-            self.kv_usage.with_label_values(&l).set(s.kv_usage());
-            self.prefix_hit_rate
-                .with_label_values(&l)
-                .set(s.prefix_hit_rate());
-        }
+        let mut families = self.registry.gather();
+        families.extend(replica_families(replicas));
         let mut buf = Vec::new();
-        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+        if let Err(e) = TextEncoder::new().encode(&families, &mut buf) {
             tracing::error!("encoding metrics: {e}");
         }
         String::from_utf8(buf).unwrap_or_default()
     }
+}
+
+/// How a per-replica series reads its value.
+type Read = fn(&ReplicaSnapshot) -> f64;
+
+fn load(c: &AtomicU64) -> f64 {
+    c.load(Relaxed) as f64
+}
+
+fn micros(c: &AtomicU64) -> f64 {
+    c.load(Relaxed) as f64 / 1e6
+}
+
+/// The per-replica series: (name, help, type, value).
+const REPLICA_SERIES: &[(&str, &str, MetricType, Read)] = {
+    use MetricType::{COUNTER, GAUGE};
+    &[
+        (
+            "liftoff_num_requests_running",
+            "Sequences running in a replica group",
+            GAUGE,
+            |r| load(&r.stats.running),
+        ),
+        (
+            "liftoff_num_requests_waiting",
+            "Sequences waiting in a replica group",
+            GAUGE,
+            |r| load(&r.stats.waiting) + load(&r.stats.queued),
+        ),
+        (
+            "liftoff_kv_cache_used_blocks",
+            "KV-cache blocks held by sequences",
+            GAUGE,
+            |r| load(&r.stats.kv_blocks_used),
+        ),
+        (
+            "liftoff_kv_cache_cached_blocks",
+            "KV-cache blocks no sequence holds that keep a cached prefix (evictable)",
+            GAUGE,
+            |r| load(&r.stats.kv_blocks_cached),
+        ),
+        (
+            "liftoff_kv_cache_total_blocks",
+            "KV-cache blocks in the pool",
+            GAUGE,
+            |r| load(&r.stats.kv_blocks_total),
+        ),
+        (
+            "liftoff_kv_cache_usage_ratio",
+            "Fraction of KV-cache blocks held by sequences",
+            GAUGE,
+            |r| r.stats.kv_usage(),
+        ),
+        (
+            "liftoff_prefix_cache_hit_rate",
+            "Fraction of looked-up prompt blocks found in the prefix cache",
+            GAUGE,
+            |r| r.stats.prefix_hit_rate(),
+        ),
+        (
+            "liftoff_replica_healthy",
+            "1 when the replica group is serving",
+            GAUGE,
+            |r| r.healthy as u8 as f64,
+        ),
+        (
+            "liftoff_prefix_cache_queried_blocks_total",
+            "Prompt blocks looked up in the prefix cache",
+            COUNTER,
+            |r| load(&r.stats.prefix_queried_blocks),
+        ),
+        (
+            "liftoff_prefix_cache_hit_blocks_total",
+            "Prompt blocks found in the prefix cache",
+            COUNTER,
+            |r| load(&r.stats.prefix_hit_blocks),
+        ),
+        (
+            "liftoff_preemptions_total",
+            "Sequences preempted for lack of KV blocks",
+            COUNTER,
+            |r| load(&r.stats.preemptions),
+        ),
+        (
+            "liftoff_cancelled_requests_total",
+            "Sequences dropped because their client went away",
+            COUNTER,
+            |r| load(&r.stats.cancelled),
+        ),
+        ("liftoff_steps_total", "Model steps run", COUNTER, |r| {
+            load(&r.stats.steps)
+        }),
+        (
+            "liftoff_step_time_seconds_total",
+            "Time in model steps",
+            COUNTER,
+            |r| micros(&r.stats.step_micros),
+        ),
+        (
+            "liftoff_worker_compute_time_seconds_total",
+            "Forward time on rank 0 of a worker group, collectives included",
+            COUNTER,
+            |r| micros(&r.stats.compute_micros),
+        ),
+        (
+            "liftoff_allreduce_time_seconds_total",
+            "Time rank 0 of a worker group spent in all-reduce and gather",
+            COUNTER,
+            |r| micros(&r.stats.comm_micros),
+        ),
+    ]
+};
+
+/// One family per series, one sample per replica (labels `model`, `replica`).
+fn replica_families(replicas: &[ReplicaSnapshot]) -> Vec<MetricFamily> {
+    if replicas.is_empty() {
+        return Vec::new();
+    }
+    REPLICA_SERIES
+        .iter()
+        .map(|&(name, help, kind, read)| {
+            let mut f = MetricFamily::default();
+            f.set_name(name.to_string());
+            f.set_help(help.to_string());
+            f.set_field_type(kind);
+            for r in replicas {
+                let mut m = Metric::default();
+                m.set_label(vec![label("model", r.model), label("replica", &r.replica)]);
+                let v = read(r);
+                match kind {
+                    MetricType::COUNTER => {
+                        let mut c = Counter::default();
+                        c.set_value(v);
+                        m.set_counter(c);
+                    }
+                    _ => {
+                        let mut g = Gauge::default();
+                        g.set_value(v);
+                        m.set_gauge(g);
+                    }
+                }
+                f.mut_metric().push(m);
+            }
+            f
+        })
+        .collect()
+}
+
+fn label(name: &str, value: &str) -> LabelPair {
+    let mut l = LabelPair::default();
+    l.set_name(name.to_string());
+    l.set_value(value.to_string());
+    l
 }

@@ -257,22 +257,23 @@ fn chunk(
     kind: Kind,
     id: &str,
     model: &str,
-    text: Option<&str>,
+    text: &str,
     finish: Option<&str>,
     first: bool,
 ) -> Value {
     match kind {
         Kind::Completion => {
             json!({"id": id, "object": "text_completion", "created": now(), "model": model,
-            "choices": [{"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish}]})
+            "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish}]})
         }
         Kind::Chat => {
             let mut delta = json!({});
             if first {
                 delta["role"] = json!("assistant");
             }
-            if let Some(t) = text {
-                delta["content"] = json!(t);
+            // The final chunk carries only the finish reason when its token adds no text.
+            if !(text.is_empty() && finish.is_some()) {
+                delta["content"] = json!(text);
             }
             json!({"id": id, "object": "chat.completion.chunk", "created": now(), "model": model,
                 "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]})
@@ -299,11 +300,11 @@ fn sse(
                     Some((out, (None, false)))
                 }
                 Ok(ev) => {
+                    // One chunk per generated token, as vLLM streams: a token whose text is
+                    // not final yet (part of a character) or skipped (a special token) still
+                    // arrives, with empty text, so clients see every token's timing.
                     let finish = ev.finished.map(|f| f.as_str());
-                    if !ev.text.is_empty() || first || finish.is_some() {
-                        let text = (!ev.text.is_empty()).then_some(ev.text.as_str());
-                        out.push(Event::default().data(chunk(kind, &id, &model, text, finish, first).to_string()));
-                    }
+                    out.push(Event::default().data(chunk(kind, &id, &model, &ev.text, finish, first).to_string()));
                     if finish.is_some() {
                         if include_usage {
                             let object = match kind {

@@ -128,13 +128,25 @@ impl Server {
             .unwrap()
     }
 
-    /// Sum of the samples of metric `name` (all label sets).
+    /// `/metrics` parsed by a Prometheus text-format parser.
+    pub async fn scrape(&self) -> prometheus_parse::Scrape {
+        let text = self.metrics_text().await;
+        prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+            .expect("/metrics is Prometheus text")
+    }
+
+    /// Sum of the samples of counter or gauge `name` (all label sets); panics if the metric
+    /// is missing or of another type.
     pub async fn metric(&self, name: &str) -> f64 {
-        self.metrics_text()
-            .await
-            .lines()
-            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        let scrape = self.scrape().await;
+        let samples: Vec<_> = scrape.samples.iter().filter(|s| s.metric == name).collect();
+        assert!(!samples.is_empty(), "no metric {name} in /metrics");
+        samples
+            .iter()
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) => v,
+                ref other => panic!("{name} is not a counter or gauge: {other:?}"),
+            })
             .sum()
     }
 }

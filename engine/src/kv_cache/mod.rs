@@ -4,7 +4,7 @@
 
 mod block_manager;
 
-pub use block_manager::{block_hash, BlockManager, PrefixCacheStats};
+pub use block_manager::{BlockManager, PrefixCacheStats, PrefixHasher, PrefixId};
 
 use crate::error::{EngineError, Result};
 use candle_core::{DType, Device, Tensor};

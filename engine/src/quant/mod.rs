@@ -74,8 +74,10 @@ impl FastQMatMul {
                 self.packed.k()
             );
         }
-        let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let acts = quantize_rows(&xs, k);
+        // Quantized straight from the input's storage (no f32 copy of the activations).
+        let x = x.to_dtype(DType::F32)?.contiguous()?;
+        let acts =
+            liftoff_kernels::with_cpu_f32(&x, "quantized matmul input", |xs| quantize_rows(xs, k))?;
         let out = gemm::gemm(&self.packed, &acts, m, self.isa);
         Tensor::from_vec(out, (m, self.packed.n()), &Device::Cpu)?.to_dtype(dtype)
     }

@@ -14,7 +14,7 @@ pub use stats::SchedulerStats;
 pub use step_budget::{StepCostModel, StepTarget, AUTO_FACTOR, MIN_PREFILL_TOKENS};
 
 use crate::batch::{BatchInput, LogitsWanted};
-use crate::kv_cache::{block_hash, BlockManager};
+use crate::kv_cache::{BlockManager, PrefixId};
 use crate::sampling::{RowSampling, SampledToken, SamplingParams};
 use crate::sequence::{FinishReason, SequenceState};
 use crate::tokenizer::Tokenizer;
@@ -97,9 +97,11 @@ struct Entry {
     table: Vec<u32>,
     /// Tokens whose keys and values are in the cache.
     computed: usize,
-    /// Full blocks registered in the prefix cache, and the chained hash of the last one.
+    /// Full blocks offered to the prefix cache.
     registered: usize,
-    last_hash: u64,
+    /// The cached prefix the next full block is registered after (`Some(None)`: none yet);
+    /// `None` once a block could not be cached (the rest are not either).
+    chain: Option<Option<PrefixId>>,
     events: UnboundedSender<SeqEvent>,
     arrival: Instant,
     queue_time: Option<Duration>,
@@ -112,7 +114,7 @@ impl Entry {
         self.table.clear();
         self.computed = 0;
         self.registered = 0;
-        self.last_hash = 0;
+        self.chain = Some(None);
     }
 
     /// Adds the next `take` uncomputed tokens to `batch`; returns whether they reach the end of
@@ -212,7 +214,7 @@ impl<E: Executor> Scheduler<E> {
             table: Vec::new(),
             computed: 0,
             registered: 0,
-            last_hash: 0,
+            chain: Some(None),
             events: req.events,
             arrival: req.arrival,
             queue_time: None,
@@ -228,6 +230,8 @@ impl<E: Executor> Scheduler<E> {
             .store(self.waiting.len() as u64, Ordering::Relaxed);
         s.kv_blocks_used
             .store(self.blocks.num_used() as u64, Ordering::Relaxed);
+        s.kv_blocks_cached
+            .store(self.blocks.num_cached() as u64, Ordering::Relaxed);
         let p = self.blocks.stats();
         s.prefix_queried_blocks
             .store(p.queried_blocks, Ordering::Relaxed);
@@ -325,10 +329,10 @@ impl<E: Executor> Scheduler<E> {
             };
             let tokens = e.state.tokens();
             if e.computed == 0 && e.table.is_empty() {
-                let (table, hash) = self.blocks.match_prefix(tokens);
+                let (table, prefix) = self.blocks.match_prefix(tokens);
                 e.computed = table.len() * bs;
                 e.registered = table.len();
-                e.last_hash = hash;
+                e.chain = Some(prefix);
                 e.table = table;
             }
             let take = (tokens.len() - e.computed).min(prefill).min(budget);
@@ -424,12 +428,13 @@ impl<E: Executor> Scheduler<E> {
             if (e.registered + 1) * bs <= e.computed {
                 let tokens = e.state.tokens();
                 while (e.registered + 1) * bs <= e.computed {
-                    let h = block_hash(
-                        e.last_hash,
-                        &tokens[e.registered * bs..(e.registered + 1) * bs],
-                    );
-                    self.blocks.register(e.table[e.registered], h);
-                    e.last_hash = h;
+                    if let Some(parent) = e.chain {
+                        let block = &tokens[e.registered * bs..(e.registered + 1) * bs];
+                        e.chain = self
+                            .blocks
+                            .register(e.table[e.registered], parent, block)
+                            .map(Some);
+                    }
                     e.registered += 1;
                 }
             }

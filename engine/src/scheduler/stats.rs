@@ -8,7 +8,10 @@ use std::time::Duration;
 pub struct SchedulerStats {
     pub running: AtomicU64,
     pub waiting: AtomicU64,
+    /// Blocks held by sequences.
     pub kv_blocks_used: AtomicU64,
+    /// Blocks no sequence holds that keep a cached prefix (evictable).
+    pub kv_blocks_cached: AtomicU64,
     pub kv_blocks_total: AtomicU64,
     pub prefix_queried_blocks: AtomicU64,
     pub prefix_hit_blocks: AtomicU64,

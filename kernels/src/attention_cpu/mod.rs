@@ -402,6 +402,9 @@ mod tests {
     use super::*;
     use crate::check::{random_case, AttentionCase};
 
+    /// Builds a layout of `(query_len, context_len, batch sequence whose blocks it reads)`.
+    type MakeLayout<'a> = dyn Fn(&[(usize, usize, usize)]) -> HostLayout + 'a;
+
     /// Rows of `seq` in `out` (`[tokens, heads, d]`) under `layout`.
     fn rows_of(out: &[f32], l: &HostLayout, seq: usize, row: usize) -> Vec<f32> {
         out[l.query_starts[seq] as usize * row..l.query_starts[seq + 1] as usize * row].to_vec()
@@ -457,7 +460,7 @@ mod tests {
             shape: AttentionShape,
             data: &crate::check::CaseData,
             q_of: &dyn Fn(usize) -> Vec<f32>,
-            layout: &dyn Fn(&[(usize, usize, usize)]) -> HostLayout,
+            layout: &MakeLayout,
         ) {
             let row = shape.heads * shape.head_dim;
             let all = attention_cpu(&data.q, k, v, &data.layout, shape);

@@ -224,7 +224,13 @@ unsafe fn scores_rows<E: Elem, const R: usize>(
     while j < n {
         // Four keys; past the end the last key is repeated and its extra sums dropped (each
         // key's sum is its own lane, so its neighbours change no bit of it).
-        let offs = [0, 1, 2, 3].map(|i| offsets[(j + i).min(n - 1)]);
+        let last = n - 1;
+        let offs = [
+            offsets[j],
+            offsets[(j + 1).min(last)],
+            offsets[(j + 2).min(last)],
+            offsets[(j + 3).min(last)],
+        ];
         let mut acc = [[_mm256_setzero_ps(); 4]; R];
         let mut c = 0;
         while c < d8 {
@@ -282,10 +288,11 @@ unsafe fn pv_rows<E: Elem, const R: usize, const W: usize>(
         for (r, x) in weight.iter_mut().enumerate() {
             *x = _mm256_set1_ps(*p.get_unchecked(r * stride + j));
         }
+        #[allow(clippy::needless_range_loop)] // `w` indexes the inner arrays of `acc`
         for w in 0..W {
             let x = E::load8(pv.add(8 * w));
-            for r in 0..R {
-                acc[r][w] = _mm256_fmadd_ps(weight[r], x, acc[r][w]);
+            for (acc, &weight) in acc.iter_mut().zip(&weight) {
+                acc[w] = _mm256_fmadd_ps(weight, x, acc[w]);
             }
         }
     }

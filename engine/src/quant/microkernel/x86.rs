@@ -52,6 +52,17 @@ unsafe fn accumulate<const A: usize>(
     }
 }
 
+/// Block `b` of each activation row. (A loop, not `array::map`: a closure would be compiled
+/// without the kernels' target features and called, not inlined.)
+#[inline(always)]
+unsafe fn offset<const A: usize>(acts: [*const BlockQ8; A], b: usize) -> [*const BlockQ8; A] {
+    let mut a = acts;
+    for p in a.iter_mut() {
+        *p = p.add(b);
+    }
+    a
+}
+
 /// Q4_1's min term, `acc = fma(m_w, s_a, acc)`.
 #[inline(always)]
 unsafe fn add_min<const A: usize>(acc: &mut [__m256; A], m: __m256, acts: [*const BlockQ8; A]) {
@@ -71,7 +82,7 @@ pub unsafe fn q4_1_avx2<const A: usize>(
     let mut acc = [_mm256_setzero_ps(); A];
     for b in 0..nb {
         let blk = panel.add(b * 160);
-        let a = acts.map(|p| p.add(b));
+        let a = offset(acts, b);
         let mut s16 = [_mm256_setzero_si256(); A];
         for q in 0..4 {
             let raw = _mm256_loadu_si256(blk.add(q * 32) as *const __m256i);
@@ -83,7 +94,10 @@ pub unsafe fn q4_1_avx2<const A: usize>(
                 s16[j] = _mm256_add_epi16(s16[j], _mm256_add_epi16(x, y));
             }
         }
-        let isum = s16.map(|s| _mm256_madd_epi16(s, ones));
+        let mut isum = [_mm256_setzero_si256(); A];
+        for (i, s) in isum.iter_mut().zip(s16) {
+            *i = _mm256_madd_epi16(s, ones);
+        }
         accumulate(&mut acc, isum, scales(blk.add(128)), a);
         add_min(&mut acc, scales(blk.add(144)), a);
     }
@@ -100,7 +114,7 @@ pub unsafe fn q8_0_avx2<const A: usize>(
     let mut acc = [_mm256_setzero_ps(); A];
     for b in 0..nb {
         let blk = panel.add(b * 272);
-        let a = acts.map(|p| p.add(b));
+        let a = offset(acts, b);
         let mut isum = [_mm256_setzero_si256(); A];
         for g in 0..8 {
             let w = _mm256_loadu_si256(blk.add(g * 32) as *const __m256i);
@@ -126,7 +140,7 @@ pub unsafe fn q4_1_vnni<const A: usize>(
     let mut acc = [_mm256_setzero_ps(); A];
     for b in 0..nb {
         let blk = panel.add(b * 160);
-        let a = acts.map(|p| p.add(b));
+        let a = offset(acts, b);
         let mut isum = [_mm256_setzero_si256(); A];
         for q in 0..4 {
             let raw = _mm256_loadu_si256(blk.add(q * 32) as *const __m256i);
@@ -153,7 +167,7 @@ pub unsafe fn q8_0_vnni<const A: usize>(
     let mut acc = [_mm256_setzero_ps(); A];
     for b in 0..nb {
         let blk = panel.add(b * 272);
-        let a = acts.map(|p| p.add(b));
+        let a = offset(acts, b);
         let mut isum = [_mm256_setzero_si256(); A];
         for g in 0..8 {
             let u = _mm256_xor_si256(_mm256_loadu_si256(blk.add(g * 32) as *const __m256i), flip);
