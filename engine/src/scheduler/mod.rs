@@ -281,11 +281,7 @@ impl<E: Executor> Scheduler<E> {
             .min(self.config.max_num_batched_tokens);
         let mut budget = self.config.max_num_batched_tokens;
         let mut prefill = budget - decode_rows;
-        if let Some(t) = self.cost.prefill_tokens(
-            self.config.max_step,
-            decode_rows,
-            self.config.max_batch_size,
-        ) {
+        if let Some(t) = self.cost.prefill_tokens(self.config.max_step, decode_rows) {
             prefill = prefill.min(t);
         }
         let mut batch = BatchInput::default();
