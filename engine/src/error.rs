@@ -37,6 +37,9 @@ pub enum EngineError {
     InvalidRequest(String),
     #[error("invalid request: {0}")]
     InvalidParam(#[from] crate::sampling::ParamError),
+    /// A request the scheduler refused or could not finish (its message says why).
+    #[error("{0}")]
+    Generation(String),
     #[error("KV cache exhausted: {0}")]
     KvCacheExhausted(String),
     #[error("tensor-parallel: {0}")]

@@ -3,12 +3,15 @@
 pub mod batch;
 pub mod cache_dir;
 pub mod config;
-pub mod engine;
 pub mod error;
 pub mod gemv;
+pub mod kv_budget;
 pub mod kv_cache;
+pub mod load;
 pub mod loader;
 pub mod model;
+pub mod model_runner;
+pub mod oneshot;
 pub mod parallel;
 pub mod profile;
 pub mod quant;
@@ -21,4 +24,6 @@ pub mod worker;
 
 pub use error::{EngineError, Result};
 
-pub use engine::{DTypeChoice, Engine, EngineOptions, Generation, KvBudget, LoadedModel};
+pub use kv_budget::KvBudget;
+pub use load::{DTypeChoice, EngineOptions, LoadedModel};
+pub use oneshot::{Engine, Generation};

@@ -59,13 +59,22 @@ pub fn worst(diffs: impl IntoIterator<Item = f32>) -> f32 {
     })
 }
 
-/// Largest |ours - reference| over the reference's top-k logits at every position (infinite
-/// if a logit is NaN or infinite).
-pub fn max_topk_error(ours: &[Vec<f32>], reference: &[Vec<(u32, f32)>]) -> f32 {
+/// How far our log-probabilities (`ours`: top-n `(id, logprob)` per position, from the served
+/// path) are from the reference's top-k logits, compared as differences from the reference's
+/// top token (a log-probability is the logit less the row's log-sum-exp, so differences agree):
+/// the largest `|(lp_i - lp_top) - (logit_i - logit_top)|`. Infinite if a reference token is
+/// missing from ours, or a value is NaN or infinite.
+pub fn max_topk_error(ours: &[Vec<(u32, f32)>], reference: &[Vec<(u32, f32)>]) -> f32 {
     assert_eq!(ours.len(), reference.len());
+    let lookup = |row: &[(u32, f32)], id: u32| row.iter().find(|p| p.0 == id).map(|p| p.1);
     worst(ours.iter().zip(reference).flat_map(|(row, refs)| {
+        let top = refs[0];
+        let ours_top = lookup(row, top.0);
         refs.iter()
-            .map(move |&(id, logit)| row[id as usize] - logit)
+            .map(move |&(id, logit)| match (lookup(row, id), ours_top) {
+                (Some(lp), Some(lp_top)) => (lp - lp_top) - (logit - top.1),
+                _ => f32::INFINITY,
+            })
     }))
 }
 

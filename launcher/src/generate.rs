@@ -57,6 +57,10 @@ pub struct GenerateArgs {
     /// Report the top K log-probabilities of every generated token (JSON output).
     #[arg(long, default_value_t = 0)]
     logprobs: usize,
+    /// Report the top K log-probabilities of the next token at every prompt position (JSON
+    /// output, `prompt_logprobs`; entry i is the distribution of prompt token i + 1).
+    #[arg(long, default_value_t = 0)]
+    prompt_logprobs: usize,
     /// auto keeps GGUF weights quantized; f32 dequantizes for exact comparison.
     #[arg(long, default_value = "auto")]
     dtype: String,
@@ -98,6 +102,7 @@ pub fn run(args: GenerateArgs, log_level: &str) -> Result<()> {
         seed: args.seed,
         ignore_eos: args.ignore_eos,
         logprobs: args.logprobs,
+        prompt_logprobs: args.prompt_logprobs,
     };
     params.validate()?;
     let path = model_resolve::resolve(&args.model, args.access_token.as_deref())?;

@@ -7,7 +7,7 @@ use crate::plan::{self, DeviceKind};
 use crate::serve::ServeArgs;
 use crate::supervisor::{GroupPlan, Supervisor};
 use anyhow::{bail, Context, Result};
-use liftoff_engine::engine::open_model;
+use liftoff_engine::load::open_model;
 use liftoff_engine::loader::{ModelPath, WeightFormat};
 use liftoff_engine::model::Llama;
 use liftoff_engine::parallel::SingleRank;

@@ -133,6 +133,7 @@ fn params(
         seed: f.seed,
         ignore_eos: f.ignore_eos.unwrap_or(false),
         logprobs: 0,
+        prompt_logprobs: 0,
     };
     p.validate().map_err(|e| {
         ApiError::param(

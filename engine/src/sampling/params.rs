@@ -27,6 +27,10 @@ pub struct SamplingParams {
     pub ignore_eos: bool,
     /// Number of top log-probabilities to report per generated token; 0 for none.
     pub logprobs: usize,
+    /// Number of top log-probabilities to report at every prompt position (vLLM's
+    /// `prompt_logprobs`: position `i` is the distribution of token `i + 1`); 0 for none.
+    /// Such a prompt is computed whole (the prefix cache is not read for it).
+    pub prompt_logprobs: usize,
 }
 
 impl Default for SamplingParams {
@@ -43,6 +47,7 @@ impl Default for SamplingParams {
             seed: None,
             ignore_eos: false,
             logprobs: 0,
+            prompt_logprobs: 0,
         }
     }
 }
@@ -103,6 +108,12 @@ impl SamplingParams {
             return bad(
                 "logprobs",
                 format!("at most {MAX_LOGPROBS}, got {}", self.logprobs),
+            );
+        }
+        if self.prompt_logprobs > MAX_LOGPROBS {
+            return bad(
+                "prompt_logprobs",
+                format!("at most {MAX_LOGPROBS}, got {}", self.prompt_logprobs),
             );
         }
         if self.stop.iter().any(|s| s.is_empty()) {

@@ -4,7 +4,8 @@ use crate::batch::BatchInput;
 use crate::error::Result;
 use crate::kv_cache::KvCache;
 use crate::model::Llama;
-use crate::sampling::{sample, RowSampling, SampledToken};
+use crate::model_runner::{run_step, StepRows};
+use crate::sampling::{RowSampling, SampledToken};
 use crate::EngineError;
 
 /// Runs forward passes for a scheduler.
@@ -101,42 +102,4 @@ impl Executor for LocalExecutor {
         let c = self.cache.config();
         (c.num_blocks, c.block_size)
     }
-}
-
-/// What rank 0 returns from a step.
-#[derive(Debug, Clone, PartialEq)]
-pub enum StepRows {
-    /// The logits rows (no sampling asked for).
-    Logits(Vec<Vec<f32>>),
-    /// One sampled token per logits row.
-    Sampled(Vec<SampledToken>),
-}
-
-/// Runs one step on a shard; rank 0 gets the rows (sampled on the model's device when
-/// `sampling` is given), the other ranks `None`.
-pub fn run_step(
-    model: &Llama,
-    cache: &KvCache,
-    batch: &BatchInput,
-    sampling: Option<&[RowSampling]>,
-) -> Result<Option<StepRows>> {
-    if let Some(specs) = sampling {
-        let rows = batch.logits_rows().len();
-        if specs.len() != rows {
-            return Err(EngineError::InvalidRequest(format!(
-                "{} sampling specs for {rows} logits rows",
-                specs.len()
-            )));
-        }
-    }
-    let Some(logits) = model.forward(batch, cache)? else {
-        return Ok(None);
-    };
-    Ok(Some(match sampling {
-        Some(specs) => StepRows::Sampled(crate::profile::time(
-            crate::profile::Part::Sampling,
-            || model.install(|| sample(logits, specs)),
-        )?),
-        None => StepRows::Logits(logits.to_vec2::<f32>()?),
-    }))
 }

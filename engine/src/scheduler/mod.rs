@@ -8,7 +8,7 @@ mod handle;
 mod stats;
 mod step_budget;
 
-pub use executor::{run_step, Executor, LocalExecutor, StepRows, StepTiming};
+pub use executor::{Executor, LocalExecutor, StepTiming};
 pub use handle::{SchedulerHandle, SubmitError};
 pub use stats::SchedulerStats;
 pub use step_budget::{StepCostModel, StepTarget, AUTO_FACTOR, MIN_PREFILL_TOKENS};
@@ -80,6 +80,9 @@ pub struct TokenEvent {
     pub generated_tokens: usize,
     /// Time from arrival to admission, on the first token only.
     pub queue_time: Option<Duration>,
+    /// On the first token, when asked for: the top log-probabilities at each prompt position
+    /// but the last (entry `i` is the distribution of prompt token `i + 1`).
+    pub prompt_logprobs: Option<Vec<Vec<(u32, f32)>>>,
 }
 
 /// What a request's channel carries.
@@ -105,6 +108,23 @@ struct Entry {
     events: UnboundedSender<SeqEvent>,
     arrival: Instant,
     queue_time: Option<Duration>,
+    /// Prompt log-probabilities gathered so far (one entry per prompt position but the last),
+    /// when the request asks for them.
+    prompt_logprobs: Vec<Vec<(u32, f32)>>,
+}
+
+/// What a step asks of one sequence's chunk.
+#[derive(Debug, Clone, Copy)]
+struct Chunk {
+    /// Index in `running`.
+    idx: usize,
+    /// First position and number of tokens.
+    first: usize,
+    took: usize,
+    /// Rows of prompt log-probabilities the chunk returns (before the sampled row).
+    prompt_rows: usize,
+    /// Whether its last row is sampled (the chunk reaches the end of the sequence).
+    wants: bool,
 }
 
 impl Entry {
@@ -117,23 +137,45 @@ impl Entry {
         self.chain = Some(None);
     }
 
-    /// Adds the next `take` uncomputed tokens to `batch`; returns whether they reach the end of
-    /// the sequence (then its next-token logits are wanted).
-    fn push_chunk(&self, batch: &mut BatchInput, take: usize) -> bool {
+    /// Whether the prompt's log-probabilities are still to be computed.
+    fn wants_prompt_logprobs(&self) -> bool {
+        self.state.params().prompt_logprobs > 0 && self.state.generated().is_empty()
+    }
+
+    /// Adds the next `take` uncomputed tokens to `batch`: the last one's logits when they
+    /// reach the end of the sequence, and every prompt position's when the request asks for
+    /// prompt log-probabilities.
+    fn push_chunk(&self, batch: &mut BatchInput, idx: usize, take: usize) -> Chunk {
         let tokens = self.state.tokens();
-        let wants = self.computed + take == tokens.len();
-        let logits = if wants {
+        let first = self.computed;
+        let wants = first + take == tokens.len();
+        let prompt_rows = if self.wants_prompt_logprobs() {
+            // Positions before the prompt's last one (that one's row is the sampled one).
+            (first + take)
+                .min(self.state.prompt().len() - 1)
+                .saturating_sub(first)
+        } else {
+            0
+        };
+        let logits = if prompt_rows > 0 {
+            LogitsWanted::All
+        } else if wants {
             LogitsWanted::Last
         } else {
             LogitsWanted::None
         };
-        batch.push_sequence(
-            &tokens[self.computed..self.computed + take],
-            self.computed,
-            &self.table,
-            logits,
-        );
-        wants
+        batch.push_sequence(&tokens[first..first + take], first, &self.table, logits);
+        Chunk {
+            idx,
+            first,
+            took: take,
+            prompt_rows: if prompt_rows > 0 {
+                take - wants as usize
+            } else {
+                0
+            },
+            wants,
+        }
     }
 }
 
@@ -218,6 +260,7 @@ impl<E: Executor> Scheduler<E> {
             events: req.events,
             arrival: req.arrival,
             queue_time: None,
+            prompt_logprobs: Vec::new(),
         });
         self.publish_stats();
     }
@@ -285,8 +328,7 @@ impl<E: Executor> Scheduler<E> {
             prefill = prefill.min(t);
         }
         let mut batch = BatchInput::default();
-        // (index in running, tokens taken, wants logits)
-        let mut plan: Vec<(usize, usize, bool)> = Vec::new();
+        let mut plan: Vec<Chunk> = Vec::new();
 
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
@@ -311,7 +353,7 @@ impl<E: Executor> Scheduler<E> {
                 }
                 continue;
             }
-            plan.push((i, take, e.push_chunk(&mut batch, take)));
+            plan.push(e.push_chunk(&mut batch, i, take));
             budget -= take;
             if left > 1 {
                 prefill -= take;
@@ -324,7 +366,8 @@ impl<E: Executor> Scheduler<E> {
                 break;
             };
             let tokens = e.state.tokens();
-            if e.computed == 0 && e.table.is_empty() {
+            // A prompt whose log-probabilities are wanted is computed whole.
+            if e.computed == 0 && e.table.is_empty() && !e.wants_prompt_logprobs() {
                 let (table, prefix) = self.blocks.match_prefix(tokens);
                 e.computed = table.len() * bs;
                 e.registered = table.len();
@@ -338,7 +381,7 @@ impl<E: Executor> Scheduler<E> {
                 break;
             }
             e.queue_time.get_or_insert_with(|| e.arrival.elapsed());
-            plan.push((self.running.len(), take, e.push_chunk(&mut batch, take)));
+            plan.push(e.push_chunk(&mut batch, self.running.len(), take));
             self.running.push(e);
             budget -= take;
             prefill -= take;
@@ -348,11 +391,19 @@ impl<E: Executor> Scheduler<E> {
             self.publish_stats();
             return false;
         }
-        let specs: Vec<RowSampling> = plan
-            .iter()
-            .filter(|p| p.2)
-            .map(|p| self.running[p.0].state.sampling(&self.eos))
-            .collect();
+        let mut specs: Vec<RowSampling> = Vec::new();
+        for c in &plan {
+            let state = &self.running[c.idx].state;
+            // Prompt rows: the arg max (unused) and the asked log-probabilities.
+            let prompt_row = RowSampling {
+                logprobs: state.params().prompt_logprobs as u32,
+                ..RowSampling::greedy()
+            };
+            specs.extend(std::iter::repeat_n(prompt_row, c.prompt_rows));
+            if c.wants {
+                specs.push(state.sampling(&self.eos));
+            }
+        }
         let t0 = Instant::now();
         let result = self.executor.execute(&batch, &specs);
         let took = t0.elapsed();
@@ -374,7 +425,7 @@ impl<E: Executor> Scheduler<E> {
             Err(e) => {
                 let msg = format!("model step failed: {e}");
                 tracing::error!("{msg}");
-                let mut idx: Vec<usize> = plan.iter().map(|p| p.0).collect();
+                let mut idx: Vec<usize> = plan.iter().map(|c| c.idx).collect();
                 idx.sort_unstable_by(|a, b| b.cmp(a));
                 for i in idx {
                     let e = self.running.remove(i);
@@ -410,16 +461,31 @@ impl<E: Executor> Scheduler<E> {
             prompt_tokens: e.state.prompt().len(),
             generated_tokens: e.state.generated().len(),
             queue_time: e.queue_time,
+            prompt_logprobs: None,
         }));
     }
 
-    fn apply(&mut self, plan: Vec<(usize, usize, bool)>, rows: Vec<SampledToken>) {
+    fn apply(&mut self, plan: Vec<Chunk>, rows: Vec<SampledToken>) {
         let bs = self.blocks.block_size();
         let mut rows = rows.into_iter();
         let mut finished = Vec::new();
-        for (idx, took, wants) in plan {
+        for Chunk {
+            idx,
+            first: first_pos,
+            took,
+            prompt_rows,
+            wants,
+        } in plan
+        {
             let e = &mut self.running[idx];
             e.computed += took;
+            if prompt_rows > 0 {
+                let n = e.state.prompt().len() - 1;
+                e.prompt_logprobs.resize(n, Vec::new());
+                for (pos, row) in (first_pos..first_pos + prompt_rows).zip(rows.by_ref()) {
+                    e.prompt_logprobs[pos] = row.top_logprobs;
+                }
+            }
             // Register blocks that became full.
             if (e.registered + 1) * bs <= e.computed {
                 let tokens = e.state.tokens();
@@ -455,6 +521,8 @@ impl<E: Executor> Scheduler<E> {
                         prompt_tokens: e.state.prompt().len(),
                         generated_tokens: e.state.generated().len(),
                         queue_time: if first { e.queue_time } else { None },
+                        prompt_logprobs: (first && e.state.params().prompt_logprobs > 0)
+                            .then(|| std::mem::take(&mut e.prompt_logprobs)),
                     };
                     let gone = e.events.send(SeqEvent::Token(ev)).is_err();
                     if step.finished.is_some() || gone {

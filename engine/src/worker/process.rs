@@ -5,12 +5,12 @@ use super::protocol::{
     self, FromWorker, LogitsRows, StepOutput, ToWorker, WorkerInit, WorkerReady,
 };
 use super::WorkerDevice;
-use crate::engine::LoadedModel;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::KvCache;
+use crate::load::LoadedModel;
 use crate::model::Llama;
+use crate::model_runner::{run_step, StepRows};
 use crate::parallel::{Communicator, CpuCommunicator, CpuRendezvous, SingleRank};
-use crate::scheduler::{run_step, StepRows};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

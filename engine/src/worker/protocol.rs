@@ -2,8 +2,8 @@
 //! frame is a `u32` length then the message encoded with postcard.
 
 use crate::batch::BatchInput;
-use crate::engine::{EngineOptions, KvBudget};
 use crate::sampling::{RowSampling, SampledToken};
+use crate::{EngineOptions, KvBudget};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::io::{self, Read, Write};
