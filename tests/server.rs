@@ -476,3 +476,45 @@ async fn bodies_over_the_limit_get_413() {
         .await;
     assert_eq!(st, 200);
 }
+
+/// A KV cache too small for the batch: sequences are preempted (their blocks freed, their
+/// tokens recomputed later), and every output still equals the same request run alone.
+#[tokio::test]
+async fn preempted_requests_equal_their_runs_alone() {
+    let s = Server::start(&[
+        "--kv-cache-memory-mib",
+        "4",
+        "--max-sequence-length",
+        "128",
+        "--max-batch-size",
+        "8",
+    ])
+    .await;
+    let blocks = s.metric("liftoff_kv_cache_total_blocks").await;
+    let prompts: Vec<String> = (0..6)
+        .map(|i| format!("Name {i} colours, one per line:"))
+        .collect();
+    // Each request alone fits; six at once need about twice the cache.
+    let body =
+        |p: &str| json!({"prompt": p, "max_tokens": 40, "temperature": 0, "ignore_eos": true});
+    let mut alone = Vec::new();
+    for p in &prompts {
+        let (st, v) = s.post("/v1/completions", body(p)).await;
+        assert_eq!(st, 200, "{v}");
+        alone.push(v["choices"][0]["text"].as_str().unwrap().to_string());
+    }
+    assert_eq!(s.metric("liftoff_preemptions_total").await, 0.0);
+    let together: Vec<String> =
+        futures::future::join_all(prompts.iter().map(|p| s.post("/v1/completions", body(p))))
+            .await
+            .into_iter()
+            .map(|(st, v)| {
+                assert_eq!(st, 200, "{v}");
+                v["choices"][0]["text"].as_str().unwrap().to_string()
+            })
+            .collect();
+    let preempted = s.metric("liftoff_preemptions_total").await;
+    assert!(preempted >= 1.0, "{blocks} blocks: no preemption happened");
+    assert_eq!(together, alone);
+    assert_eq!(s.metric("liftoff_kv_cache_used_blocks").await, 0.0);
+}

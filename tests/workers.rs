@@ -399,3 +399,89 @@ async fn a_manifest_serves_two_readers_side_by_side() {
         assert_eq!(status, 200, "{group}: {body}");
     }
 }
+
+/// A worker that stops answering (SIGSTOP) is caught by the step deadline
+/// (`--step-timeout-secs`): its group is marked down and its requests get 503 within the
+/// deadline, the other group keeps serving, and SIGTERM still leaves no process behind (the
+/// stopped worker is killed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hung_worker_is_detected_by_the_step_deadline() {
+    let model = fixture("tiny-llama2-f32");
+    let s = Server::start(&[
+        "--model",
+        &model,
+        "--isolate-workers",
+        "--replicas",
+        "2",
+        "--step-timeout-secs",
+        "2",
+        "--kv-cache-memory-mib",
+        "16",
+    ])
+    .await;
+    let launcher = s.child.id();
+    let info: Value = s.info().await;
+    let workers = info["models"][0]["workers"].as_array().unwrap().clone();
+    let pid_of = |g: u64| {
+        workers.iter().find(|w| w["group"] == g).unwrap()["pid"]
+            .as_u64()
+            .unwrap() as u32
+    };
+    let (hung, other) = (pid_of(0), pid_of(1));
+    signal(hung, "-STOP");
+
+    let t0 = Instant::now();
+    let reqs = (0..8).map(|i| {
+        s.post(
+            "/generate",
+            json!({"text": format!("request {i}"), "max_new_tokens": 8}),
+        )
+    });
+    let results = tokio::time::timeout(Duration::from_secs(30), futures::future::join_all(reqs))
+        .await
+        .expect("requests hung behind the stopped worker");
+    let took = t0.elapsed();
+    let (mut ok, mut refused) = (0, 0);
+    for (status, body) in results {
+        match status {
+            200 => ok += 1,
+            503 => {
+                refused += 1;
+                let msg = body["error"]["message"].as_str().unwrap_or_default();
+                assert!(msg.contains("did not answer a step"), "{body}");
+            }
+            other => panic!("status {other}: {body}"),
+        }
+    }
+    eprintln!("hung worker: {ok} served, {refused} refused, all answered in {took:?}");
+    assert!(refused >= 1 && ok >= 1, "{ok} served, {refused} refused");
+    assert!(took < Duration::from_secs(15), "detection took {took:?}");
+    let health: Value = reqwest::get(format!("{}/health", s.mgmt))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        health["models"][0]["replicas_healthy"],
+        json!([false, true])
+    );
+    let (status, body) = s
+        .post("/generate", json!({"text": "after", "max_new_tokens": 4}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    let mut s = s;
+    signal(launcher, "-TERM");
+    let t0 = Instant::now();
+    while s.child.try_wait().unwrap().is_none() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the launcher did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for p in [hung, other] {
+        assert!(!is_running(p), "worker {p} outlived the launcher");
+    }
+}

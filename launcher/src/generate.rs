@@ -117,6 +117,8 @@ pub fn run(args: GenerateArgs, log_level: &str) -> Result<()> {
         isolate: false,
         // A cache for one sequence of the longest length.
         kv_budget: KvBudget::OneSequence,
+        // One long prompt may be a slow step; only a worker that stopped answering trips it.
+        step_timeout: std::time::Duration::from_secs(600),
     };
     let (groups, tokenizer) = start_groups(&opts, &place, log_level)
         .with_context(|| format!("loading {}", path.display()))?;

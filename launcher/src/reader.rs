@@ -52,6 +52,8 @@ pub struct Placement<'a> {
     pub isolate: bool,
     /// KV-cache size per rank.
     pub kv_budget: KvBudget,
+    /// How long a worker group may take to answer a step before it is declared down.
+    pub step_timeout: Duration,
 }
 
 /// Checks the settings, plans the groups and starts their executors (loading the weights).
@@ -67,6 +69,7 @@ pub fn start_groups(
         cuda_visible_devices,
         isolate,
         kv_budget,
+        step_timeout,
     } = *place;
     let kind = DeviceKind::resolve(device)?;
     let path = ModelPath::resolve(&opts.model)?;
@@ -138,8 +141,11 @@ pub fn start_groups(
         Groups {
             executors: groups
                 .into_iter()
-                .map(|g| Box::new(g) as Box<dyn Executor>)
-                .collect(),
+                .map(|mut g| {
+                    g.set_step_timeout(step_timeout)?;
+                    Ok(Box::new(g) as Box<dyn Executor>)
+                })
+                .collect::<Result<_>>()?,
             supervisor: Some(supervisor),
             max_seq_len,
             device: kind,
@@ -147,6 +153,14 @@ pub fn start_groups(
         },
         tokenizer,
     ))
+}
+
+/// `--step-timeout-secs` as a duration (at least a second).
+fn step_timeout(secs: f64) -> Result<Duration> {
+    if !(secs.is_finite() && secs >= 1.0) {
+        bail!("--step-timeout-secs must be at least 1, got {secs}");
+    }
+    Ok(Duration::from_secs_f64(secs))
 }
 
 /// KV-cache memory per rank: `--kv-cache-memory-mib` when set, else a fraction of GPU memory
@@ -200,6 +214,7 @@ pub fn start(args: &ServeArgs, log_level: &str) -> Result<Reader> {
         cuda_visible_devices: args.cuda_visible_devices.as_deref(),
         isolate: args.isolate_workers,
         kv_budget: kv_budget(args)?,
+        step_timeout: step_timeout(args.step_timeout_secs)?,
     };
     let (groups, tokenizer) = start_groups(&opts, &place, log_level)
         .with_context(|| format!("loading {}", path.display()))?;

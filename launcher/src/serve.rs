@@ -94,6 +94,10 @@ pub struct ServeArgs {
     /// Tokens per KV-cache block.
     #[arg(long, env = "TAKEOFF_BLOCK_SIZE", default_value_t = DEFAULT_BLOCK_SIZE)]
     pub block_size: usize,
+    /// Seconds a worker group may take to answer a step before it is declared down (a hung
+    /// or stopped worker): its requests get 503 and the other groups keep serving.
+    #[arg(long, env = "TAKEOFF_STEP_TIMEOUT_SECS", default_value_t = 60.0)]
+    pub step_timeout_secs: f64,
     /// Requests allowed to wait per replica group before 503s.
     #[arg(long, env = "TAKEOFF_MAX_WAITING", default_value_t = 256)]
     pub max_waiting: usize,

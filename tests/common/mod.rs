@@ -65,9 +65,10 @@ impl Server {
             port.to_string(),
             "--management-port".into(),
             mport.to_string(),
-            "--max-sequence-length".into(),
-            "1024".into(),
         ];
+        if !extra.contains(&"--max-sequence-length") {
+            args.extend(["--max-sequence-length".into(), "1024".into()]);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_liftoff"));
         cmd.args(&args).env("TAKEOFF_LOG_LEVEL", "warn");

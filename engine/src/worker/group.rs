@@ -25,6 +25,8 @@ pub struct WorkerGroup {
     links: Vec<UnixStream>,
     ready: WorkerReady,
     timing: Option<StepTiming>,
+    /// How long a rank may take to answer a step before the group is declared down.
+    step_timeout: Option<Duration>,
 }
 
 impl WorkerGroup {
@@ -77,7 +79,19 @@ impl WorkerGroup {
             links: members.into_iter().map(|m| m.link).collect(),
             ready: ready.ok_or_else(|| EngineError::WorkerLost("an empty group".into()))?,
             timing: None,
+            step_timeout: None,
         })
+    }
+
+    /// Declares the group down when a rank has not answered a step within `timeout` (a hung
+    /// or stopped worker, or one stuck in a collective with it), instead of waiting forever.
+    pub fn set_step_timeout(&mut self, timeout: Duration) -> Result<()> {
+        for (rank, link) in self.links.iter().enumerate() {
+            link.set_read_timeout(Some(timeout))
+                .map_err(|e| lost(rank, e))?;
+        }
+        self.step_timeout = Some(timeout);
+        Ok(())
     }
 
     /// The geometry the workers reported.
@@ -105,8 +119,18 @@ impl WorkerGroup {
         }
         let mut output = None;
         let mut failure: Option<(String, bool)> = None;
+        let timeout = self.step_timeout;
+        let read_failed = |rank: usize, e: std::io::Error| match (e.kind(), timeout) {
+            (std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut, Some(t)) => {
+                EngineError::WorkerLost(format!(
+                    "rank {rank} did not answer a step within {} s (hung or stopped)",
+                    t.as_secs_f64()
+                ))
+            }
+            _ => lost(rank, e),
+        };
         for (rank, link) in self.links.iter_mut().enumerate() {
-            match protocol::recv::<FromWorker>(link).map_err(|e| lost(rank, e))? {
+            match protocol::recv::<FromWorker>(link).map_err(|e| read_failed(rank, e))? {
                 FromWorker::Step(o) if rank == 0 => output = Some(o),
                 FromWorker::Step(_) => {}
                 FromWorker::StepFailed { message, fatal } => {
