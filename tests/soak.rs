@@ -49,13 +49,25 @@ const WORDS: &[&str] = &[
 /// A request that must get a 4xx (never a 5xx, never a dropped connection).
 fn bad_request(i: u64) -> (&'static str, String) {
     match i % 8 {
-        0 => ("/v1/completions", r#"{"prompt": 5, "max_tokens": 3}"#.into()),
-        1 => ("/v1/completions", r#"{"prompt": "hi", "max_tokens": -1}"#.into()),
-        2 => ("/v1/completions", r#"{"prompt": "hi", "temperature": "hot"}"#.into()),
+        0 => (
+            "/v1/completions",
+            r#"{"prompt": 5, "max_tokens": 3}"#.into(),
+        ),
+        1 => (
+            "/v1/completions",
+            r#"{"prompt": "hi", "max_tokens": -1}"#.into(),
+        ),
+        2 => (
+            "/v1/completions",
+            r#"{"prompt": "hi", "temperature": "hot"}"#.into(),
+        ),
         3 => ("/generate", r#"{"text": "hi", "sampling_topp": 7}"#.into()),
         4 => ("/generate", r#"{"text": "hi""#.into()),
         5 => ("/v1/chat/completions", r#"{"messages": []}"#.into()),
-        6 => ("/v1/completions", r#"{"prompt": "hi", "max_tokens": 100000000}"#.into()),
+        6 => (
+            "/v1/completions",
+            r#"{"prompt": "hi", "max_tokens": 100000000}"#.into(),
+        ),
         _ => ("/generate", "not json at all".into()),
     }
 }
@@ -101,8 +113,10 @@ async fn one(client: &reqwest::Client, base: &str, i: u64) -> (Kind, u16) {
     let stream = kind != Kind::Whole;
     let r = client
         .post(format!("{base}/v1/completions"))
-        .json(&json!({"prompt": prompt.join(" "), "max_tokens": max_tokens,
-                      "temperature": 0.8, "seed": i, "stream": stream}))
+        .json(
+            &json!({"prompt": prompt.join(" "), "max_tokens": max_tokens,
+                      "temperature": 0.8, "seed": i, "stream": stream}),
+        )
         .send()
         .await
         .expect("request failed");
@@ -173,8 +187,7 @@ async fn soak() {
         let running = s.metric("liftoff_num_requests_running").await;
         let waiting = s.metric("liftoff_num_requests_waiting").await;
         let used = s.metric("liftoff_kv_cache_used_blocks").await;
-        if (running, waiting, used) == (0.0, 0.0, 0.0) || t0.elapsed() > Duration::from_secs(30)
-        {
+        if (running, waiting, used) == (0.0, 0.0, 0.0) || t0.elapsed() > Duration::from_secs(30) {
             break (running, waiting, used);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -199,5 +212,9 @@ async fn soak() {
     println!("SOAK {report}");
     assert_eq!(counts.values().sum::<usize>() as u64, n);
     assert_eq!((running, waiting, used), (0.0, 0.0, 0.0), "{report}");
-    assert!(growth < 0.10, "resident memory grew {:.1} %: {report}", growth * 100.0);
+    assert!(
+        growth < 0.10,
+        "resident memory grew {:.1} %: {report}",
+        growth * 100.0
+    );
 }
