@@ -518,3 +518,79 @@ async fn preempted_requests_equal_their_runs_alone() {
     assert_eq!(together, alone);
     assert_eq!(s.metric("liftoff_kv_cache_used_blocks").await, 0.0);
 }
+
+/// The served path against transformers: the default model served in f32 (`--dtype f32`, the
+/// GGUF dequantized, as the fixtures were made), 16 requests in flight at once (the 4 fixture
+/// prompts, 4 times each, as token ids), greedy: every request's tokens equal transformers'
+/// greedy tokens, and its top log-probabilities agree with transformers' logits at every
+/// generated position (as differences from the top token, where the log-sum-exp cancels;
+/// logits agree within 5e-4 in f32, so a difference within twice that).
+#[tokio::test]
+async fn served_tokens_and_logprobs_match_transformers_with_16_in_flight() {
+    let s = Server::start(&["--dtype", "f32", "--max-batch-size", "16"]).await;
+    let path = common::fixtures().join("reference/smollm2_f32.json");
+    let fixture: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let cases = fixture["cases"].as_array().unwrap();
+    let requests = (0..16).map(|i| {
+        let case = &cases[i % cases.len()];
+        let n = case["greedy_ids"].as_array().unwrap().len();
+        s.post(
+            "/v1/completions",
+            json!({"prompt": case["prompt_ids"], "max_tokens": n, "temperature": 0,
+                   "ignore_eos": true, "logprobs": 20, "return_tokens_as_token_ids": true}),
+        )
+    });
+    let results = futures::future::join_all(requests).await;
+    let mut worst = 0f64;
+    for (i, (status, v)) in results.into_iter().enumerate() {
+        assert_eq!(status, 200, "{v}");
+        let case = &cases[i % cases.len()];
+        let prompt_len = case["prompt_ids"].as_array().unwrap().len();
+        let lp = &v["choices"][0]["logprobs"];
+        let id = |t: &Value| -> u64 {
+            t.as_str()
+                .unwrap()
+                .strip_prefix("token_id:")
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        let tokens: Vec<u64> = lp["tokens"].as_array().unwrap().iter().map(id).collect();
+        let want: Vec<u64> = case["greedy_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_u64().unwrap())
+            .collect();
+        assert_eq!(
+            tokens, want,
+            "request {i} ({}): greedy tokens",
+            case["name"]
+        );
+        for (step, top) in lp["top_logprobs"].as_array().unwrap().iter().enumerate() {
+            let ours: std::collections::HashMap<u64, f64> = top
+                .as_object()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| (id(&json!(k)), v.as_f64().unwrap()))
+                .collect();
+            let refs = case["topk"][prompt_len - 1 + step].as_array().unwrap();
+            let pair = |r: &Value| (r[0].as_u64().unwrap(), r[1].as_f64().unwrap());
+            let (top_id, top_logit) = pair(&refs[0]);
+            for r in refs {
+                let (tid, logit) = pair(r);
+                let err = match (ours.get(&tid), ours.get(&top_id)) {
+                    (Some(a), Some(b)) => ((a - b) - (logit - top_logit)).abs(),
+                    _ => f64::INFINITY,
+                };
+                // NaN fails here too.
+                assert!(
+                    err <= 1e-3,
+                    "request {i} step {step} token {tid}: off by {err}"
+                );
+                worst = worst.max(err);
+            }
+        }
+    }
+    eprintln!("served vs transformers: worst logit-difference error {worst:.2e}");
+}

@@ -41,6 +41,8 @@ pub struct TokenStep {
     pub text: String,
     /// Top log-probabilities, when asked for.
     pub top_logprobs: Vec<(u32, f32)>,
+    /// The token's own log-probability, when asked for.
+    pub logprob: Option<f32>,
     /// Set when this token ended the sequence.
     pub finished: Option<FinishReason>,
 }
@@ -131,6 +133,7 @@ impl SequenceState {
             banned,
             uniform: uniform(self.seed, self.generated().len() as u64),
             logprobs: p.logprobs as u32,
+            token_logprob: p.token_logprobs,
         }
     }
 
@@ -145,6 +148,7 @@ impl SequenceState {
         let SampledToken {
             token,
             top_logprobs: top,
+            logprob,
         } = sampled;
         self.tokens.push(token);
 
@@ -185,6 +189,7 @@ impl SequenceState {
             token_id: token,
             text,
             top_logprobs: top,
+            logprob,
             finished,
         })
     }

@@ -83,32 +83,45 @@ __device__ uint32_t block_next(const float* x, int vocab, float pv, uint32_t pi,
   return id;
 }
 
+// A token's logit before the penalties (its saved raw value if the row penalised it).
+__device__ float raw_logit(const float* x, const uint32_t* pen_ids, const float* pen_raw,
+                           uint32_t begin, uint32_t end, uint32_t token) {
+  for (uint32_t j = begin; j < end; j++)
+    if (pen_ids[j] == token) return pen_raw[j];
+  return x[token];
+}
+
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(
     float* __restrict__ logits, int vocab, const float* __restrict__ fparams,
     const uint32_t* __restrict__ uparams, const uint32_t* __restrict__ pen_off,
     const uint32_t* __restrict__ pen_ids, const uint32_t* __restrict__ ban_off,
     const uint32_t* __restrict__ ban_ids, uint32_t* __restrict__ tokens,
-    uint32_t* __restrict__ top_ids, float* __restrict__ top_lp) {
+    uint32_t* __restrict__ top_ids, float* __restrict__ top_lp, float* __restrict__ pen_raw,
+    float* __restrict__ token_lp) {
   __shared__ float fred[SAMPLE_WARPS];
   __shared__ uint32_t ured[SAMPLE_WARPS];
   const int row = blockIdx.x;
   float* x = logits + (size_t)row * vocab;
   const float temperature = fparams[row * 4], top_p = fparams[row * 4 + 1];
   const float penalty = fparams[row * 4 + 2], uniform = fparams[row * 4 + 3];
-  const uint32_t top_k = uparams[row * 2], n_logprobs = min(uparams[row * 2 + 1], MAX_LOGPROBS);
+  const uint32_t top_k = uparams[row * 3], n_logprobs = min(uparams[row * 3 + 1], MAX_LOGPROBS);
+  const bool want_token_lp = uparams[row * 3 + 2] != 0;
 
   for (int i = threadIdx.x; i < vocab; i += blockDim.x)
     if (isnan(x[i])) x[i] = -INFINITY;
   __syncthreads();
 
   // 1. Log-probabilities of the raw distribution.
-  if (n_logprobs > 0) {
+  float lse = 0.f;
+  if (n_logprobs > 0 || want_token_lp) {
     float m = -INFINITY;
     for (int i = threadIdx.x; i < vocab; i += blockDim.x) m = fmaxf(m, x[i]);
     m = block_max(m, fred);
     float z = 0.f;
     for (int i = threadIdx.x; i < vocab; i += blockDim.x) z += expf(x[i] - m);
-    const float lse = m + logf(block_sum(z, fred));
+    lse = m + logf(block_sum(z, fred));
+  }
+  if (n_logprobs > 0) {
     float pv = INFINITY;
     uint32_t pi = 0;
     for (uint32_t r = 0; r < n_logprobs; r++) {
@@ -128,6 +141,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(
   for (uint32_t j = pen_off[row] + threadIdx.x; j < pen_off[row + 1]; j += blockDim.x) {
     const uint32_t t = pen_ids[j];
     const float v = x[t];
+    pen_raw[j] = v;  // the raw logit, for the chosen token's log-probability
     x[t] = v > 0.f ? v / penalty : v * penalty;
   }
   __syncthreads();
@@ -139,7 +153,10 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(
   float best;
   const uint32_t arg = block_next(x, vocab, INFINITY, 0, fred, ured, &best);
   if (temperature <= 0.f || best == -INFINITY) {
-    if (threadIdx.x == 0) tokens[row] = arg;
+    if (threadIdx.x == 0) {
+      tokens[row] = arg;
+      if (want_token_lp) token_lp[row] = raw_logit(x, pen_ids, pen_raw, pen_off[row], pen_off[row + 1], arg) - lse;
+    }
     return;
   }
 
@@ -204,5 +221,9 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(
     }
   }
   // Rounding can leave the target a hair above the total: the arg max (always kept) then.
-  if (threadIdx.x == 0) tokens[row] = chosen != 0xffffffffu ? chosen : arg;
+  if (threadIdx.x == 0) {
+    const uint32_t token = chosen != 0xffffffffu ? chosen : arg;
+    tokens[row] = token;
+    if (want_token_lp) token_lp[row] = raw_logit(x, pen_ids, pen_raw, pen_off[row], pen_off[row + 1], token) - lse;
+  }
 }

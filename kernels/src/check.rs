@@ -284,15 +284,43 @@ pub fn sampling_specs(vocab: u32) -> Vec<RowSampling> {
     ];
     for (i, s) in specs.iter_mut().enumerate() {
         s.uniform = crate::sampling::uniform(1234, i as u64);
+        // Most rows also report the chosen token's own log-probability.
+        s.token_logprob = i % 4 != 0;
     }
     specs
+}
+
+/// [`plain_sample_inner`] and the chosen token's log-probability in the raw distribution.
+fn plain_sample_lp(row: &[f32], spec: &RowSampling) -> (u32, f64, Vec<(u32, f64)>, f64) {
+    let raw_lp = |t: u32| -> f64 {
+        let raw: Vec<f64> = row
+            .iter()
+            .map(|&v| {
+                if v.is_nan() {
+                    f64::NEG_INFINITY
+                } else {
+                    v as f64
+                }
+            })
+            .collect();
+        let max = raw.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        raw[t as usize] - (max + raw.iter().map(|v| (v - max).exp()).sum::<f64>().ln())
+    };
+    let (token, margin, top) = plain_sample_inner(row, spec);
+    // A banned token is chosen only when every token is banned; it has no probability then.
+    let lp = if spec.banned.contains(&token) {
+        f64::NEG_INFINITY
+    } else {
+        raw_lp(token)
+    };
+    (token, margin, top, lp)
 }
 
 /// The sampling steps of [`crate::sampling`] written again, plainly and in f64: the CPU's
 /// `sample` *is* `sample_row`, so the check compares against this instead. Returns the token,
 /// how close the draw came to a decision boundary (relative to the mass, infinite for the arg
 /// max) and the top log-probabilities.
-fn plain_sample(row: &[f32], spec: &RowSampling) -> (u32, f64, Vec<(u32, f64)>) {
+fn plain_sample_inner(row: &[f32], spec: &RowSampling) -> (u32, f64, Vec<(u32, f64)>) {
     let raw: Vec<f64> = row
         .iter()
         .map(|&v| {
@@ -374,7 +402,8 @@ fn plain_sample(row: &[f32], spec: &RowSampling) -> (u32, f64, Vec<(u32, f64)>) 
 }
 
 /// The device's tokens must equal [`plain_sample`]'s except where the draw fell within 1e-3 of
-/// a boundary (sums in another order may land on either side); log-probabilities within 1e-3.
+/// a boundary (sums in another order may land on either side); log-probabilities (the top ones
+/// and the chosen token's) within 1e-3.
 fn check_sampling(device: &Device) -> Result<CheckReport> {
     let (rows, vocab) = (8usize, 5000usize);
     let specs = sampling_specs(vocab as u32);
@@ -384,9 +413,27 @@ fn check_sampling(device: &Device) -> Result<CheckReport> {
     let got = sample(logits, &specs)?;
     let mut err = 0f32;
     for (r, spec) in specs.iter().enumerate() {
-        let (token, margin, top) = plain_sample(&host[r * vocab..(r + 1) * vocab], spec);
+        let (token, margin, top, lp) = plain_sample_lp(&host[r * vocab..(r + 1) * vocab], spec);
         if got[r].token != token && margin >= 1e-3 {
             err = f32::INFINITY;
+        }
+        match (spec.token_logprob, got[r].logprob) {
+            (false, None) => {}
+            // Where the token is the same, its log-probability must be too.
+            (true, Some(g)) if got[r].token == token => {
+                let d = if g == f32::NEG_INFINITY && lp == f64::NEG_INFINITY {
+                    0.0
+                } else {
+                    (g as f64 - lp).abs() as f32
+                };
+                err = if d.is_finite() {
+                    err.max(d)
+                } else {
+                    f32::INFINITY
+                };
+            }
+            (true, Some(g)) if g.is_finite() || g == f32::NEG_INFINITY => {}
+            _ => err = f32::INFINITY,
         }
         if got[r].top_logprobs.len() != top.len() {
             err = f32::INFINITY;

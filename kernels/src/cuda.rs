@@ -351,7 +351,7 @@ const SAMPLE_SM90: &str = include_str!(concat!(env!("OUT_DIR"), "/sample_sm90.pt
 const SAMPLE_THREADS: u32 = 256;
 
 /// Launches `sample_rows` over f32 logits (modified in place) and reads back the tokens and
-/// log-probabilities: `rows * (1 + 2 * MAX_LOGPROBS)` words, not the vocabulary.
+/// log-probabilities: `rows * (2 + 2 * MAX_LOGPROBS)` words, not the vocabulary.
 pub(crate) fn sample(
     logits: &mut CudaStorage,
     layout: &Layout,
@@ -375,12 +375,12 @@ pub(crate) fn sample(
         .get_or_load_custom_func("sample_rows", module, ptx)?
         .into_cuda_function();
     let mut fparams = Vec::with_capacity(rows * 4);
-    let mut uparams = Vec::with_capacity(rows * 2);
+    let mut uparams = Vec::with_capacity(rows * 3);
     let (mut pen_off, mut pen_ids, mut ban_off, mut ban_ids) =
         (vec![0u32], Vec::new(), vec![0u32], Vec::new());
     for s in specs {
         fparams.extend_from_slice(&[s.temperature, s.top_p, s.repetition_penalty, s.uniform]);
-        uparams.extend_from_slice(&[s.top_k, s.logprobs]);
+        uparams.extend_from_slice(&[s.top_k, s.logprobs, s.token_logprob as u32]);
         pen_ids.extend_from_slice(&s.penalized);
         pen_off.push(pen_ids.len() as u32);
         ban_ids.extend_from_slice(&s.banned);
@@ -398,6 +398,9 @@ pub(crate) fn sample(
     let mut tokens = stream.alloc_zeros::<u32>(rows).w()?;
     let mut top_ids = stream.alloc_zeros::<u32>(rows * MAX_LOGPROBS).w()?;
     let mut top_lp = stream.alloc_zeros::<f32>(rows * MAX_LOGPROBS).w()?;
+    // One slot per penalised id (the id list ends with a padding entry).
+    let mut pen_raw = stream.alloc_zeros::<f32>(pen_ids.len()).w()?;
+    let mut token_lp = stream.alloc_zeros::<f32>(rows).w()?;
     let mut x = logits.as_cuda_slice_mut::<f32>()?.slice_mut(l0..l1);
     let vocab_i = vocab as i32;
     let cfg = LaunchConfig {
@@ -417,10 +420,17 @@ pub(crate) fn sample(
     b.arg(&mut tokens);
     b.arg(&mut top_ids);
     b.arg(&mut top_lp);
+    b.arg(&mut pen_raw);
+    b.arg(&mut token_lp);
     // SAFETY: the arguments match the kernel's signature; every listed id is below `vocab`
     // (checked by `sample`).
     unsafe { b.launch(cfg) }.w()?;
     let tokens = stream.clone_dtoh(&tokens).w()?;
+    let token_lp = if specs.iter().any(|s| s.token_logprob) {
+        stream.clone_dtoh(&token_lp).w()?
+    } else {
+        Vec::new()
+    };
     let want = specs.iter().any(|s| s.logprobs > 0);
     let (top_ids, top_lp) = if want {
         (
@@ -438,6 +448,7 @@ pub(crate) fn sample(
             top_logprobs: (0..s.logprobs as usize)
                 .map(|j| (top_ids[r * MAX_LOGPROBS + j], top_lp[r * MAX_LOGPROBS + j]))
                 .collect(),
+            logprob: s.token_logprob.then(|| token_lp[r]),
         })
         .collect())
 }

@@ -42,6 +42,8 @@ pub struct RowSampling {
     pub uniform: f32,
     /// Log-probabilities of the raw distribution to return (at most [`MAX_LOGPROBS`]).
     pub logprobs: u32,
+    /// Also return the chosen token's log-probability in the raw distribution.
+    pub token_logprob: bool,
 }
 
 impl RowSampling {
@@ -69,6 +71,7 @@ impl RowSampling {
             banned: Vec::new(),
             uniform: 0.0,
             logprobs: 0,
+            token_logprob: false,
         }
     }
 }
@@ -79,6 +82,9 @@ pub struct SampledToken {
     pub token: u32,
     /// `(token, log-probability)` of the raw distribution, most likely first.
     pub top_logprobs: Vec<(u32, f32)>,
+    /// The chosen token's log-probability in the raw distribution, when asked for.
+    #[serde(default)]
+    pub logprob: Option<f32>,
 }
 
 /// A uniform draw in `[0, 1)` from `(seed, step)` (splitmix64; 24 random bits).
@@ -186,11 +192,19 @@ fn key_of(f: f32) -> u32 {
 
 /// The `n` most likely tokens by (value desc, id asc) with their log-softmax values.
 pub fn top_logprobs(x: &[f32], n: usize) -> Vec<(u32, f32)> {
+    top_logprobs_with(x, n, log_sum_exp(x))
+}
+
+/// `log(sum(exp(x)))` of a row.
+fn log_sum_exp(x: &[f32]) -> f32 {
+    let max = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    max + x.iter().map(|l| (l - max).exp()).sum::<f32>().ln()
+}
+
+fn top_logprobs_with(x: &[f32], n: usize, lse: f32) -> Vec<(u32, f32)> {
     if n == 0 || x.is_empty() {
         return Vec::new();
     }
-    let max = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let lse = max + x.iter().map(|l| (l - max).exp()).sum::<f32>().ln();
     let mut idx: Vec<(u32, f32)> = x.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
     let n = n.min(idx.len());
     let cmp = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
@@ -209,7 +223,17 @@ pub fn sample_row(x: &mut [f32], spec: &RowSampling) -> (SampledToken, f32) {
             *v = f32::NEG_INFINITY;
         }
     }
-    let top_logprobs = top_logprobs(x, spec.logprobs as usize);
+    let lse = (spec.logprobs > 0 || spec.token_logprob).then(|| log_sum_exp(x));
+    let top_logprobs = lse.map_or_else(Vec::new, |lse| {
+        top_logprobs_with(x, spec.logprobs as usize, lse)
+    });
+    // The penalised tokens' raw logits (the chosen token's log-probability is of the raw
+    // distribution; bans only remove tokens that are then not chosen).
+    let raw: Vec<(u32, f32)> = if spec.token_logprob {
+        spec.penalized.iter().map(|&t| (t, x[t as usize])).collect()
+    } else {
+        Vec::new()
+    };
     for &t in &spec.penalized {
         let v = &mut x[t as usize];
         *v = if *v > 0.0 {
@@ -229,10 +253,18 @@ pub fn sample_row(x: &mut [f32], spec: &RowSampling) -> (SampledToken, f32) {
     }
     let best = x[arg];
     let done = |token: usize, margin: f32| {
+        let logprob = lse.filter(|_| spec.token_logprob).map(|lse| {
+            let v = raw
+                .iter()
+                .find(|r| r.0 as usize == token)
+                .map_or(x[token], |r| r.1);
+            v - lse
+        });
         (
             SampledToken {
                 token: token as u32,
                 top_logprobs: top_logprobs.clone(),
+                logprob,
             },
             margin,
         )

@@ -102,6 +102,7 @@ pub fn run(args: GenerateArgs, log_level: &str) -> Result<()> {
         seed: args.seed,
         ignore_eos: args.ignore_eos,
         logprobs: args.logprobs,
+        token_logprobs: false,
         prompt_logprobs: args.prompt_logprobs,
     };
     params.validate()?;

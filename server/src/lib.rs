@@ -2,6 +2,7 @@
 //! metrics, routing each request to a replica group of the model its consumer group serves.
 
 pub mod error;
+mod logprobs;
 pub mod metrics;
 mod openai;
 pub mod service;

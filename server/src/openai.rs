@@ -2,6 +2,7 @@
 //! the last chunk when `stream_options.include_usage`), `/v1/models`.
 
 use crate::error::{ApiError, ApiJson};
+use crate::logprobs::{LogprobsRequest, Renderer};
 use crate::service::{ModelService, TokenStream};
 use crate::AppState;
 use axum::extract::State;
@@ -10,6 +11,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::stream::{self, StreamExt};
 use liftoff_engine::sampling::SamplingParams;
+use liftoff_engine::sampling::MAX_LOGPROBS;
+use liftoff_engine::scheduler::TokenEvent;
 use liftoff_engine::tokenizer::ChatMessage;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -25,12 +28,14 @@ pub enum StopInput {
     Many(Vec<String>),
 }
 
-/// `prompt`: a string or a list of one string.
+/// `prompt`: a string, a list of one string, token ids, or a list of one list of token ids.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 pub enum PromptInput {
     One(String),
     Many(Vec<String>),
+    Ids(Vec<u32>),
+    ManyIds(Vec<Vec<u32>>),
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -58,11 +63,16 @@ pub struct SamplingFields {
     pub min_tokens: Option<usize>,
     /// vLLM's extension: keep generating past EOS (benchmarks).
     pub ignore_eos: Option<bool>,
+    /// vLLM's extension: tokens in log-probabilities as `token_id:<id>`.
+    pub return_tokens_as_token_ids: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
 pub struct CompletionRequest {
     pub prompt: PromptInput,
+    /// Log-probabilities of each token and of this many alternatives (0..=20).
+    pub logprobs: Option<usize>,
+    pub echo: Option<bool>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
 }
@@ -70,6 +80,10 @@ pub struct CompletionRequest {
 #[derive(Debug, Deserialize)]
 pub struct ChatRequest {
     pub messages: Vec<ChatMessage>,
+    /// Log-probabilities of each token.
+    pub logprobs: Option<bool>,
+    /// And of this many alternatives (0..=20; needs `logprobs`).
+    pub top_logprobs: Option<usize>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
 }
@@ -95,6 +109,7 @@ fn params(
     service: &ModelService,
     f: &SamplingFields,
     prompt_len: usize,
+    lp: Option<LogprobsRequest>,
 ) -> Result<SamplingParams, ApiError> {
     if f.n.is_some_and(|n| n != 1) {
         return Err(ApiError::invalid("n", "only n = 1 is supported"));
@@ -132,7 +147,8 @@ fn params(
         },
         seed: f.seed,
         ignore_eos: f.ignore_eos.unwrap_or(false),
-        logprobs: 0,
+        logprobs: lp.map_or(0, |l| l.top),
+        token_logprobs: lp.is_some(),
         prompt_logprobs: 0,
     };
     p.validate().map_err(|e| {
@@ -157,27 +173,37 @@ pub async fn completions(
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let service = state.service_for_model(req.sampling.model.as_deref())?;
-    let prompt = match req.prompt {
-        PromptInput::One(p) => p,
-        PromptInput::Many(mut v) if v.len() == 1 => v.remove(0),
-        PromptInput::Many(_) => {
-            return Err(ApiError::invalid(
-                "prompt",
-                "prompt must be one string (batches: send several requests)",
-            ))
+    if req.echo == Some(true) {
+        return Err(ApiError::invalid("echo", "echo is not supported"));
+    }
+    let one = "prompt must be one string or one list of token ids (batches: send several requests)";
+    let ids = match req.prompt {
+        PromptInput::One(p) => service.prompt_ids(&p, false, None, "prompt")?,
+        PromptInput::Many(mut v) if v.len() == 1 => {
+            service.prompt_ids(&v.remove(0), false, None, "prompt")?
+        }
+        PromptInput::Ids(ids) => token_ids(&service, ids)?,
+        PromptInput::ManyIds(mut v) if v.len() == 1 => token_ids(&service, v.remove(0))?,
+        PromptInput::Many(_) | PromptInput::ManyIds(_) => {
+            return Err(ApiError::invalid("prompt", one))
         }
     };
-    let ids = service.prompt_ids(&prompt, false, None, "prompt")?;
-    let p = params(&service, &req.sampling, ids.len())?;
+    let lp = match req.logprobs {
+        Some(n) if n > MAX_LOGPROBS => {
+            return Err(ApiError::invalid(
+                "logprobs",
+                format!("logprobs: at most {MAX_LOGPROBS}, got {n}"),
+            ))
+        }
+        Some(n) => Some(LogprobsRequest {
+            top: n,
+            as_ids: req.sampling.return_tokens_as_token_ids.unwrap_or(false),
+        }),
+        None => None,
+    };
+    let p = params(&service, &req.sampling, ids.len(), lp)?;
     let stream = service.submit(ids, p, &state.metrics)?;
-    respond(
-        stream,
-        &service,
-        req.sampling.stream,
-        req.sampling.stream_options,
-        Kind::Completion,
-    )
-    .await
+    respond(stream, service, &req.sampling, lp, Kind::Completion).await
 }
 
 /// `POST /v1/chat/completions`.
@@ -198,24 +224,53 @@ pub async fn chat_completions(
         .encode(&text, false)
         .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
     service.check_prompt_len(ids.len(), "messages")?;
-    let p = params(&service, &req.sampling, ids.len())?;
+    let top = req.top_logprobs.unwrap_or(0);
+    if top > MAX_LOGPROBS {
+        return Err(ApiError::invalid(
+            "top_logprobs",
+            format!("top_logprobs: at most {MAX_LOGPROBS}, got {top}"),
+        ));
+    }
+    let lp = match req.logprobs {
+        Some(true) => Some(LogprobsRequest {
+            top,
+            as_ids: req.sampling.return_tokens_as_token_ids.unwrap_or(false),
+        }),
+        _ if req.top_logprobs.is_some() => {
+            return Err(ApiError::invalid(
+                "top_logprobs",
+                "top_logprobs needs logprobs: true",
+            ))
+        }
+        _ => None,
+    };
+    let p = params(&service, &req.sampling, ids.len(), lp)?;
     let stream = service.submit(ids, p, &state.metrics)?;
-    respond(
-        stream,
-        &service,
-        req.sampling.stream,
-        req.sampling.stream_options,
-        Kind::Chat,
-    )
-    .await
+    respond(stream, service, &req.sampling, lp, Kind::Chat).await
+}
+
+/// Prompt token ids given as such: each must be in the vocabulary.
+fn token_ids(service: &ModelService, ids: Vec<u32>) -> Result<Vec<u32>, ApiError> {
+    let vocab = service.tokenizer.vocab_size();
+    if ids.is_empty() {
+        return Err(ApiError::invalid("prompt", "the prompt is empty"));
+    }
+    if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+        return Err(ApiError::invalid(
+            "prompt",
+            format!("token id {bad} is outside the vocabulary of {vocab}"),
+        ));
+    }
+    service.check_prompt_len(ids.len(), "prompt")?;
+    Ok(ids)
 }
 
 /// Streams the tokens as SSE chunks, or collects them into one response object.
 async fn respond(
     stream: TokenStream,
-    service: &ModelService,
-    streaming: Option<bool>,
-    options: Option<StreamOptions>,
+    service: Arc<ModelService>,
+    sampling: &SamplingFields,
+    lp: Option<LogprobsRequest>,
     kind: Kind,
 ) -> Result<Response, ApiError> {
     let model = service.info.model_name.clone();
@@ -223,21 +278,36 @@ async fn respond(
         Kind::Completion => "cmpl",
         Kind::Chat => "chatcmpl",
     });
-    if streaming.unwrap_or(false) {
-        let include_usage = options.and_then(|o| o.include_usage).unwrap_or(false);
-        return Ok(sse(stream, id, model, include_usage, kind));
+    if sampling.stream.unwrap_or(false) {
+        let include_usage = sampling
+            .stream_options
+            .as_ref()
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false);
+        return Ok(sse(stream, id, model, include_usage, kind, lp, service));
     }
     let c = stream.collect().await?;
     let finish = c.finish_reason.map(|f| f.as_str());
+    let events: Vec<&TokenEvent> = c.events.iter().collect();
+    let logprobs = lp.map_or(Value::Null, |req| {
+        let r = Renderer {
+            req,
+            tokenizer: &service.tokenizer,
+        };
+        match kind {
+            Kind::Completion => r.completion(&events, 0),
+            Kind::Chat => r.chat(&events),
+        }
+    });
     let (object, choice) = match kind {
         Kind::Completion => (
             "text_completion",
-            json!({"index": 0, "text": c.text, "logprobs": null, "finish_reason": finish}),
+            json!({"index": 0, "text": c.text, "logprobs": logprobs, "finish_reason": finish}),
         ),
         Kind::Chat => (
             "chat.completion",
             json!({"index": 0, "message": {"role": "assistant", "content": c.text},
-                                                 "logprobs": null, "finish_reason": finish}),
+                                                 "logprobs": logprobs, "finish_reason": finish}),
         ),
     };
     Ok(Json(json!({
@@ -261,11 +331,12 @@ fn chunk(
     text: &str,
     finish: Option<&str>,
     first: bool,
+    logprobs: Value,
 ) -> Value {
     match kind {
         Kind::Completion => {
             json!({"id": id, "object": "text_completion", "created": now(), "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish}]})
+            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}]})
         }
         Kind::Chat => {
             let mut delta = json!({});
@@ -277,7 +348,7 @@ fn chunk(
                 delta["content"] = json!(text);
             }
             json!({"id": id, "object": "chat.completion.chunk", "created": now(), "model": model,
-                "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]})
+                "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]})
         }
     }
 }
@@ -288,9 +359,12 @@ fn sse(
     model: String,
     include_usage: bool,
     kind: Kind,
+    lp: Option<LogprobsRequest>,
+    service: Arc<ModelService>,
 ) -> Response {
-    let events = stream::unfold((Some(stream), true), move |(s, first)| {
-        let (id, model) = (id.clone(), model.clone());
+    // (the stream, whether the next chunk is the first, generated tokens so far, text offset)
+    let events = stream::unfold((Some(stream), true, 0usize, 0usize), move |(s, first, n, offset)| {
+        let (id, model, service) = (id.clone(), model.clone(), service.clone());
         async move {
             let mut s = s?;
             let mut out = Vec::new();
@@ -298,14 +372,27 @@ fn sse(
                 Err(e) => {
                     out.push(Event::default().data(e.body().to_string()));
                     out.push(Event::default().data("[DONE]"));
-                    Some((out, (None, false)))
+                    Some((out, (None, false, n, offset)))
                 }
                 Ok(ev) => {
                     // One chunk per generated token, as vLLM streams: a token whose text is
                     // not final yet (part of a character) or skipped (a special token) still
                     // arrives, with empty text, so clients see every token's timing.
                     let finish = ev.finished.map(|f| f.as_str());
-                    out.push(Event::default().data(chunk(kind, &id, &model, &ev.text, finish, first).to_string()));
+                    // A request ended before any token (out of memory) carries none.
+                    let is_token = ev.generated_tokens > n;
+                    let logprobs = match lp {
+                        Some(req) if is_token => {
+                            let r = Renderer { req, tokenizer: &service.tokenizer };
+                            match kind {
+                                Kind::Completion => r.completion(&[&ev], offset),
+                                Kind::Chat => r.chat(&[&ev]),
+                            }
+                        }
+                        _ => Value::Null,
+                    };
+                    let (n, offset) = (ev.generated_tokens, offset + ev.text.len());
+                    out.push(Event::default().data(chunk(kind, &id, &model, &ev.text, finish, first, logprobs).to_string()));
                     if finish.is_some() {
                         if include_usage {
                             let object = match kind {
@@ -317,9 +404,9 @@ fn sse(
                             out.push(Event::default().data(u.to_string()));
                         }
                         out.push(Event::default().data("[DONE]"));
-                        return Some((out, (None, false)));
+                        return Some((out, (None, false, n, offset)));
                     }
-                    Some((out, (Some(s), false)))
+                    Some((out, (Some(s), false, n, offset)))
                 }
             }
         }

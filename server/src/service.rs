@@ -259,6 +259,8 @@ pub struct Completion {
     pub text: String,
     pub token_ids: Vec<u32>,
     pub top_logprobs: Vec<Vec<(u32, f32)>>,
+    /// The events that carried a generated token, in order.
+    pub events: Vec<TokenEvent>,
     pub finish_reason: Option<FinishReason>,
     pub prompt_tokens: usize,
 }
@@ -273,12 +275,14 @@ impl TokenStream {
         while let Some(ev) = self.next().await {
             let ev = ev?;
             c.text.push_str(&ev.text);
+            let finished = ev.finished;
             if ev.generated_tokens > c.token_ids.len() {
                 c.token_ids.push(ev.token_id);
-                c.top_logprobs.push(ev.top_logprobs);
+                c.top_logprobs.push(ev.top_logprobs.clone());
+                c.events.push(ev);
             }
-            if ev.finished.is_some() {
-                c.finish_reason = ev.finished;
+            if finished.is_some() {
+                c.finish_reason = finished;
                 break;
             }
         }

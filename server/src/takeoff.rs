@@ -101,6 +101,7 @@ fn prepare(state: &AppState, req: GenerateRequest) -> Result<Prepared, ApiError>
             seed: req.seed,
             ignore_eos: false,
             logprobs: 0,
+            token_logprobs: false,
             prompt_logprobs: 0,
         };
         params

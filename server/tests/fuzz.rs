@@ -32,6 +32,7 @@ impl Executor for Instant {
             .map(|s| SampledToken {
                 token: 42,
                 top_logprobs: (0..s.logprobs).map(|i| (i, -(i as f32) - 0.5)).collect(),
+                logprob: s.token_logprob.then_some(-0.25),
             })
             .collect())
     }

@@ -27,6 +27,8 @@ pub struct SamplingParams {
     pub ignore_eos: bool,
     /// Number of top log-probabilities to report per generated token; 0 for none.
     pub logprobs: usize,
+    /// Report each generated token's own log-probability (in the raw distribution).
+    pub token_logprobs: bool,
     /// Number of top log-probabilities to report at every prompt position (vLLM's
     /// `prompt_logprobs`: position `i` is the distribution of token `i + 1`); 0 for none.
     /// Such a prompt is computed whole (the prefix cache is not read for it).
@@ -47,6 +49,7 @@ impl Default for SamplingParams {
             seed: None,
             ignore_eos: false,
             logprobs: 0,
+            token_logprobs: false,
             prompt_logprobs: 0,
         }
     }

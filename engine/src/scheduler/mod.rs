@@ -75,6 +75,8 @@ pub struct TokenEvent {
     /// Text that became final with this token (may be empty).
     pub text: String,
     pub top_logprobs: Vec<(u32, f32)>,
+    /// The token's own log-probability, when the request asks for it.
+    pub logprob: Option<f32>,
     pub finished: Option<FinishReason>,
     pub prompt_tokens: usize,
     pub generated_tokens: usize,
@@ -457,6 +459,7 @@ impl<E: Executor> Scheduler<E> {
             token_id: 0,
             text: String::new(),
             top_logprobs: Vec::new(),
+            logprob: None,
             finished: Some(reason),
             prompt_tokens: e.state.prompt().len(),
             generated_tokens: e.state.generated().len(),
@@ -517,6 +520,7 @@ impl<E: Executor> Scheduler<E> {
                         token_id: step.token_id,
                         text: step.text,
                         top_logprobs: step.top_logprobs,
+                        logprob: step.logprob,
                         finished: step.finished,
                         prompt_tokens: e.state.prompt().len(),
                         generated_tokens: e.state.generated().len(),
