@@ -7,6 +7,8 @@ mod executor;
 mod handle;
 mod stats;
 mod step_budget;
+#[cfg(test)]
+mod tests;
 
 pub use executor::{Executor, LocalExecutor, StepTiming};
 pub use handle::{SchedulerHandle, SubmitError};

@@ -1,0 +1,196 @@
+//! The scheduler on its own, over an executor that answers at once and records each batch:
+//! chunked prefill within the token budget, prompt log-probabilities across chunks,
+//! preemption, and prefix-cache hits.
+
+use super::*;
+use crate::batch::BatchInput;
+use std::sync::Mutex;
+
+/// Answers every step with token 7 (log-probabilities made up) and records the batches.
+struct Recorder {
+    blocks: usize,
+    steps: Arc<Mutex<Vec<usize>>>,
+}
+
+impl Executor for Recorder {
+    fn execute(
+        &mut self,
+        batch: &BatchInput,
+        sampling: &[RowSampling],
+    ) -> crate::Result<Vec<SampledToken>> {
+        assert_eq!(
+            batch.logits_rows().len(),
+            sampling.len(),
+            "one spec per logits row"
+        );
+        self.steps.lock().unwrap().push(batch.num_tokens());
+        Ok(sampling
+            .iter()
+            .map(|s| SampledToken {
+                token: 7,
+                top_logprobs: (0..s.logprobs).map(|i| (i, -1.0 - i as f32)).collect(),
+                logprob: s.token_logprob.then_some(-1.0),
+            })
+            .collect())
+    }
+    fn logits(&mut self, _: &BatchInput) -> crate::Result<Vec<Vec<f32>>> {
+        unreachable!("the scheduler samples")
+    }
+    fn kv_blocks(&self) -> (usize, usize) {
+        (self.blocks, 4)
+    }
+}
+
+fn tokenizer() -> Tokenizer {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/models/tiny-llama2-f32");
+    Tokenizer::from_hf_dir(&dir, vec![2]).unwrap()
+}
+
+fn scheduler(
+    blocks: usize,
+    config: SchedulerConfig,
+) -> (Scheduler<Recorder>, Arc<Mutex<Vec<usize>>>) {
+    let steps = Arc::new(Mutex::new(Vec::new()));
+    let exec = Recorder {
+        blocks,
+        steps: steps.clone(),
+    };
+    (Scheduler::new(config, exec, tokenizer()), steps)
+}
+
+fn request(
+    prompt: Vec<u32>,
+    params: SamplingParams,
+) -> (
+    GenerationRequest,
+    tokio::sync::mpsc::UnboundedReceiver<SeqEvent>,
+) {
+    let (events, rx) = tokio::sync::mpsc::unbounded_channel();
+    let req = GenerationRequest {
+        prompt,
+        params,
+        events,
+        arrival: Instant::now(),
+    };
+    (req, rx)
+}
+
+/// Steps until idle (at most `limit` steps); returns the token events of each receiver.
+fn run(
+    s: &mut Scheduler<Recorder>,
+    rxs: &mut [tokio::sync::mpsc::UnboundedReceiver<SeqEvent>],
+    limit: usize,
+) -> Vec<Vec<TokenEvent>> {
+    for _ in 0..limit {
+        if !s.step() && s.is_idle() {
+            break;
+        }
+    }
+    assert!(s.is_idle(), "the scheduler did not finish in {limit} steps");
+    rxs.iter_mut()
+        .map(|rx| {
+            let mut out = Vec::new();
+            while let Ok(ev) = rx.try_recv() {
+                match ev {
+                    SeqEvent::Token(t) => out.push(t),
+                    other => panic!("{other:?}"),
+                }
+            }
+            out
+        })
+        .collect()
+}
+
+fn config(max_tokens: usize) -> SchedulerConfig {
+    SchedulerConfig {
+        max_num_batched_tokens: max_tokens,
+        max_seq_len: 256,
+        max_step: StepTarget::Off,
+        ..SchedulerConfig::default()
+    }
+}
+
+#[test]
+fn prompts_are_chunked_within_the_token_budget() {
+    let (mut s, steps) = scheduler(64, config(16));
+    let (req, rx) = request((1..=40).collect(), SamplingParams::greedy(3));
+    s.add(req);
+    let events = run(&mut s, &mut [rx], 50);
+    assert_eq!(*steps.lock().unwrap(), vec![16, 16, 8, 1, 1]);
+    let ev = &events[0];
+    assert_eq!(
+        ev.iter().map(|e| e.token_id).collect::<Vec<_>>(),
+        vec![7, 7, 7]
+    );
+    assert_eq!(ev.last().unwrap().finished, Some(FinishReason::Length));
+    assert_eq!(s.blocks.num_used(), 0);
+}
+
+#[test]
+fn prompt_logprobs_cover_every_position_across_chunks() {
+    let (mut s, _) = scheduler(64, config(16));
+    let params = SamplingParams {
+        prompt_logprobs: 3,
+        logprobs: 2,
+        token_logprobs: true,
+        ..SamplingParams::greedy(2)
+    };
+    let (req, rx) = request((1..=40).collect(), params);
+    s.add(req);
+    let events = run(&mut s, &mut [rx], 50);
+    let first = &events[0][0];
+    let rows = first
+        .prompt_logprobs
+        .as_ref()
+        .expect("prompt log-probabilities");
+    assert_eq!(rows.len(), 39, "one row per prompt position but the last");
+    assert!(rows.iter().all(|r| r.len() == 3), "{rows:?}");
+    assert_eq!(first.top_logprobs.len(), 2);
+    assert_eq!(first.logprob, Some(-1.0));
+    assert!(
+        events[0][1].prompt_logprobs.is_none(),
+        "only on the first token"
+    );
+}
+
+#[test]
+fn preempted_sequences_finish_and_free_their_blocks() {
+    // 8 blocks of 4 tokens: two sequences growing to 24 tokens each cannot both fit.
+    let (mut s, _) = scheduler(8, config(64));
+    let mut rxs = Vec::new();
+    for p in [vec![1u32; 10], vec![2u32; 10]] {
+        let (req, rx) = request(p, SamplingParams::greedy(14));
+        s.add(req);
+        rxs.push(rx);
+    }
+    let events = run(&mut s, &mut rxs, 200);
+    assert!(
+        s.stats().preemptions.load(Ordering::Relaxed) >= 1,
+        "no preemption"
+    );
+    for ev in &events {
+        // Every token arrives once (recomputation re-sends nothing), none cut short.
+        assert_eq!(
+            ev.iter().map(|e| e.token_id).collect::<Vec<_>>(),
+            vec![7; 14]
+        );
+        assert_eq!(ev.last().unwrap().generated_tokens, 14);
+        assert_eq!(ev.last().unwrap().finished, Some(FinishReason::Length));
+    }
+    assert_eq!(s.blocks.num_used(), 0);
+}
+
+#[test]
+fn a_repeated_prompt_skips_its_cached_blocks() {
+    let (mut s, steps) = scheduler(64, config(64));
+    let prompt: Vec<u32> = (1..=21).collect();
+    for _ in 0..2 {
+        let (req, rx) = request(prompt.clone(), SamplingParams::greedy(1));
+        s.add(req);
+        run(&mut s, &mut [rx], 10);
+    }
+    // 21 tokens: the second run finds the 5 full blocks (20 tokens) and computes 1.
+    assert_eq!(*steps.lock().unwrap(), vec![21, 1]);
+    assert_eq!(s.blocks.stats().hit_blocks, 5);
+}
