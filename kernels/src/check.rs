@@ -290,37 +290,8 @@ pub fn sampling_specs(vocab: u32) -> Vec<RowSampling> {
     specs
 }
 
-/// [`plain_sample_inner`] and the chosen token's log-probability in the raw distribution.
-fn plain_sample_lp(row: &[f32], spec: &RowSampling) -> (u32, f64, Vec<(u32, f64)>, f64) {
-    let raw_lp = |t: u32| -> f64 {
-        let raw: Vec<f64> = row
-            .iter()
-            .map(|&v| {
-                if v.is_nan() {
-                    f64::NEG_INFINITY
-                } else {
-                    v as f64
-                }
-            })
-            .collect();
-        let max = raw.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-        raw[t as usize] - (max + raw.iter().map(|v| (v - max).exp()).sum::<f64>().ln())
-    };
-    let (token, margin, top) = plain_sample_inner(row, spec);
-    // A banned token is chosen only when every token is banned; it has no probability then.
-    let lp = if spec.banned.contains(&token) {
-        f64::NEG_INFINITY
-    } else {
-        raw_lp(token)
-    };
-    (token, margin, top, lp)
-}
-
-/// The sampling steps of [`crate::sampling`] written again, plainly and in f64: the CPU's
-/// `sample` *is* `sample_row`, so the check compares against this instead. Returns the token,
-/// how close the draw came to a decision boundary (relative to the mass, infinite for the arg
-/// max) and the top log-probabilities.
-fn plain_sample_inner(row: &[f32], spec: &RowSampling) -> (u32, f64, Vec<(u32, f64)>) {
+/// A row in f64 (NaN as -inf, as the sampler reads it) and its log-sum-exp.
+fn raw_row(row: &[f32]) -> (Vec<f64>, f64) {
     let raw: Vec<f64> = row
         .iter()
         .map(|&v| {
@@ -333,6 +304,28 @@ fn plain_sample_inner(row: &[f32], spec: &RowSampling) -> (u32, f64, Vec<(u32, f
         .collect();
     let max = raw.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
     let log_sum = max + raw.iter().map(|v| (v - max).exp()).sum::<f64>().ln();
+    (raw, log_sum)
+}
+
+/// [`plain_sample_inner`] and the chosen token's log-probability in the raw distribution.
+fn plain_sample_lp(row: &[f32], spec: &RowSampling) -> (u32, f64, Vec<(u32, f64)>, f64) {
+    let (token, margin, top) = plain_sample_inner(row, spec);
+    // A banned token is chosen only when every token is banned; it has no probability then.
+    let lp = if spec.banned.contains(&token) {
+        f64::NEG_INFINITY
+    } else {
+        let (raw, log_sum) = raw_row(row);
+        raw[token as usize] - log_sum
+    };
+    (token, margin, top, lp)
+}
+
+/// The sampling steps of [`crate::sampling`] written again, plainly and in f64: the CPU's
+/// `sample` *is* `sample_row`, so the check compares against this instead. Returns the token,
+/// how close the draw came to a decision boundary (relative to the mass, infinite for the arg
+/// max) and the top log-probabilities.
+fn plain_sample_inner(row: &[f32], spec: &RowSampling) -> (u32, f64, Vec<(u32, f64)>) {
+    let (raw, log_sum) = raw_row(row);
     let mut by_value: Vec<usize> = (0..raw.len()).collect();
     by_value.sort_by(|&a, &b| raw[b].total_cmp(&raw[a]).then(a.cmp(&b)));
     let top = by_value
