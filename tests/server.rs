@@ -594,3 +594,34 @@ async fn served_tokens_and_logprobs_match_transformers_with_16_in_flight() {
     }
     eprintln!("served vs transformers: worst logit-difference error {worst:.2e}");
 }
+
+/// A field the server does not implement is refused with a 400 naming it, never ignored;
+/// fields that cannot change the output (`user`) and empty ones (`logit_bias: {}`) pass.
+#[tokio::test]
+async fn unsupported_openai_fields_are_refused_by_name() {
+    let s = Server::start(&[]).await;
+    for (field, value) in [
+        ("logit_bias", json!({"42": 5})),
+        (
+            "tools",
+            json!([{"type": "function", "function": {"name": "f"}}]),
+        ),
+        ("response_format", json!({"type": "json_object"})),
+        ("best_of", json!(2)),
+        ("suffix", json!(" end")),
+    ] {
+        let mut body = json!({"prompt": "Hi", "max_tokens": 2});
+        body[field] = value;
+        let (st, v) = s.post("/v1/completions", body).await;
+        assert_eq!(st, 400, "{field}: {v}");
+        assert_eq!(v["error"]["param"], field, "{v}");
+    }
+    let (st, v) = s
+        .post(
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
+                   "user": "someone", "logit_bias": {}, "tools": [], "metadata": {"a": "b"}}),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+}

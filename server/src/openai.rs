@@ -16,6 +16,7 @@ use liftoff_engine::scheduler::TokenEvent;
 use liftoff_engine::tokenizer::ChatMessage;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -75,6 +76,9 @@ pub struct CompletionRequest {
     pub echo: Option<bool>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
+    /// Every other field (refused unless it cannot change the output).
+    #[serde(flatten)]
+    pub other: BTreeMap<String, Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -86,6 +90,34 @@ pub struct ChatRequest {
     pub top_logprobs: Option<usize>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
+    /// Every other field (refused unless it cannot change the output).
+    #[serde(flatten)]
+    pub other: BTreeMap<String, Value>,
+}
+
+/// Fields OpenAI clients send that cannot change what is generated: accepted and unused.
+const INERT_FIELDS: &[&str] = &["user", "metadata", "store", "service_tier"];
+
+/// 400 for a field this server does not implement, so that nothing a client asks for is
+/// silently ignored; a null or empty value (`"logit_bias": {}`, `"tools": []`) asks for
+/// nothing and passes.
+fn refuse_unsupported(other: &BTreeMap<String, Value>) -> Result<(), ApiError> {
+    for (name, value) in other {
+        let empty = match value {
+            Value::Null => true,
+            Value::Object(m) => m.is_empty(),
+            Value::Array(a) => a.is_empty(),
+            Value::String(s) => s.is_empty(),
+            _ => false,
+        };
+        if !empty && !INERT_FIELDS.contains(&name.as_str()) {
+            return Err(ApiError::invalid(
+                name,
+                format!("{name} is not supported by this server"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn now() -> u64 {
@@ -173,6 +205,7 @@ pub async fn completions(
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let service = state.service_for_model(req.sampling.model.as_deref())?;
+    refuse_unsupported(&req.other)?;
     if req.echo == Some(true) {
         return Err(ApiError::invalid("echo", "echo is not supported"));
     }
@@ -212,6 +245,7 @@ pub async fn chat_completions(
     ApiJson(req): ApiJson<ChatRequest>,
 ) -> Result<Response, ApiError> {
     let service = state.service_for_model(req.sampling.model.as_deref())?;
+    refuse_unsupported(&req.other)?;
     if req.messages.is_empty() {
         return Err(ApiError::invalid("messages", "messages must not be empty"));
     }
