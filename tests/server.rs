@@ -625,3 +625,48 @@ async fn unsupported_openai_fields_are_refused_by_name() {
         .await;
     assert_eq!(st, 200, "{v}");
 }
+
+/// Chat messages as OpenAI clients send them: content as parts (text joined in order) gives
+/// the same reply as the same text as a string; `developer` is a system message; image parts,
+/// tool calls and unknown roles are 400s naming the field.
+#[tokio::test]
+async fn chat_content_parts_and_roles() {
+    let s = Server::start(&[]).await;
+    let ask = |messages: Value| {
+        s.post(
+            "/v1/chat/completions",
+            json!({"messages": messages, "max_tokens": 8, "temperature": 0}),
+        )
+    };
+    let (st, plain) = ask(json!([{"role": "system", "content": "Be brief."},
+                                 {"role": "user", "content": "Name a colour."}]))
+    .await;
+    assert_eq!(st, 200, "{plain}");
+    let (st, parts) = ask(json!([{"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+                                 {"role": "user", "name": "ann", "content": [{"type": "text", "text": "Name a "},
+                                                                             {"type": "text", "text": "colour."}]}]))
+    .await;
+    assert_eq!(st, 200, "{parts}");
+    assert_eq!(
+        parts["choices"][0]["message"]["content"],
+        plain["choices"][0]["message"]["content"]
+    );
+    for (messages, param) in [
+        (
+            json!([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
+            "messages[0].content[0].type",
+        ),
+        (
+            json!([{"role": "assistant", "content": null, "tool_calls": [{"id": "1"}]}]),
+            "messages[0].tool_calls",
+        ),
+        (
+            json!([{"role": "wizard", "content": "hi"}]),
+            "messages[0].role",
+        ),
+    ] {
+        let (st, v) = ask(messages).await;
+        assert_eq!(st, 400, "{v}");
+        assert_eq!(v["error"]["param"], param, "{v}");
+    }
+}

@@ -3,6 +3,7 @@
 
 pub mod error;
 mod logprobs;
+mod messages;
 pub mod metrics;
 mod openai;
 pub mod service;

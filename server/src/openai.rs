@@ -3,6 +3,7 @@
 
 use crate::error::{ApiError, ApiJson};
 use crate::logprobs::{LogprobsRequest, Renderer};
+use crate::messages::{to_chat, RequestMessage};
 use crate::service::{ModelService, TokenStream};
 use crate::AppState;
 use axum::extract::State;
@@ -13,7 +14,6 @@ use futures::stream::{self, StreamExt};
 use liftoff_engine::sampling::SamplingParams;
 use liftoff_engine::sampling::MAX_LOGPROBS;
 use liftoff_engine::scheduler::TokenEvent;
-use liftoff_engine::tokenizer::ChatMessage;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -83,7 +83,7 @@ pub struct CompletionRequest {
 
 #[derive(Debug, Deserialize)]
 pub struct ChatRequest {
-    pub messages: Vec<ChatMessage>,
+    pub messages: Vec<RequestMessage>,
     /// Log-probabilities of each token.
     pub logprobs: Option<bool>,
     /// And of this many alternatives (0..=20; needs `logprobs`).
@@ -249,9 +249,10 @@ pub async fn chat_completions(
     if req.messages.is_empty() {
         return Err(ApiError::invalid("messages", "messages must not be empty"));
     }
+    let messages = to_chat(req.messages)?;
     let text = service
         .tokenizer
-        .apply_chat_template(&req.messages, true)
+        .apply_chat_template(&messages, true)
         .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
     let ids = service
         .tokenizer

@@ -66,6 +66,22 @@ def test_openai_chat_stream_with_usage(server):
     assert full.choices[0].message.content == text
 
 
+def test_openai_content_parts_and_logprobs(server):
+    port, _ = server
+    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+    ask = dict(model="primary", max_tokens=8, temperature=0, logprobs=True, top_logprobs=2)
+    plain = client.chat.completions.create(messages=[{"role": "user", "content": "Name a colour."}], **ask)
+    parts = client.chat.completions.create(
+        messages=[{"role": "user", "content": [{"type": "text", "text": "Name a "},
+                                               {"type": "text", "text": "colour."}]}], **ask)
+    assert parts.choices[0].message.content == plain.choices[0].message.content
+    content = parts.choices[0].logprobs.content
+    assert len(content) == parts.usage.completion_tokens
+    assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
+    # Greedy: each chosen token is the most likely one.
+    assert all(t.top_logprobs[0].token == t.token for t in content)
+
+
 def test_openai_error_is_raised_cleanly(server):
     port, _ = server
     client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)

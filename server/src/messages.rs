@@ -1,0 +1,101 @@
+//! Chat messages as OpenAI clients send them: `content` as a string or an array of parts
+//! (`text` parts joined in order), roles `system`, `developer` (as system), `user`,
+//! `assistant`, `tool`, and `name`. What the server cannot render yet (images, audio, files,
+//! tool calls) is a 400 naming the field, never dropped.
+
+use crate::error::ApiError;
+use liftoff_engine::tokenizer::ChatMessage;
+use serde::Deserialize;
+use serde_json::Value;
+
+/// One message of a request.
+#[derive(Debug, Deserialize)]
+pub struct RequestMessage {
+    pub role: String,
+    #[serde(default)]
+    pub content: Option<Content>,
+    /// A participant's name: accepted, not shown to the model (chat templates have no place
+    /// for it).
+    #[allow(dead_code)]
+    pub name: Option<String>,
+    pub tool_calls: Option<Value>,
+    pub tool_call_id: Option<String>,
+}
+
+/// `content`: a string or a list of parts.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+/// One part of a message's content.
+#[derive(Debug, Deserialize)]
+pub struct Part {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub text: Option<String>,
+}
+
+/// The messages as the chat template takes them.
+pub fn to_chat(messages: Vec<RequestMessage>) -> Result<Vec<ChatMessage>, ApiError> {
+    messages
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let at = |field: &str| format!("messages[{i}].{field}");
+            let role = match m.role.as_str() {
+                "system" | "developer" => "system",
+                "user" | "assistant" | "tool" => m.role.as_str(),
+                other => {
+                    return Err(ApiError::invalid(
+                        &at("role"),
+                        format!(
+                            "unknown role '{other}' (system, developer, user, assistant, tool)"
+                        ),
+                    ))
+                }
+            }
+            .to_string();
+            if m.tool_calls.as_ref().is_some_and(|v| !v.is_null()) {
+                return Err(ApiError::invalid(
+                    &at("tool_calls"),
+                    "tool calls are not supported yet",
+                ));
+            }
+            if m.tool_call_id.is_some() {
+                return Err(ApiError::invalid(
+                    &at("tool_call_id"),
+                    "tool results are not supported yet",
+                ));
+            }
+            let content = match m.content {
+                None => String::new(),
+                Some(Content::Text(t)) => t,
+                Some(Content::Parts(parts)) => {
+                    let mut text = String::new();
+                    for (j, p) in parts.into_iter().enumerate() {
+                        match (p.kind.as_str(), p.text) {
+                            ("text", Some(t)) => text.push_str(&t),
+                            ("text", None) => {
+                                return Err(ApiError::invalid(
+                                    &at(&format!("content[{j}].text")),
+                                    "a text part needs its text",
+                                ))
+                            }
+                            (kind, _) => return Err(ApiError::invalid(
+                                &at(&format!("content[{j}].type")),
+                                format!(
+                                    "content parts of type '{kind}' are not supported (text only)"
+                                ),
+                            )),
+                        }
+                    }
+                    text
+                }
+            };
+            Ok(ChatMessage::new(role, content))
+        })
+        .collect()
+}
