@@ -670,3 +670,42 @@ async fn chat_content_parts_and_roles() {
         assert_eq!(v["error"]["param"], param, "{v}");
     }
 }
+
+/// `usage.prompt_tokens_details.cached_tokens` counts the prompt tokens served from the
+/// prefix cache, and vLLM's `stream_options.continuous_usage_stats` puts usage in every chunk.
+#[tokio::test]
+async fn usage_reports_cached_tokens_and_streams_it_per_chunk() {
+    let s = Server::start(&[]).await;
+    let prompt = "You are a careful assistant. ".repeat(12);
+    let body = json!({"prompt": prompt, "max_tokens": 3, "temperature": 0});
+    let (st, first) = s.post("/v1/completions", body.clone()).await;
+    assert_eq!(st, 200, "{first}");
+    assert_eq!(first["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    let (_, second) = s.post("/v1/completions", body).await;
+    let cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    let prompt_tokens = second["usage"]["prompt_tokens"].as_u64().unwrap();
+    // Every full block but the one holding the last prompt token.
+    assert!(cached >= 16 && cached < prompt_tokens, "{second}");
+    assert_eq!(cached % 16, 0, "whole blocks");
+
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/completions", s.base))
+        .json(
+            &json!({"prompt": "Count: 1, 2,", "max_tokens": 4, "temperature": 0, "stream": true,
+                      "stream_options": {"continuous_usage_stats": true}}),
+        )
+        .send()
+        .await
+        .unwrap();
+    let events = sse_data(resp).await;
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|(_, d)| serde_json::from_str(d).unwrap())
+        .collect();
+    assert_eq!(chunks.len(), 4);
+    for (i, c) in chunks.iter().enumerate() {
+        assert_eq!(c["usage"]["completion_tokens"], i + 1, "{c}");
+    }
+}

@@ -84,12 +84,14 @@ pub fn to_chat(messages: Vec<RequestMessage>) -> Result<Vec<ChatMessage>, ApiErr
                                     "a text part needs its text",
                                 ))
                             }
-                            (kind, _) => return Err(ApiError::invalid(
-                                &at(&format!("content[{j}].type")),
-                                format!(
+                            (kind, _) => {
+                                return Err(ApiError::invalid(
+                                    &at(&format!("content[{j}].type")),
+                                    format!(
                                     "content parts of type '{kind}' are not supported (text only)"
                                 ),
-                            )),
+                                ))
+                            }
                         }
                     }
                     text

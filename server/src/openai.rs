@@ -42,6 +42,8 @@ pub enum PromptInput {
 #[derive(Debug, Deserialize, Default)]
 pub struct StreamOptions {
     pub include_usage: Option<bool>,
+    /// vLLM's extension: usage in every chunk.
+    pub continuous_usage_stats: Option<bool>,
 }
 
 /// Fields shared by both endpoints.
@@ -195,8 +197,10 @@ fn params(
     Ok(p)
 }
 
-fn usage(prompt: usize, completion: usize) -> Value {
-    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+/// OpenAI's usage object; `cached` prompt tokens came from the prefix cache.
+fn usage(prompt: usize, completion: usize, cached: usize) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+           "prompt_tokens_details": {"cached_tokens": cached}})
 }
 
 /// `POST /v1/completions`.
@@ -314,12 +318,12 @@ async fn respond(
         Kind::Chat => "chatcmpl",
     });
     if sampling.stream.unwrap_or(false) {
-        let include_usage = sampling
-            .stream_options
-            .as_ref()
-            .and_then(|o| o.include_usage)
-            .unwrap_or(false);
-        return Ok(sse(stream, id, model, include_usage, kind, lp, service));
+        let opts = sampling.stream_options.as_ref();
+        let usage = Usage {
+            last: opts.and_then(|o| o.include_usage).unwrap_or(false),
+            every: opts.and_then(|o| o.continuous_usage_stats).unwrap_or(false),
+        };
+        return Ok(sse(stream, id, model, usage, kind, lp, service));
     }
     let c = stream.collect().await?;
     let finish = c.finish_reason.map(|f| f.as_str());
@@ -348,7 +352,7 @@ async fn respond(
     Ok(Json(json!({
         "id": id, "object": object, "created": now(), "model": model,
         "choices": [choice],
-        "usage": usage(c.prompt_tokens, c.token_ids.len()),
+        "usage": usage(c.prompt_tokens, c.token_ids.len(), c.cached_tokens),
     }))
     .into_response())
 }
@@ -388,11 +392,18 @@ fn chunk(
     }
 }
 
+/// Where streamed usage goes: a last chunk of its own, and every chunk.
+#[derive(Clone, Copy)]
+struct Usage {
+    last: bool,
+    every: bool,
+}
+
 fn sse(
     stream: TokenStream,
     id: String,
     model: String,
-    include_usage: bool,
+    include_usage: Usage,
     kind: Kind,
     lp: Option<LogprobsRequest>,
     service: Arc<ModelService>,
@@ -427,15 +438,19 @@ fn sse(
                         _ => Value::Null,
                     };
                     let (n, offset) = (ev.generated_tokens, offset + ev.text.len());
-                    out.push(Event::default().data(chunk(kind, &id, &model, &ev.text, finish, first, logprobs).to_string()));
+                    let mut data = chunk(kind, &id, &model, &ev.text, finish, first, logprobs);
+                    if include_usage.every {
+                        data["usage"] = usage(ev.prompt_tokens, ev.generated_tokens, ev.cached_tokens);
+                    }
+                    out.push(Event::default().data(data.to_string()));
                     if finish.is_some() {
-                        if include_usage {
+                        if include_usage.last {
                             let object = match kind {
                                 Kind::Completion => "text_completion",
                                 Kind::Chat => "chat.completion.chunk",
                             };
                             let u = json!({"id": id, "object": object, "created": now(), "model": model, "choices": [],
-                                           "usage": usage(ev.prompt_tokens, ev.generated_tokens)});
+                                           "usage": usage(ev.prompt_tokens, ev.generated_tokens, ev.cached_tokens)});
                             out.push(Event::default().data(u.to_string()));
                         }
                         out.push(Event::default().data("[DONE]"));

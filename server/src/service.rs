@@ -261,6 +261,8 @@ pub struct Completion {
     pub top_logprobs: Vec<Vec<(u32, f32)>>,
     /// The events that carried a generated token, in order.
     pub events: Vec<TokenEvent>,
+    /// Prompt tokens served from the prefix cache.
+    pub cached_tokens: usize,
     pub finish_reason: Option<FinishReason>,
     pub prompt_tokens: usize,
 }
@@ -275,6 +277,7 @@ impl TokenStream {
         while let Some(ev) = self.next().await {
             let ev = ev?;
             c.text.push_str(&ev.text);
+            c.cached_tokens = ev.cached_tokens;
             let finished = ev.finished;
             if ev.generated_tokens > c.token_ids.len() {
                 c.token_ids.push(ev.token_id);

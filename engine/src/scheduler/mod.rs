@@ -81,6 +81,8 @@ pub struct TokenEvent {
     pub logprob: Option<f32>,
     pub finished: Option<FinishReason>,
     pub prompt_tokens: usize,
+    /// Prompt tokens whose keys and values came from the prefix cache (at first admission).
+    pub cached_tokens: usize,
     pub generated_tokens: usize,
     /// Time from arrival to admission, on the first token only.
     pub queue_time: Option<Duration>,
@@ -115,6 +117,8 @@ struct Entry {
     /// Prompt log-probabilities gathered so far (one entry per prompt position but the last),
     /// when the request asks for them.
     prompt_logprobs: Vec<Vec<(u32, f32)>>,
+    /// Prompt tokens found in the prefix cache at the first admission.
+    cached_tokens: Option<usize>,
 }
 
 /// What a step asks of one sequence's chunk.
@@ -265,6 +269,7 @@ impl<E: Executor> Scheduler<E> {
             arrival: req.arrival,
             queue_time: None,
             prompt_logprobs: Vec::new(),
+            cached_tokens: None,
         });
         self.publish_stats();
     }
@@ -374,6 +379,7 @@ impl<E: Executor> Scheduler<E> {
             if e.computed == 0 && e.table.is_empty() && !e.wants_prompt_logprobs() {
                 let (table, prefix) = self.blocks.match_prefix(tokens);
                 e.computed = table.len() * bs;
+                e.cached_tokens.get_or_insert(e.computed);
                 e.registered = table.len();
                 e.chain = Some(prefix);
                 e.table = table;
@@ -464,6 +470,7 @@ impl<E: Executor> Scheduler<E> {
             logprob: None,
             finished: Some(reason),
             prompt_tokens: e.state.prompt().len(),
+            cached_tokens: e.cached_tokens.unwrap_or(0),
             generated_tokens: e.state.generated().len(),
             queue_time: e.queue_time,
             prompt_logprobs: None,
@@ -525,6 +532,7 @@ impl<E: Executor> Scheduler<E> {
                         logprob: step.logprob,
                         finished: step.finished,
                         prompt_tokens: e.state.prompt().len(),
+                        cached_tokens: e.cached_tokens.unwrap_or(0),
                         generated_tokens: e.state.generated().len(),
                         queue_time: if first { e.queue_time } else { None },
                         prompt_logprobs: (first && e.state.params().prompt_logprobs > 0)
