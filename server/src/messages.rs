@@ -71,7 +71,14 @@ pub fn to_chat(messages: Vec<RequestMessage>) -> Result<Vec<ChatMessage>, ApiErr
                 ));
             }
             let content = match m.content {
-                None => String::new(),
+                // Only an assistant message (one that made tool calls) may have none.
+                None if role == "assistant" => String::new(),
+                None => {
+                    return Err(ApiError::invalid(
+                        &at("content"),
+                        format!("a {} message needs content", m.role),
+                    ))
+                }
                 Some(Content::Text(t)) => t,
                 Some(Content::Parts(parts)) => {
                     let mut text = String::new();
