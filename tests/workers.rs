@@ -456,16 +456,21 @@ async fn a_hung_worker_is_detected_by_the_step_deadline() {
     eprintln!("hung worker: {ok} served, {refused} refused, all answered in {took:?}");
     assert!(refused >= 1 && ok >= 1, "{ok} served, {refused} refused");
     assert!(took < Duration::from_secs(15), "detection took {took:?}");
-    let health: Value = reqwest::get(format!("{}/health", s.mgmt))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(
-        health["models"][0]["replicas_healthy"],
-        json!([false, true])
-    );
+    // The group is marked down as its scheduler stops (just after the 503s went out).
+    let t1 = Instant::now();
+    loop {
+        let health: Value = reqwest::get(format!("{}/health", s.mgmt))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if health["models"][0]["replicas_healthy"] == json!([false, true]) {
+            break;
+        }
+        assert!(t1.elapsed() < Duration::from_secs(5), "{health}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let (status, body) = s
         .post("/generate", json!({"text": "after", "max_new_tokens": 4}))
         .await;
