@@ -136,6 +136,23 @@ impl Server {
             .expect("/metrics is Prometheus text")
     }
 
+    /// Waits (up to 10 s) until metric `name` reads `want`: the scheduler publishes its
+    /// gauges after the step that sent a request's last token, a moment after the reply.
+    pub async fn wait_metric(&self, name: &str, want: f64) {
+        let t = Instant::now();
+        loop {
+            let v = self.metric(name).await;
+            if v == want {
+                return;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "{name} is {v}, not {want}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Sum of the samples of counter or gauge `name` (all label sets); panics if the metric
     /// is missing or of another type.
     pub async fn metric(&self, name: &str) -> f64 {

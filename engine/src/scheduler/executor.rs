@@ -4,7 +4,7 @@ use crate::batch::BatchInput;
 use crate::error::Result;
 use crate::kv_cache::KvCache;
 use crate::model::Llama;
-use crate::model_runner::{run_step, StepRows};
+use crate::model_runner::run_step;
 use crate::sampling::{RowSampling, SampledToken};
 use crate::EngineError;
 
@@ -19,9 +19,6 @@ pub trait Executor: Send + 'static {
         batch: &BatchInput,
         sampling: &[RowSampling],
     ) -> Result<Vec<SampledToken>>;
-    /// Runs the batch and returns the logits rows themselves (`[vocab]` each, f32): reference
-    /// tests and prompt log-probabilities.
-    fn logits(&mut self, batch: &BatchInput) -> Result<Vec<Vec<f32>>>;
     /// `(num_blocks, block_size)` of the KV cache.
     fn kv_blocks(&self) -> (usize, usize);
     /// Where the last step's time went, when the executor measures it.
@@ -37,9 +34,6 @@ impl Executor for Box<dyn Executor> {
         sampling: &[RowSampling],
     ) -> Result<Vec<SampledToken>> {
         (**self).execute(batch, sampling)
-    }
-    fn logits(&mut self, batch: &BatchInput) -> Result<Vec<Vec<f32>>> {
-        (**self).logits(batch)
     }
     fn kv_blocks(&self) -> (usize, usize) {
         (**self).kv_blocks()
@@ -81,21 +75,8 @@ impl Executor for LocalExecutor {
         batch: &BatchInput,
         sampling: &[RowSampling],
     ) -> Result<Vec<SampledToken>> {
-        match run_step(&self.model, &self.cache, batch, Some(sampling))? {
-            Some(StepRows::Sampled(tokens)) => Ok(tokens),
-            _ => Err(EngineError::Parallel(
-                "a local executor must hold rank 0".into(),
-            )),
-        }
-    }
-
-    fn logits(&mut self, batch: &BatchInput) -> Result<Vec<Vec<f32>>> {
-        match run_step(&self.model, &self.cache, batch, None)? {
-            Some(StepRows::Logits(rows)) => Ok(rows),
-            _ => Err(EngineError::Parallel(
-                "a local executor must hold rank 0".into(),
-            )),
-        }
+        run_step(&self.model, &self.cache, batch, sampling)?
+            .ok_or_else(|| EngineError::Parallel("a local executor must hold rank 0".into()))
     }
 
     fn kv_blocks(&self) -> (usize, usize) {

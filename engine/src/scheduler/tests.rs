@@ -33,9 +33,6 @@ impl Executor for Recorder {
             })
             .collect())
     }
-    fn logits(&mut self, _: &BatchInput) -> crate::Result<Vec<Vec<f32>>> {
-        unreachable!("the scheduler samples")
-    }
     fn kv_blocks(&self) -> (usize, usize) {
         (self.blocks, 4)
     }

@@ -1,5 +1,5 @@
 //! The launcher's side of a tensor-parallel group: every step goes to all its workers; rank 0
-//! answers with one sampled token per sequence (or the logits rows, when asked for them).
+//! answers with one sampled token per sequence.
 
 use super::protocol::{
     self, FromWorker, StepOutput, StepRequest, ToWorker, WorkerInit, WorkerReady,
@@ -169,23 +169,11 @@ impl Executor for WorkerGroup {
     ) -> Result<Vec<SampledToken>> {
         let output = self.step(StepRequest {
             batch: batch.clone(),
-            sampling: Some(sampling.to_vec()),
+            sampling: sampling.to_vec(),
         })?;
         output
             .sampled
             .ok_or_else(|| EngineError::WorkerLost("rank 0 sent no sampled tokens".into()))
-    }
-
-    fn logits(&mut self, batch: &BatchInput) -> Result<Vec<Vec<f32>>> {
-        let output = self.step(StepRequest {
-            batch: batch.clone(),
-            sampling: None,
-        })?;
-        let rows = output
-            .logits
-            .ok_or_else(|| EngineError::WorkerLost("rank 0 sent no logits".into()))?;
-        rows.unpack()
-            .ok_or_else(|| EngineError::WorkerLost("rank 0 sent malformed logits".into()))
     }
 
     fn kv_blocks(&self) -> (usize, usize) {

@@ -1,15 +1,13 @@
 //! The worker's side: connect to the launcher, join the group's communicator, load the shard,
 //! then run steps until told to stop or the launcher goes away.
 
-use super::protocol::{
-    self, FromWorker, LogitsRows, StepOutput, ToWorker, WorkerInit, WorkerReady,
-};
+use super::protocol::{self, FromWorker, StepOutput, ToWorker, WorkerInit, WorkerReady};
 use super::WorkerDevice;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::KvCache;
 use crate::load::LoadedModel;
 use crate::model::Llama;
-use crate::model_runner::{run_step, StepRows};
+use crate::model_runner::run_step;
 use crate::parallel::{Communicator, CpuCommunicator, CpuRendezvous, SingleRank};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -86,20 +84,12 @@ pub fn run_worker(args: &WorkerArgs) -> Result<()> {
         };
         let t0 = Instant::now();
         let comm0 = comm.busy_time();
-        let reply = match run_step(&model, &cache, &step.batch, step.sampling.as_deref()) {
-            Ok(rows) => {
-                let (logits, sampled) = match rows {
-                    Some(StepRows::Logits(rows)) => (Some(LogitsRows::pack(&rows)), None),
-                    Some(StepRows::Sampled(tokens)) => (None, Some(tokens)),
-                    None => (None, None),
-                };
-                FromWorker::Step(StepOutput {
-                    logits,
-                    sampled,
-                    compute_us: t0.elapsed().as_micros() as u64,
-                    comm_us: (comm.busy_time() - comm0).as_micros() as u64,
-                })
-            }
+        let reply = match run_step(&model, &cache, &step.batch, &step.sampling) {
+            Ok(sampled) => FromWorker::Step(StepOutput {
+                sampled,
+                compute_us: t0.elapsed().as_micros() as u64,
+                comm_us: (comm.busy_time() - comm0).as_micros() as u64,
+            }),
             Err(e) => FromWorker::StepFailed {
                 message: e.to_string(),
                 fatal: e.is_fatal(),

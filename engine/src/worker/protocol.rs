@@ -8,7 +8,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::io::{self, Read, Write};
 
-/// Largest frame accepted (a batch of logits rows is the biggest message).
+/// Largest frame accepted (a step's batch is the biggest message).
 const MAX_FRAME: usize = 1 << 30;
 
 /// Launcher → worker.
@@ -60,69 +60,23 @@ pub struct WorkerReady {
     pub max_seq_len: u64,
 }
 
-/// The result of one step on one rank.
 /// One step for every rank of a group.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepRequest {
     pub batch: BatchInput,
-    /// How rank 0 samples each logits row on its device; `None` returns the rows.
-    pub sampling: Option<Vec<RowSampling>>,
+    /// How rank 0 samples each logits row on its device.
+    pub sampling: Vec<RowSampling>,
 }
 
+/// The result of one step on one rank.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StepOutput {
-    /// Rank 0 only, without sampling: the logits rows.
-    pub logits: Option<LogitsRows>,
-    /// Rank 0 only, with sampling: one token per logits row.
+    /// Rank 0 only: one token per logits row.
     pub sampled: Option<Vec<SampledToken>>,
     /// Forward pass wall time, collectives included.
     pub compute_us: u64,
     /// Time inside collectives.
     pub comm_us: u64,
-}
-
-/// A `[rows, cols]` f32 matrix, sent as raw bytes (postcard copies byte strings as a block).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct LogitsRows {
-    pub rows: u32,
-    pub cols: u32,
-    #[serde(with = "serde_bytes")]
-    pub data: Vec<u8>,
-}
-
-impl LogitsRows {
-    /// Packs rows of equal length.
-    pub fn pack(rows: &[Vec<f32>]) -> Self {
-        let cols = rows.first().map_or(0, Vec::len);
-        let mut data = Vec::with_capacity(rows.len() * cols * 4);
-        for r in rows {
-            data.extend_from_slice(bytemuck::cast_slice(r));
-        }
-        Self {
-            rows: rows.len() as u32,
-            cols: cols as u32,
-            data,
-        }
-    }
-
-    /// Unpacks into rows; `None` if the byte count does not match the shape.
-    pub fn unpack(&self) -> Option<Vec<Vec<f32>>> {
-        let cols = self.cols as usize;
-        if self.data.len() != self.rows as usize * cols * 4 {
-            return None;
-        }
-        Some(
-            self.data
-                .chunks_exact((cols * 4).max(1))
-                .take(self.rows as usize)
-                .map(|c| {
-                    c.chunks_exact(4)
-                        .map(|b| f32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
-                        .collect()
-                })
-                .collect(),
-        )
-    }
 }
 
 /// Encodes `msg` as one frame.
@@ -167,11 +121,11 @@ mod tests {
         let mut buf = Vec::new();
         let step = StepRequest {
             batch,
-            sampling: Some(vec![RowSampling {
+            sampling: vec![RowSampling {
                 temperature: 0.7,
                 banned: vec![2, 9],
                 ..RowSampling::greedy()
-            }]),
+            }],
         };
         send(&mut buf, &ToWorker::Step(step.clone())).unwrap();
         send(&mut buf, &ToWorker::Shutdown).unwrap();
@@ -188,17 +142,5 @@ mod tests {
             recv::<ToWorker>(&mut r).unwrap_err().kind(),
             io::ErrorKind::UnexpectedEof
         );
-    }
-
-    #[test]
-    fn logits_rows_pack_and_unpack() {
-        let rows = vec![vec![1.0f32, -2.5, 3.0], vec![0.0, f32::MIN, 7.25]];
-        let packed = LogitsRows::pack(&rows);
-        let mut buf = Vec::new();
-        send(&mut buf, &packed).unwrap();
-        let back: LogitsRows = recv(&mut buf.as_slice()).unwrap();
-        assert_eq!(back.unpack().unwrap(), rows);
-        let bad = LogitsRows { rows: 3, ..packed };
-        assert!(bad.unpack().is_none());
     }
 }
