@@ -282,15 +282,20 @@ async fn replica_groups_spread_load_and_survive_a_dead_worker() {
     assert!(refused >= 1, "group 0 had queued work when its worker died");
     assert!(ok >= 1, "group 1 kept serving");
 
-    // The group is reported down; the other serves everything new.
-    let health = reqwest::get(format!("{}/health", s.mgmt)).await.unwrap();
-    assert_eq!(health.status(), 200);
-    let health: Value = health.json().await.unwrap();
-    assert_eq!(health["status"], "degraded");
-    assert_eq!(
-        health["models"][0]["replicas_healthy"],
-        json!([false, true])
-    );
+    // The group is reported down (as its scheduler stops, just after the 503s went out); the
+    // other serves everything new.
+    let t1 = Instant::now();
+    loop {
+        let health = reqwest::get(format!("{}/health", s.mgmt)).await.unwrap();
+        assert_eq!(health.status(), 200);
+        let health: Value = health.json().await.unwrap();
+        if health["models"][0]["replicas_healthy"] == json!([false, true]) {
+            assert_eq!(health["status"], "degraded");
+            break;
+        }
+        assert!(t1.elapsed() < Duration::from_secs(5), "{health}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let healthy = per_replica(&s, "liftoff_replica_healthy").await;
     assert!(healthy.contains(&("0".into(), 0.0)) && healthy.contains(&("1".into(), 1.0)));
     for i in 0..4 {
