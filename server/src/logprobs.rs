@@ -39,13 +39,11 @@ impl Renderer<'_> {
         }
     }
 
-    fn top(&self, ev: &TokenEvent) -> impl Iterator<Item = (String, f64)> + '_ {
+    fn top<'e>(&'e self, ev: &'e TokenEvent) -> impl Iterator<Item = (String, f64)> + 'e {
         ev.top_logprobs
             .iter()
             .take(self.req.top)
             .map(|&(id, lp)| (self.token(id), Self::number(lp)))
-            .collect::<Vec<_>>()
-            .into_iter()
     }
 
     /// The completions object for `events` (one per token), `offset` being where the first

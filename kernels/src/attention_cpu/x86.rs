@@ -163,37 +163,44 @@ unsafe fn pv<E: Elem>(
     assert!(n <= stride && p.len() >= (rows - 1) * stride + n);
     assert!(offsets.iter().all(|&off| off + d <= v.len()));
     let mut r = 0;
-    // SAFETY: AVX2 and FMA are enabled; the bounds are checked above and
-    // every block below stays within `d` columns.
+    // SAFETY: AVX2 and FMA are enabled; the bounds are checked above.
     unsafe {
         while r + 2 <= rows {
             let (o, p) = (&mut o[r * d..(r + 2) * d], &p[r * stride..]);
-            let mut c = 0;
-            while c + 32 <= d {
-                pv_rows::<E, 2, 4>(o, d, p, stride, offsets, v, c);
-                c += 32;
-            }
-            while c + 8 <= d {
-                pv_rows::<E, 2, 1>(o, d, p, stride, offsets, v, c);
-                c += 8;
-            }
-            pv_tail(o, d, p, stride, offsets, v, c);
+            pv_columns::<E, 2, 4>(o, d, p, stride, offsets, v);
             r += 2;
         }
         if r < rows {
             let (o, p) = (&mut o[r * d..(r + 1) * d], &p[r * stride..]);
-            let mut c = 0;
-            while c + 64 <= d {
-                pv_rows::<E, 1, 8>(o, d, p, stride, offsets, v, c);
-                c += 64;
-            }
-            while c + 8 <= d {
-                pv_rows::<E, 1, 1>(o, d, p, stride, offsets, v, c);
-                c += 8;
-            }
-            pv_tail(o, d, p, stride, offsets, v, c);
+            pv_columns::<E, 1, 8>(o, d, p, stride, offsets, v);
         }
     }
+}
+
+/// All `d` columns of `R` output rows: slabs of `8W` columns, then of 8, then one by one.
+///
+/// # Safety
+/// As [`pv_rows`] for every slab: `o.len() >= R * d`, `p.len() >= (R - 1) * stride + n`,
+/// `off + d <= v.len()` for every offset.
+#[inline(always)]
+unsafe fn pv_columns<E: Elem, const R: usize, const W: usize>(
+    o: &mut [f32],
+    d: usize,
+    p: &[f32],
+    stride: usize,
+    offsets: &[usize],
+    v: &[E],
+) {
+    let mut c = 0;
+    while c + 8 * W <= d {
+        pv_rows::<E, R, W>(o, d, p, stride, offsets, v, c);
+        c += 8 * W;
+    }
+    while c + 8 <= d {
+        pv_rows::<E, R, 1>(o, d, p, stride, offsets, v, c);
+        c += 8;
+    }
+    pv_tail(o, d, p, stride, offsets, v, c);
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
