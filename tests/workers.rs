@@ -145,6 +145,14 @@ fn configuration_errors_are_one_line_with_the_numbers() {
             "--max-step-ms must be `auto`, `off` or a positive number of milliseconds, not `fast`",
         ),
         (
+            &["serve", "--model", &model, "--step-timeout-secs", "0"],
+            "--step-timeout-secs must be at least 1, got 0",
+        ),
+        (
+            &["serve", "--model", &model, "--api-key", " , "],
+            "--api-key was given but holds no key",
+        ),
+        (
             &[
                 "generate",
                 "--model",

@@ -115,6 +115,12 @@ pub struct ServeArgs {
 /// Runs the server for `readers` (one per manifest reader; the first's server settings count).
 pub fn run(readers: Vec<ServeArgs>, log_level: &str) -> Result<()> {
     let first = readers.first().context("no reader to serve")?.clone();
+    // Checked before any weights load, like the other settings.
+    let options = ServerOptions {
+        api_keys: keys(first.api_key.as_deref(), "--api-key")?,
+        management_api_keys: keys(first.management_api_key.as_deref(), "--management-api-key")?,
+        body_size_limit_bytes: first.body_size_limit_bytes,
+    };
     let mut services = Vec::new();
     let mut supervisors = Vec::new();
     for (i, args) in readers.iter().enumerate() {
@@ -131,11 +137,6 @@ pub fn run(readers: Vec<ServeArgs>, log_level: &str) -> Result<()> {
         services.push(Arc::new(service));
         supervisors.extend(supervisor);
     }
-    let options = ServerOptions {
-        api_keys: keys(first.api_key.as_deref()),
-        management_api_keys: keys(first.management_api_key.as_deref()),
-        body_size_limit_bytes: first.body_size_limit_bytes,
-    };
     let state = Arc::new(AppState::with_options(services, options)?);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -150,14 +151,22 @@ pub fn run(readers: Vec<ServeArgs>, log_level: &str) -> Result<()> {
     served
 }
 
-/// The keys of a comma-separated list (empty entries dropped).
-fn keys(list: Option<&str>) -> Vec<String> {
-    list.unwrap_or_default()
+/// The keys of a comma-separated list (empty entries dropped); a list given with no key in it
+/// is an error, not an open port.
+fn keys(list: Option<&str>, flag: &str) -> Result<Vec<String>> {
+    let Some(list) = list else {
+        return Ok(Vec::new());
+    };
+    let keys: Vec<String> = list
         .split(',')
         .map(str::trim)
         .filter(|k| !k.is_empty())
         .map(String::from)
-        .collect()
+        .collect();
+    if keys.is_empty() {
+        anyhow::bail!("{flag} was given but holds no key");
+    }
+    Ok(keys)
 }
 
 async fn serve_http(state: Arc<AppState>, args: &ServeArgs) -> Result<()> {
