@@ -158,7 +158,8 @@ impl Entry {
         let first = self.computed;
         let wants = first + take == tokens.len();
         let prompt_rows = if self.wants_prompt_logprobs() {
-            // Positions before the prompt's last one (that one's row is the sampled one).
+            // Positions before the prompt's last one (that one's row is the sampled one): all
+            // of the chunk's rows but the sampled one.
             (first + take)
                 .min(self.state.prompt().len() - 1)
                 .saturating_sub(first)
@@ -177,11 +178,7 @@ impl Entry {
             idx,
             first,
             took: take,
-            prompt_rows: if prompt_rows > 0 {
-                take - wants as usize
-            } else {
-                0
-            },
+            prompt_rows,
             wants,
         }
     }
