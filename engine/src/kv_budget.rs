@@ -19,6 +19,11 @@ pub enum KvBudget {
 }
 
 impl LoadedModel {
+    /// Bytes of a KV cache of `blocks` blocks of `block_size` tokens on this shard.
+    pub fn kv_bytes(&self, blocks: usize, block_size: usize) -> u64 {
+        (blocks * self.model.kv_cache_config(1, block_size).bytes_per_block()) as u64
+    }
+
     /// KV-cache blocks of `block_size` tokens this shard allocates under `budget` (measured
     /// after the weights are on the device).
     pub fn kv_blocks(&self, block_size: usize, budget: KvBudget) -> Result<usize> {

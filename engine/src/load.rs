@@ -85,6 +85,8 @@ pub struct LoadedModel {
     pub tokenizer: Tokenizer,
     pub format: WeightFormat,
     pub path: ModelPath,
+    /// Bytes the weights hold on their device (the tensors as loaded, repacked or converted).
+    pub weight_bytes: u64,
 }
 
 impl LoadedModel {
@@ -110,11 +112,13 @@ impl LoadedModel {
             )));
         }
         let model = Llama::load(source.as_ref(), format, comm, max_seq_len)?;
+        let weight_bytes = model.weight_bytes();
         Ok(Self {
             model,
             tokenizer,
             format,
             path,
+            weight_bytes,
         })
     }
 }

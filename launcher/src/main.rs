@@ -6,6 +6,7 @@ mod bench_plot;
 mod config_doc;
 mod generate;
 mod kernel_check;
+mod loader;
 mod manifest;
 mod model_resolve;
 mod plan;
@@ -31,7 +32,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Serve the HTTP APIs (Takeoff and OpenAI) on the model (the default command).
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Generate text from one prompt and print it.
     Generate(generate::GenerateArgs),
     /// Load-test an OpenAI-compatible server and plot the results.

@@ -19,11 +19,7 @@ pub fn resolve(model: &str, access_token: Option<&str>) -> Result<PathBuf> {
         return Ok(path.to_path_buf());
     }
     let cached = liftoff_engine::cache_dir::default_model_file();
-    let is_default = model.is_empty()
-        || model.eq_ignore_ascii_case(DEFAULT_MODEL)
-        || model.eq_ignore_ascii_case(DEFAULT_FILE)
-        || model.eq_ignore_ascii_case("HuggingFaceTB/SmolLM2-135M-Instruct");
-    if !is_default {
+    if !is_default(model) {
         if is_hub_id(model) {
             let token = access_token
                 .map(str::to_string)
@@ -38,8 +34,16 @@ pub fn resolve(model: &str, access_token: Option<&str>) -> Result<PathBuf> {
     Ok(cached)
 }
 
+/// Whether `model` names the default model.
+pub fn is_default(model: &str) -> bool {
+    model.is_empty()
+        || model.eq_ignore_ascii_case(DEFAULT_MODEL)
+        || model.eq_ignore_ascii_case(DEFAULT_FILE)
+        || model.eq_ignore_ascii_case("HuggingFaceTB/SmolLM2-135M-Instruct")
+}
+
 /// `org/name`: two non-empty parts of Hub-legal characters.
-fn is_hub_id(model: &str) -> bool {
+pub fn is_hub_id(model: &str) -> bool {
     let parts: Vec<&str> = model.split('/').collect();
     parts.len() == 2
         && parts.iter().all(|p| {

@@ -29,6 +29,8 @@ pub struct Reader {
     pub service: ModelService,
     /// The reader's worker processes, if it has any.
     pub supervisor: Option<Supervisor>,
+    /// Weights and KV cache of every rank, bytes.
+    pub memory_bytes: u64,
 }
 
 /// The executors of a reader's groups, with what they report.
@@ -39,6 +41,8 @@ pub struct Groups {
     pub device: DeviceKind,
     /// How the weights are held.
     pub format: WeightFormat,
+    /// Weights and KV cache of every rank, bytes.
+    pub memory_bytes: u64,
 }
 
 /// Where and how a model's replica groups run.
@@ -90,6 +94,7 @@ pub fn start_groups(
     if kind == DeviceKind::Cpu && tensor_parallel == 1 && !isolate {
         let mut executors: Vec<Box<dyn Executor>> = Vec::new();
         let mut max_seq_len = 0;
+        let mut memory_bytes = 0;
         for g in 0..plans.len() {
             tracing::info!(
                 "loading {} (replica group {g}, in-process)",
@@ -98,6 +103,7 @@ pub fn start_groups(
             let loaded = LoadedModel::load(opts, &candle_core::Device::Cpu, Arc::new(SingleRank))?;
             max_seq_len = loaded.model.max_seq_len();
             let blocks = loaded.kv_blocks(opts.block_size, kv_budget)?;
+            memory_bytes += loaded.weight_bytes + loaded.kv_bytes(blocks, opts.block_size);
             // In-process replicas share the cores (as worker processes do).
             let model = if plans.len() > 1 {
                 let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -118,6 +124,7 @@ pub fn start_groups(
                 max_seq_len,
                 device: kind,
                 format,
+                memory_bytes,
             },
             tokenizer,
         ));
@@ -137,6 +144,7 @@ pub fn start_groups(
         .first()
         .map(|g| g.ready().max_seq_len as usize)
         .unwrap_or_default();
+    let memory_bytes = groups.iter().map(|g| g.ready().memory_bytes).sum();
     Ok((
         Groups {
             executors: groups
@@ -150,13 +158,14 @@ pub fn start_groups(
             max_seq_len,
             device: kind,
             format,
+            memory_bytes,
         },
         tokenizer,
     ))
 }
 
 /// `--step-timeout-secs` as a duration (at least a second).
-fn step_timeout(secs: f64) -> Result<Duration> {
+pub fn step_timeout(secs: f64) -> Result<Duration> {
     if !(secs.is_finite() && secs >= 1.0) {
         bail!("--step-timeout-secs must be at least 1, got {secs}");
     }
@@ -219,6 +228,7 @@ pub fn start(args: &ServeArgs, log_level: &str) -> Result<Reader> {
     let (groups, tokenizer) = start_groups(&opts, &place, log_level)
         .with_context(|| format!("loading {}", path.display()))?;
     let max_seq_len = groups.max_seq_len;
+    let memory_bytes = groups.memory_bytes;
     let config = SchedulerConfig {
         max_batch_size: args.max_batch_size,
         max_num_batched_tokens: args.max_num_batched_tokens,
@@ -279,10 +289,11 @@ pub fn start(args: &ServeArgs, log_level: &str) -> Result<Reader> {
             replicas,
         },
         supervisor,
+        memory_bytes,
     })
 }
 
-fn model_name(arg: &str, path: &std::path::Path) -> String {
+pub fn model_name(arg: &str, path: &std::path::Path) -> String {
     if !std::path::Path::new(arg).exists() {
         return arg.to_string();
     }

@@ -2,12 +2,12 @@
 //! this process, or as worker processes per device rank) and serves the HTTP APIs until
 //! SIGTERM/SIGINT, then drains in-flight requests and stops the workers.
 
+use crate::loader::Loader;
 use crate::model_resolve;
-use crate::reader::{self, Reader};
 use anyhow::{Context, Result};
 use clap::Args;
 use liftoff_engine::kv_cache::DEFAULT_BLOCK_SIZE;
-use liftoff_server::{AppState, ServerOptions};
+use liftoff_server::{AppState, RegistryOptions, ServerOptions};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -15,7 +15,7 @@ use std::time::Duration;
 
 /// Arguments of `liftoff serve`. Each may also come from a `TAKEOFF_*` variable or the manifest
 /// (`--config-file`); precedence: flag > variable > manifest > default.
-#[derive(Args, Debug, Clone)]
+#[derive(Args, Debug, Clone, serde::Serialize)]
 pub struct ServeArgs {
     /// A .gguf file, a Hugging Face model directory, or the default model's name.
     #[arg(long, env = "TAKEOFF_MODEL_NAME", default_value = model_resolve::DEFAULT_MODEL)]
@@ -55,9 +55,11 @@ pub struct ServeArgs {
     /// API keys of the inference port, comma-separated: requests then need
     /// `Authorization: Bearer <key>` (401 otherwise); /health stays open.
     #[arg(long, env = "TAKEOFF_API_KEY", hide_env_values = true)]
+    #[serde(skip)]
     pub api_key: Option<String>,
     /// API keys of the management port, comma-separated (/health stays open).
     #[arg(long, env = "TAKEOFF_MANAGEMENT_API_KEY", hide_env_values = true)]
+    #[serde(skip)]
     pub management_api_key: Option<String>,
     /// Largest request body in bytes; larger ones get 413.
     #[arg(long, env = "TAKEOFF_BODY_SIZE_LIMIT_BYTES", default_value_t = 8 * 1024 * 1024)]
@@ -106,7 +108,32 @@ pub struct ServeArgs {
     pub disable_prefix_caching: bool,
     /// Hugging Face token for gated models (also read from HF_TOKEN).
     #[arg(long, env = "TAKEOFF_ACCESS_TOKEN", hide_env_values = true)]
+    #[serde(skip)]
     pub access_token: Option<String>,
+    /// The reader's id in the management API (default: `<model>-<n>`; a manifest reader's
+    /// key in `readers_config`).
+    #[arg(long, env = "TAKEOFF_READER_ID")]
+    pub reader_id: Option<String>,
+    /// Keep this reader loaded always: it is never unloaded to make room for another.
+    #[arg(long, env = "TAKEOFF_PINNED")]
+    pub pinned: bool,
+    /// Memory all readers on one device may use together, MiB (CPU: host RAM; a GPU: its
+    /// own memory). A load that does not fit unloads the least recently used idle readers.
+    /// Default: --gpu-memory-utilization of the device's total.
+    #[arg(long, env = "TAKEOFF_MODELS_MEMORY_MIB")]
+    pub models_memory_mib: Option<u64>,
+    /// Directories `POST /reader` may load models from (repeatable, or comma-separated);
+    /// Hub ids and the default model are always allowed. Default: the model cache and the
+    /// directories of the models given at start.
+    #[arg(long, env = "TAKEOFF_MODEL_ROOT", value_delimiter = ',')]
+    pub model_root: Vec<PathBuf>,
+    /// Longest a request waits for its reader to load (or reload), seconds.
+    #[arg(long, env = "TAKEOFF_READER_LOAD_TIMEOUT_SECS", default_value_t = 300)]
+    pub reader_load_timeout_secs: u64,
+    /// Longest a deleted reader's in-flight requests may run on, seconds; then they end
+    /// with 503.
+    #[arg(long, env = "TAKEOFF_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
+    pub drain_timeout_secs: u64,
     /// A Takeoff manifest (YAML: takeoff.server_config, takeoff.readers_config).
     #[arg(long, env = "TAKEOFF_CONFIG_FILE")]
     pub config_file: Option<PathBuf>,
@@ -121,34 +148,78 @@ pub fn run(readers: Vec<ServeArgs>, log_level: &str) -> Result<()> {
         management_api_keys: keys(first.management_api_key.as_deref(), "--management-api-key")?,
         body_size_limit_bytes: first.body_size_limit_bytes,
     };
-    let mut services = Vec::new();
-    let mut supervisors = Vec::new();
-    for (i, args) in readers.iter().enumerate() {
-        let Reader {
-            service,
-            supervisor,
-        } = reader::start(args, log_level).with_context(|| {
-            if readers.len() > 1 {
-                format!("reader {i} ({})", args.model)
-            } else {
-                format!("serving {}", args.model)
-            }
-        })?;
-        services.push(Arc::new(service));
-        supervisors.extend(supervisor);
-    }
-    let state = Arc::new(AppState::with_options(services, options)?);
+    let loader = Arc::new(Loader::new(&first, &readers, log_level)?);
+    // Readers that may share a device size their KV cache from page_cache_size or a default.
+    let shared = readers.len() > 1 || first.models_memory_mib.is_some();
+    let what = |i: usize, args: &ServeArgs| {
+        if readers.len() > 1 {
+            format!("reader {i} ({})", args.model)
+        } else {
+            format!("serving {}", args.model)
+        }
+    };
+    // Every reader's settings are checked before any weights load.
+    let specs = readers
+        .iter()
+        .enumerate()
+        .map(|(i, args)| {
+            loader
+                .spec(args.clone(), false, shared)
+                .map_err(|e| anyhow::anyhow!("{}: {}", what(i, args), e.message))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let registry_options = RegistryOptions {
+        load_timeout: Duration::from_secs(first.reader_load_timeout_secs),
+        drain_timeout: Duration::from_secs(first.drain_timeout_secs),
+        max_waiting: first.max_waiting,
+    };
+    let state = Arc::new(AppState::with_loader(
+        Some(loader),
+        options,
+        registry_options,
+        server_config(&first),
+    )?);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let served = rt.block_on(serve_http(state, &first));
-    // Dropping the runtime and the state ends the schedulers, which tell their workers to exit.
+    let served = rt.block_on(async {
+        // The readers given at start load one after another, before the ports open.
+        for (i, spec) in specs.into_iter().enumerate() {
+            let args = &readers[i];
+            let id = state
+                .registry
+                .add(spec)
+                .map_err(|e| anyhow::anyhow!("{}: {}", what(i, args), e.message))?;
+            state
+                .registry
+                .wait_loaded(&id)
+                .await
+                .map_err(|e| anyhow::anyhow!("{}: {e}", what(i, args)))?;
+        }
+        serve_http(state.clone(), &first).await
+    });
+    // Ends every reader's schedulers, then its worker processes.
+    rt.block_on(state.registry.shutdown_all());
     drop(rt);
-    for s in supervisors {
-        s.shutdown(Duration::from_secs(10));
-    }
     served
+}
+
+/// The server's settings, as `GET /status` shows them.
+fn server_config(a: &ServeArgs) -> serde_json::Value {
+    serde_json::json!({
+        "host": a.host,
+        "port": a.port,
+        "management_host": a.management_host,
+        "management_port": a.management_port,
+        "models_memory_mib": a.models_memory_mib,
+        "model_root": a.model_root,
+        "reader_load_timeout_secs": a.reader_load_timeout_secs,
+        "drain_timeout_secs": a.drain_timeout_secs,
+        "body_size_limit_bytes": a.body_size_limit_bytes,
+        "api_keys": !a.api_key.as_deref().unwrap_or("").trim().is_empty(),
+        "version": env!("CARGO_PKG_VERSION"),
+    })
 }
 
 /// The keys of a comma-separated list (empty entries dropped); a list given with no key in it

@@ -40,17 +40,25 @@ pub(crate) fn readers_from(argv: Vec<OsString>) -> Result<Vec<ServeArgs>> {
         return Ok(vec![first]);
     };
     let manifest = Manifest::load(&path, &setting_ids())?;
-    let readers: Vec<Vec<(String, String)>> = if manifest.readers.is_empty() {
-        vec![Vec::new()]
+    type Named = (Option<String>, Vec<(String, String)>);
+    let readers: Vec<Named> = if manifest.readers.is_empty() {
+        vec![(None, Vec::new())]
     } else {
-        manifest.readers.iter().map(|r| r.1.clone()).collect()
+        manifest
+            .readers
+            .iter()
+            .map(|(id, settings)| (Some(id.clone()), settings.clone()))
+            .collect()
     };
     readers
         .iter()
         .map(|reader| {
             let mut argv = base.clone();
-            for (id, value) in manifest.server.iter().chain(reader) {
+            for (id, value) in manifest.server.iter().chain(&reader.1) {
                 append_if_default(&mut argv, &matches, id, value);
+            }
+            if let Some(name) = &reader.0 {
+                append_if_default(&mut argv, &matches, "reader_id", name);
             }
             let m = ServeOnly::command().try_get_matches_from(&argv)?;
             Ok(ServeArgs::from_arg_matches(&m)?)
@@ -67,6 +75,17 @@ pub fn setting_ids() -> Vec<String> {
         .collect()
 }
 
+/// One reader's settings from `(setting id, value)` pairs alone (a `POST /reader` body);
+/// `TAKEOFF_*` variables fill what the pairs leave unset.
+pub(crate) fn reader_from_pairs(pairs: &[(String, String)]) -> Result<ServeArgs, clap::Error> {
+    let mut argv: Vec<OsString> = vec!["liftoff".into()];
+    for (id, value) in pairs {
+        append(&mut argv, id, value);
+    }
+    let m = ServeOnly::command().try_get_matches_from(&argv)?;
+    ServeArgs::from_arg_matches(&m)
+}
+
 fn append_if_default(argv: &mut Vec<OsString>, matches: &ArgMatches, id: &str, value: &str) {
     if matches!(
         matches.value_source(id),
@@ -74,6 +93,11 @@ fn append_if_default(argv: &mut Vec<OsString>, matches: &ArgMatches, id: &str, v
     ) {
         return;
     }
+    append(argv, id, value);
+}
+
+/// Appends setting `id` as its flag.
+fn append(argv: &mut Vec<OsString>, id: &str, value: &str) {
     let flag = format!("--{}", id.replace('_', "-"));
     let takes_value = ServeOnly::command()
         .get_arguments()

@@ -48,6 +48,15 @@ impl ApiError {
         }
     }
 
+    /// 403: the request is understood but not allowed (`param` names the field).
+    pub fn forbidden(param: &str, message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::FORBIDDEN,
+            kind: "permission_error",
+            ..Self::invalid(param, message)
+        }
+    }
+
     /// 401: no API key, or not one of the server's.
     pub fn unauthorized() -> Self {
         Self {

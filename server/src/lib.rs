@@ -3,24 +3,29 @@
 
 pub mod error;
 mod logprobs;
+mod management;
 mod messages;
 pub mod metrics;
 mod openai;
+pub mod registry;
 pub mod service;
 mod takeoff;
 
+pub use registry::{
+    Lease, LoadedReader, ReaderLoader, ReaderSpec, ReaderState, Registry, RegistryOptions, Target,
+};
 pub use service::{ModelInfo, ModelService, WorkerInfo};
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::Json;
 use error::ApiError;
-use metrics::{Metrics, ReplicaSnapshot};
+use metrics::{Metrics, ReaderSnapshot, ReplicaSnapshot};
 use serde_json::json;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// How the HTTP front end guards itself.
@@ -47,9 +52,11 @@ impl Default for ServerOptions {
 
 /// Everything the handlers share.
 pub struct AppState {
-    services: RwLock<Vec<Arc<ModelService>>>,
+    pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
     pub options: ServerOptions,
+    /// The server's settings, as `GET /status` shows them.
+    pub server_config: serde_json::Value,
     started: Instant,
 }
 
@@ -59,65 +66,67 @@ impl AppState {
         Self::with_options(services, ServerOptions::default())
     }
 
-    /// State serving `services` with `options`.
+    /// State serving the loaded `services` with `options` (no loader: readers cannot be
+    /// added at run time, and these are never unloaded).
     pub fn with_options(
         services: Vec<Arc<ModelService>>,
         options: ServerOptions,
     ) -> Result<Self, prometheus::Error> {
+        let state = Self::with_loader(None, options, RegistryOptions::default(), json!({}))?;
+        for s in services {
+            let service = Arc::try_unwrap(s).unwrap_or_else(|s| ModelService {
+                info: s.info.clone(),
+                tokenizer: s.tokenizer.clone(),
+                replicas: s.replicas.clone(),
+            });
+            let spec = ReaderSpec {
+                reader_id: None,
+                model_name: service.info.model_name.clone(),
+                consumer_group: service.info.consumer_group.clone(),
+                device: service.info.device.clone(),
+                pinned: true,
+                estimate_bytes: 0,
+                config: json!(service.info),
+                args: Arc::new(()),
+            };
+            let id = spec.model_name.clone();
+            let loaded = LoadedReader {
+                service,
+                memory_bytes: 0,
+                stop: Box::new(|| {}),
+            };
+            state.registry.insert_loaded(spec, loaded, Some(&id));
+        }
+        Ok(state)
+    }
+
+    /// State whose readers `loader` loads (added with the registry).
+    pub fn with_loader(
+        loader: Option<Arc<dyn ReaderLoader>>,
+        options: ServerOptions,
+        registry_options: RegistryOptions,
+        server_config: serde_json::Value,
+    ) -> Result<Self, prometheus::Error> {
+        let metrics = Arc::new(Metrics::new()?);
         Ok(Self {
-            services: RwLock::new(services),
-            metrics: Arc::new(Metrics::new()?),
+            registry: Arc::new(Registry::new(loader, metrics.clone(), registry_options)),
+            metrics,
             options,
+            server_config,
             started: Instant::now(),
         })
     }
 
-    /// The served models.
+    /// The loaded models.
     pub fn services(&self) -> Vec<Arc<ModelService>> {
-        self.services.read().map(|s| s.clone()).unwrap_or_default()
+        self.registry.services()
     }
 
-    /// The model of a consumer group (`None`: the first one, Takeoff's "primary").
-    pub fn service_for_group(&self, group: Option<&str>) -> Result<Arc<ModelService>, ApiError> {
-        let services = self.services();
-        match group {
-            None => services.first().cloned(),
-            Some(g) => services
-                .iter()
-                .find(|s| s.info.consumer_group == g)
-                .cloned(),
-        }
-        .ok_or_else(|| {
-            ApiError::not_found(
-                "consumer_group",
-                format!(
-                    "no model serves consumer group '{}'",
-                    group.unwrap_or("primary")
-                ),
-            )
-        })
-    }
-
-    /// The model named `reader_id` (its name or its consumer group).
-    pub fn service_for_reader(&self, reader: &str) -> Result<Arc<ModelService>, ApiError> {
-        self.services()
-            .into_iter()
-            .find(|s| s.info.model_name == reader || s.info.consumer_group == reader)
-            .ok_or_else(|| ApiError::not_found("reader_id", format!("no reader '{reader}'")))
-    }
-
-    /// The model an OpenAI request names (its name or consumer group; any when unset).
-    pub fn service_for_model(&self, model: Option<&str>) -> Result<Arc<ModelService>, ApiError> {
-        match model {
-            None => self.service_for_group(None),
-            Some(m) => self
-                .services()
-                .into_iter()
-                .find(|s| s.info.model_name == m || s.info.consumer_group == m)
-                .ok_or_else(|| {
-                    ApiError::not_found("model", format!("the model '{m}' does not exist"))
-                }),
-        }
+    /// Leases a reader for a request: `key` is a reader id, consumer group or model name
+    /// (`None`: the primary group); `field` names the request field in a 404.
+    pub async fn lease(&self, key: Option<&str>, field: &str) -> Result<Lease, ApiError> {
+        let target = key.map_or(Target::Default, Target::Key);
+        self.registry.acquire(target, field).await
     }
 }
 
@@ -151,7 +160,11 @@ pub fn inference_router(state: Arc<AppState>) -> axum::Router {
 /// The management API (port 3001 by default): health, info, metrics, readers.
 pub fn management_router(state: Arc<AppState>) -> axum::Router {
     management_routes()
-        .route("/reader_groups", get(reader_groups))
+        .route("/reader_groups", get(management::reader_groups))
+        .route("/reader", post(management::create_reader))
+        .route("/reader/{reader_id}", delete(management::delete_reader))
+        .route("/config/{reader_id}", get(management::reader_config))
+        .route("/status", get(management::status))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(
             state.options.body_size_limit_bytes,
@@ -233,20 +246,21 @@ async fn count_requests(State(state): State<Arc<AppState>>, req: Request, next: 
     resp
 }
 
-/// `GET /health`: 200 when every model has a serving replica group, else 503 with details.
+/// `GET /health`: 200 unless a loaded reader has lost every replica group (503 then), with
+/// each reader's state and replica groups.
 async fn health(State(state): State<Arc<AppState>>) -> Response {
-    let services = state.services();
-    let groups: Vec<_> = services
+    let readers = state.registry.readers();
+    let groups: Vec<_> = readers
         .iter()
-        .map(|s| {
-            let replicas: Vec<bool> = s.replicas.iter().map(|r| r.is_alive()).collect();
-            json!({"model": s.info.model_name, "consumer_group": s.info.consumer_group, "replicas_healthy": replicas})
+        .map(|r| {
+            json!({"reader_id": r.reader_id, "model": r.model_name, "consumer_group": r.consumer_group,
+                   "state": r.state, "replicas_healthy": r.replicas_healthy})
         })
         .collect();
-    let ok = !services.is_empty() && services.iter().all(|s| s.is_healthy());
-    let degraded = services
-        .iter()
-        .any(|s| s.replicas.iter().any(|r| !r.is_alive()));
+    let loaded = || readers.iter().filter(|r| r.state == ReaderState::Ready);
+    let ok = loaded().all(|r| r.replicas_healthy.iter().any(|&h| h));
+    let degraded = loaded().any(|r| r.replicas_healthy.iter().any(|&h| !h))
+        || readers.iter().any(|r| r.state == ReaderState::Failed);
     let status = if !ok {
         "unhealthy"
     } else if degraded {
@@ -262,7 +276,7 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
     (code, Json(json!({"status": status, "models": groups}))).into_response()
 }
 
-/// `GET /info`: models, limits and version.
+/// `GET /info`: loaded models, every reader, limits and version.
 async fn info(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
     let models: Vec<_> = state.services().iter().map(|s| json!(s.info)).collect();
     Json(json!({
@@ -270,24 +284,8 @@ async fn info(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_s": state.started.elapsed().as_secs(),
         "models": models,
+        "readers": state.registry.readers(),
     }))
-}
-
-/// `GET /reader_groups`: Takeoff's view of consumer groups and their readers.
-async fn reader_groups(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
-    let mut groups = serde_json::Map::new();
-    for s in state.services() {
-        let entry = groups
-            .entry(s.info.consumer_group.clone())
-            .or_insert_with(|| json!([]));
-        if let Some(list) = entry.as_array_mut() {
-            list.push(
-                json!({"reader_id": s.info.model_name, "model_name": s.info.model_name,
-                             "device": s.info.device, "consumer_group": s.info.consumer_group}),
-            );
-        }
-    }
-    Json(serde_json::Value::Object(groups))
 }
 
 /// `GET /metrics`: Prometheus text format.
@@ -307,7 +305,17 @@ async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
                 })
         })
         .collect();
-    let body = state.metrics.render(&snaps);
+    let readers = state.registry.readers();
+    let reader_snaps: Vec<ReaderSnapshot> = readers
+        .iter()
+        .map(|r| ReaderSnapshot {
+            labels: &r.labels,
+            state: r.state.name(),
+            memory_bytes: r.memory_bytes,
+            in_flight: r.in_flight,
+        })
+        .collect();
+    let body = state.metrics.render(&snaps, &reader_snaps);
     (
         [(
             axum::http::header::CONTENT_TYPE,

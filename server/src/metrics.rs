@@ -21,6 +21,40 @@ pub struct Metrics {
     pub prompt_tokens: IntCounterVec,
     pub generation_tokens: IntCounterVec,
     pub group_requests: IntCounterVec,
+    reader_requests: IntCounterVec,
+    reader_failures: IntCounterVec,
+    reader_queue_time: HistogramVec,
+    reader_loads: IntCounterVec,
+    reader_unloads: IntCounterVec,
+    reader_load_seconds: HistogramVec,
+}
+
+/// The labels of a reader's series (Triton-style: `reader_id`, `model`, `consumer_group`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReaderLabels {
+    pub reader_id: String,
+    pub model: String,
+    pub consumer_group: String,
+}
+
+impl ReaderLabels {
+    fn values(&self) -> [&str; 3] {
+        [&self.reader_id, &self.model, &self.consumer_group]
+    }
+}
+
+const READER_LABELS: &[&str] = &["reader_id", "model", "consumer_group"];
+
+const LOAD_BUCKETS: &[f64] = &[
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
+
+/// What a reader's gauges show at scrape time.
+pub struct ReaderSnapshot<'a> {
+    pub labels: &'a ReaderLabels,
+    pub state: &'static str,
+    pub memory_bytes: u64,
+    pub in_flight: usize,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -91,14 +125,102 @@ impl Metrics {
                 "Requests routed to each replica group",
                 &["model", "replica"],
             )?,
+            reader_requests: counter(
+                "liftoff_reader_requests_total",
+                "Requests routed to each reader",
+                READER_LABELS,
+            )?,
+            reader_failures: counter(
+                "liftoff_reader_request_failures_total",
+                "Requests to each reader that failed (load refused or failed, no healthy group, step errors)",
+                READER_LABELS,
+            )?,
+            reader_queue_time: {
+                let h = HistogramVec::new(
+                    HistogramOpts::new(
+                        "liftoff_reader_queue_time_seconds",
+                        "Time a request waited for its reader (to load) and for a place in a batch",
+                    )
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+                    READER_LABELS,
+                )?;
+                registry.register(Box::new(h.clone()))?;
+                h
+            },
+            reader_loads: counter(
+                "liftoff_reader_loads_total",
+                "Times each reader was loaded",
+                READER_LABELS,
+            )?,
+            reader_unloads: counter(
+                "liftoff_reader_unloads_total",
+                "Times each reader was unloaded to make room for another",
+                READER_LABELS,
+            )?,
+            reader_load_seconds: {
+                let h = HistogramVec::new(
+                    HistogramOpts::new("liftoff_reader_load_seconds", "Time each load took")
+                        .buckets(LOAD_BUCKETS.to_vec()),
+                    READER_LABELS,
+                )?;
+                registry.register(Box::new(h.clone()))?;
+                h
+            },
             registry,
         })
     }
 
+    /// A request was routed to a reader.
+    pub fn reader_request(&self, r: &ReaderLabels) {
+        self.reader_requests.with_label_values(&r.values()).inc();
+    }
+
+    /// A request to a reader failed.
+    pub fn reader_failure(&self, r: &ReaderLabels) {
+        self.reader_failures.with_label_values(&r.values()).inc();
+    }
+
+    /// A request waited `secs` before it was scheduled.
+    pub fn reader_queued(&self, r: &ReaderLabels, secs: f64) {
+        self.reader_queue_time
+            .with_label_values(&r.values())
+            .observe(secs);
+    }
+
+    /// A reader finished loading in `secs`.
+    pub fn reader_loaded(&self, r: &ReaderLabels, secs: f64) {
+        self.reader_loads.with_label_values(&r.values()).inc();
+        self.reader_load_seconds
+            .with_label_values(&r.values())
+            .observe(secs);
+    }
+
+    /// A reader was unloaded to make room.
+    pub fn reader_unloaded(&self, r: &ReaderLabels) {
+        self.reader_unloads.with_label_values(&r.values()).inc();
+    }
+
+    /// Drops a deleted reader's series.
+    pub fn forget_reader(&self, r: &ReaderLabels) {
+        let v = r.values();
+        for c in [
+            &self.reader_requests,
+            &self.reader_failures,
+            &self.reader_loads,
+            &self.reader_unloads,
+        ] {
+            let _ = c.remove_label_values(&v);
+        }
+        for h in [&self.reader_queue_time, &self.reader_load_seconds] {
+            let _ = h.remove_label_values(&v);
+        }
+    }
+
     /// Prometheus text exposition, with the per-replica series read from `replicas`.
-    pub fn render(&self, replicas: &[ReplicaSnapshot]) -> String {
+    pub fn render(&self, replicas: &[ReplicaSnapshot], readers: &[ReaderSnapshot]) -> String {
         let mut families = self.registry.gather();
         families.extend(replica_families(replicas));
+        families.extend(reader_families(readers));
         let mut buf = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&families, &mut buf) {
             tracing::error!("encoding metrics: {e}");
@@ -251,6 +373,69 @@ fn replica_families(replicas: &[ReplicaSnapshot]) -> Vec<MetricFamily> {
             f
         })
         .collect()
+}
+
+/// The per-reader gauges: footprint, requests in flight, and one `liftoff_reader_state`
+/// series per state (1 for the current one).
+fn reader_families(readers: &[ReaderSnapshot]) -> Vec<MetricFamily> {
+    if readers.is_empty() {
+        return Vec::new();
+    }
+    let gauge = |name: &str, help: &str, samples: Vec<(Vec<LabelPair>, f64)>| {
+        let mut f = MetricFamily::default();
+        f.set_name(name.to_string());
+        f.set_help(help.to_string());
+        f.set_field_type(MetricType::GAUGE);
+        for (labels, v) in samples {
+            let mut m = Metric::default();
+            m.set_label(labels);
+            let mut g = Gauge::default();
+            g.set_value(v);
+            m.set_gauge(g);
+            f.mut_metric().push(m);
+        }
+        f
+    };
+    let labels = |r: &ReaderSnapshot| {
+        READER_LABELS
+            .iter()
+            .zip(r.labels.values())
+            .map(|(n, v)| label(n, v))
+            .collect::<Vec<_>>()
+    };
+    let states = ["loading", "ready", "unloaded", "failed", "stopping"];
+    vec![
+        gauge(
+            "liftoff_reader_memory_bytes",
+            "Measured footprint of a loaded reader (weights and KV cache); 0 when not loaded",
+            readers
+                .iter()
+                .map(|r| (labels(r), r.memory_bytes as f64))
+                .collect(),
+        ),
+        gauge(
+            "liftoff_reader_requests_in_flight",
+            "Requests holding or waiting for a reader",
+            readers
+                .iter()
+                .map(|r| (labels(r), r.in_flight as f64))
+                .collect(),
+        ),
+        gauge(
+            "liftoff_reader_state",
+            "1 for the reader's current state",
+            readers
+                .iter()
+                .flat_map(|r| {
+                    states.iter().map(move |s| {
+                        let mut l = labels(r);
+                        l.push(label("state", s));
+                        (l, (r.state == *s) as u8 as f64)
+                    })
+                })
+                .collect(),
+        ),
+    ]
 }
 
 fn label(name: &str, value: &str) -> LabelPair {

@@ -4,6 +4,7 @@
 use crate::error::{ApiError, ApiJson};
 use crate::logprobs::{LogprobsRequest, Renderer};
 use crate::messages::{to_chat, RequestMessage};
+use crate::registry::ReaderState;
 use crate::service::{ModelService, TokenStream};
 use crate::AppState;
 use axum::extract::State;
@@ -208,7 +209,8 @@ pub async fn completions(
     State(state): State<Arc<AppState>>,
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
-    let service = state.service_for_model(req.sampling.model.as_deref())?;
+    let lease = state.lease(req.sampling.model.as_deref(), "model").await?;
+    let service = lease.service().clone();
     refuse_unsupported(&req.other)?;
     if req.echo == Some(true) {
         return Err(ApiError::invalid("echo", "echo is not supported"));
@@ -239,7 +241,7 @@ pub async fn completions(
         None => None,
     };
     let p = params(&service, &req.sampling, ids.len(), lp)?;
-    let stream = service.submit(ids, p, &state.metrics)?;
+    let stream = lease.submit(ids, p, &state.metrics)?;
     respond(stream, service, &req.sampling, lp, Kind::Completion).await
 }
 
@@ -248,7 +250,8 @@ pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
     ApiJson(req): ApiJson<ChatRequest>,
 ) -> Result<Response, ApiError> {
-    let service = state.service_for_model(req.sampling.model.as_deref())?;
+    let lease = state.lease(req.sampling.model.as_deref(), "model").await?;
+    let service = lease.service().clone();
     refuse_unsupported(&req.other)?;
     if req.messages.is_empty() {
         return Err(ApiError::invalid("messages", "messages must not be empty"));
@@ -284,7 +287,7 @@ pub async fn chat_completions(
         _ => None,
     };
     let p = params(&service, &req.sampling, ids.len(), lp)?;
-    let stream = service.submit(ids, p, &state.metrics)?;
+    let stream = lease.submit(ids, p, &state.metrics)?;
     respond(stream, service, &req.sampling, lp, Kind::Chat).await
 }
 
@@ -467,13 +470,23 @@ fn sse(
         .into_response()
 }
 
-/// `GET /v1/models`.
+/// `GET /v1/models`: every registered reader, with its state (a reader that is not loaded
+/// loads when a request names it).
 pub async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
+    let services = state.services();
     let data: Vec<Value> = state
-        .services()
+        .registry
+        .readers()
         .iter()
-        .map(|s| json!({"id": s.info.model_name, "object": "model", "created": now(), "owned_by": "liftoff",
-                        "consumer_group": s.info.consumer_group, "max_model_len": s.info.max_sequence_length}))
+        .map(|r| {
+            let max_len = services
+                .iter()
+                .find(|s| r.state == ReaderState::Ready && s.info.model_name == r.model_name)
+                .map(|s| s.info.max_sequence_length);
+            json!({"id": r.model_name, "object": "model", "created": now(), "owned_by": "liftoff",
+                   "reader_id": r.reader_id, "consumer_group": r.consumer_group, "state": r.state,
+                   "max_model_len": max_len})
+        })
         .collect();
     Json(json!({"object": "list", "data": data}))
 }

@@ -3,6 +3,7 @@
 
 use crate::error::ApiError;
 use crate::metrics::Metrics;
+use crate::registry::Lease;
 use liftoff_engine::sampling::SamplingParams;
 use liftoff_engine::scheduler::{
     GenerationRequest, SchedulerHandle, SeqEvent, SubmitError, TokenEvent,
@@ -189,7 +190,30 @@ impl ModelService {
             metrics: metrics.clone(),
             model,
             prompt_tokens: prompt_len,
+            lease: None,
         })
+    }
+}
+
+impl Lease {
+    /// Sends a request to the leased reader; the stream keeps the reader loaded until it ends
+    /// and records the reader's metrics.
+    pub fn submit(
+        &self,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+        metrics: &Arc<Metrics>,
+    ) -> Result<TokenStream, ApiError> {
+        match self.service().submit(prompt, params, metrics) {
+            Ok(mut s) => {
+                s.lease = Some(self.clone());
+                Ok(s)
+            }
+            Err(e) => {
+                metrics.reader_failure(self.labels());
+                Err(e)
+            }
+        }
     }
 }
 
@@ -203,11 +227,21 @@ pub struct TokenStream {
     metrics: Arc<Metrics>,
     model: String,
     pub prompt_tokens: usize,
+    /// The reader it runs on, kept loaded while the stream lives.
+    lease: Option<Lease>,
 }
 
 impl TokenStream {
     /// The next token; `Err` when the request failed. `None` after the last one.
     pub async fn next(&mut self) -> Option<Result<TokenEvent, ApiError>> {
+        let ev = self.recv().await;
+        if let (Some(Err(_)), Some(lease)) = (&ev, &self.lease) {
+            self.metrics.reader_failure(lease.labels());
+        }
+        ev
+    }
+
+    async fn recv(&mut self) -> Option<Result<TokenEvent, ApiError>> {
         let ev = match self.rx.recv().await {
             None => {
                 return Some(Err(ApiError::unavailable(
@@ -231,6 +265,9 @@ impl TokenStream {
                     .observe((now - self.arrival).as_secs_f64());
                 if let Some(q) = ev.queue_time {
                     m.queue_time.with_label_values(&l).observe(q.as_secs_f64());
+                    if let Some(lease) = &self.lease {
+                        m.reader_queued(lease.labels(), (lease.waited() + q).as_secs_f64());
+                    }
                 }
             }
             Some(prev) => m

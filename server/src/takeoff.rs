@@ -3,7 +3,8 @@
 //! `/chat_template/{reader_id}`.
 
 use crate::error::{ApiError, ApiJson};
-use crate::service::{ModelService, TokenStream};
+use crate::registry::Lease;
+use crate::service::TokenStream;
 use crate::AppState;
 use axum::extract::{Path, State};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -52,12 +53,12 @@ pub struct GenerateRequest {
 }
 
 struct Prepared {
-    service: Arc<ModelService>,
+    lease: Lease,
     prompts: Vec<(Vec<u32>, SamplingParams)>,
     metadata: bool,
 }
 
-fn prepare(state: &AppState, req: GenerateRequest) -> Result<Prepared, ApiError> {
+async fn prepare(state: &AppState, req: GenerateRequest) -> Result<Prepared, ApiError> {
     if req.regex_string.is_some() {
         return Err(ApiError::invalid(
             "regex_string",
@@ -76,7 +77,10 @@ fn prepare(state: &AppState, req: GenerateRequest) -> Result<Prepared, ApiError>
             "LoRA adapters are not supported yet",
         ));
     }
-    let service = state.service_for_group(req.consumer_group.as_deref())?;
+    let lease = state
+        .lease(req.consumer_group.as_deref(), "consumer_group")
+        .await?;
+    let service = lease.service().clone();
     let texts = match req.text {
         TextInput::One(t) => vec![t],
         TextInput::Many(v) if v.is_empty() => {
@@ -110,7 +114,7 @@ fn prepare(state: &AppState, req: GenerateRequest) -> Result<Prepared, ApiError>
         prompts.push((ids, params));
     }
     Ok(Prepared {
-        service,
+        lease,
         prompts,
         metadata: req.return_metadata.unwrap_or(false),
     })
@@ -129,12 +133,12 @@ pub async fn generate(
     ApiJson(req): ApiJson<GenerateRequest>,
 ) -> Result<Json<Value>, ApiError> {
     let many = matches!(req.text, TextInput::Many(_));
-    let p = prepare(&state, req)?;
+    let p = prepare(&state, req).await?;
     // Submit all first so the batch runs together.
     let streams: Vec<TokenStream> = p
         .prompts
         .into_iter()
-        .map(|(ids, params)| p.service.submit(ids, params, &state.metrics))
+        .map(|(ids, params)| p.lease.submit(ids, params, &state.metrics))
         .collect::<Result<_, _>>()?;
     let results = futures::future::join_all(streams.into_iter().map(|s| s.collect())).await;
     let mut texts = Vec::new();
@@ -170,10 +174,10 @@ pub async fn generate_stream(
     State(state): State<Arc<AppState>>,
     ApiJson(req): ApiJson<GenerateRequest>,
 ) -> Result<Response, ApiError> {
-    let p = prepare(&state, req)?;
+    let p = prepare(&state, req).await?;
     let mut streams = Vec::new();
     for (ids, params) in p.prompts {
-        streams.push(p.service.submit(ids, params, &state.metrics)?);
+        streams.push(p.lease.submit(ids, params, &state.metrics)?);
     }
     let metadata = p.metadata;
     let events = stream::iter(streams).flat_map(move |s| token_events(s, metadata));
@@ -219,7 +223,8 @@ pub async fn tokenize(
     Path(reader): Path<String>,
     ApiJson(req): ApiJson<TokenizeRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    let service = state.service_for_reader(&reader)?;
+    let lease = state.lease(Some(&reader), "reader_id").await?;
+    let service = lease.service();
     let chat = req.use_chat_template.unwrap_or(false);
     let ids = service
         .tokenizer
@@ -257,7 +262,8 @@ pub async fn detokenize(
     Path(reader): Path<String>,
     ApiJson(req): ApiJson<DetokenizeRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    let service = state.service_for_reader(&reader)?;
+    let lease = state.lease(Some(&reader), "reader_id").await?;
+    let service = lease.service();
     let tok = &service.tokenizer;
     let ids: Vec<u32> = match req.tokens {
         TokenList::Ids(ids) => ids,
@@ -305,7 +311,8 @@ pub async fn chat_template(
     Path(reader): Path<String>,
     ApiJson(req): ApiJson<ChatTemplateRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    let service = state.service_for_reader(&reader)?;
+    let lease = state.lease(Some(&reader), "reader_id").await?;
+    let service = lease.service();
     let conversations = match req.inputs {
         Conversations::One(c) => vec![c],
         Conversations::Many(cs) => cs,

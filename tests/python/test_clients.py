@@ -11,6 +11,10 @@ import urllib.request
 import pytest
 from openai import OpenAI
 from takeoff_client import TakeoffClient
+from takeoff_client.exceptions import TakeoffException
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FIXTURES = os.path.join(ROOT, "tests", "fixtures", "models")
 
 
 def free_port():
@@ -24,7 +28,8 @@ def server():
     port, mport = free_port(), free_port()
     proc = subprocess.Popen(
         [os.environ.get("LIFTOFF_BIN", "target/release/liftoff"), "serve", "--host", "127.0.0.1",
-         "--port", str(port), "--management-port", str(mport), "--max-sequence-length", "1024"],
+         "--port", str(port), "--management-port", str(mport), "--max-sequence-length", "1024",
+         "--model-root", FIXTURES],
         env=dict(os.environ, TAKEOFF_LOG_LEVEL="warn"), stdout=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -110,3 +115,36 @@ def test_takeoff_client_tokenizer_routes(server):
     assert client.tokens_count("Hello world", reader_id) == 2
     rendered = client.chat_template([{"role": "user", "content": "Hi"}], reader_id, add_generation_prompt=True)
     assert rendered[0].endswith("<|im_start|>assistant\n")
+
+
+def test_takeoff_client_manages_readers(server):
+    """Takeoff's management calls, unchanged client: add a reader, wait for it, generate
+    through its consumer group, read its config and the status, delete it."""
+    port, mport = server
+    client = TakeoffClient(base_url="http://127.0.0.1", port=port, mgmt_port=mport)
+    created = client.create_reader({
+        "model_name": os.path.join(FIXTURES, "tiny-llama3-bf16"), "device": "cpu",
+        "consumer_group": "tiny", "max_batch_size": 4, "max_sequence_length": 128})
+    reader_id = created["reader_id"]
+    deadline = time.time() + 60
+    while True:
+        mine = [r for r in client.get_readers().get("tiny", []) if r["reader_id"] == reader_id]
+        if mine and mine[0]["ready"]:
+            break
+        assert time.time() < deadline, mine
+        time.sleep(0.1)
+    assert mine[0]["state"] == "ready" and mine[0]["memory_bytes"] > 0
+    out = client.generate("The quick brown fox", consumer_group="tiny", sampling_temperature=0, max_new_tokens=4)
+    assert out["text"]
+    assert client.generate("The capital of France is", sampling_temperature=0, max_new_tokens=8)["text"].startswith(" Paris")
+    config = client.get_reader_config(reader_id)
+    assert config["consumer_group"] == "tiny" and config["max_batch_size"] == 4
+    assert reader_id in client.get_status()["status"]["live_readers"]
+    client.delete_reader(reader_id)
+    assert "tiny" not in client.list_all_readers()
+    with pytest.raises(TakeoffException) as e:
+        client.generate("x", consumer_group="tiny")
+    assert e.value.status_code == 404
+    with pytest.raises(TakeoffException) as e:
+        client.create_reader({"model_name": "/etc", "device": "cpu", "consumer_group": "x"})
+    assert e.value.status_code == 403

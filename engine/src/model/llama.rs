@@ -27,6 +27,10 @@ struct RmsNorm {
 }
 
 impl RmsNorm {
+    fn bytes(&self) -> usize {
+        self.weight.elem_count() * self.weight.dtype().size_in_bytes()
+    }
+
     fn load(src: &dyn WeightSource, name: &str, dtype: DType, eps: f64) -> Result<Self> {
         let weight = src.vector(name)?;
         crate::loader::expect_shape(name, weight.dims(), &[src.config().hidden_size])?;
@@ -54,6 +58,10 @@ struct Attention {
 }
 
 impl Attention {
+    fn bytes(&self) -> usize {
+        self.qkv.bytes() + self.o.bytes()
+    }
+
     fn load(
         src: &dyn WeightSource,
         prefix: &str,
@@ -141,6 +149,10 @@ struct Mlp {
 }
 
 impl Mlp {
+    fn bytes(&self) -> usize {
+        self.gate_up.bytes() + self.down.bytes()
+    }
+
     fn load(
         src: &dyn WeightSource,
         prefix: &str,
@@ -188,6 +200,13 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
+    fn bytes(&self) -> usize {
+        self.input_norm.bytes()
+            + self.attn.bytes()
+            + self.post_attention_norm.bytes()
+            + self.mlp.bytes()
+    }
+
     fn forward(
         &self,
         x: &Tensor,
@@ -231,6 +250,14 @@ pub struct Llama {
 }
 
 impl Llama {
+    /// Bytes of this rank's weights on its device (a tied LM head counted once).
+    pub fn weight_bytes(&self) -> u64 {
+        (self.embed.bytes()
+            + self.layers.iter().map(DecoderLayer::bytes).sum::<usize>()
+            + self.norm.bytes()
+            + self.lm_head.bytes()) as u64
+    }
+
     /// Loads this rank's shard of the model; `max_seq_len` sizes the RoPE tables.
     pub fn load(
         src: &dyn WeightSource,

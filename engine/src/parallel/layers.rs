@@ -18,6 +18,11 @@ pub struct ColumnParallelLinear {
 }
 
 impl ColumnParallelLinear {
+    /// Bytes of this rank's weight.
+    pub fn bytes(&self) -> usize {
+        self.linear.bytes()
+    }
+
     /// Loads rows `rows` of each named matrix and stacks them into one layer.
     pub fn load(
         src: &dyn WeightSource,
@@ -77,6 +82,11 @@ pub struct RowParallelLinear {
 }
 
 impl RowParallelLinear {
+    /// Bytes of this rank's weight.
+    pub fn bytes(&self) -> usize {
+        self.linear.bytes()
+    }
+
     /// Loads columns `cols` of matrix `name`.
     pub fn load(
         src: &dyn WeightSource,
@@ -138,6 +148,14 @@ pub struct VocabParallelEmbedding {
 }
 
 impl VocabParallelEmbedding {
+    /// Bytes of this rank's table.
+    pub fn bytes(&self) -> usize {
+        match &self.table {
+            Table::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            Table::Quantized(q) => q.storage_size_in_bytes(),
+        }
+    }
+
     /// Loads this rank's share of `name` (`[vocab, hidden]`).
     pub fn load(
         src: &dyn WeightSource,
@@ -209,6 +227,8 @@ impl VocabParallelEmbedding {
 pub struct ParallelLmHead {
     linear: Linear,
     comm: Arc<dyn Communicator>,
+    /// Shares the embedding table (unless repacked into a copy of its own).
+    tied: bool,
 }
 
 impl ParallelLmHead {
@@ -223,6 +243,7 @@ impl ParallelLmHead {
         Ok(Self {
             linear: Linear::new(src.matrix(name, &slice, format)?)?,
             comm,
+            tied: false,
         })
     }
 
@@ -231,7 +252,16 @@ impl ParallelLmHead {
         Ok(Self {
             linear: embedding.tied_weight()?,
             comm,
+            tied: true,
         })
+    }
+
+    /// Bytes of this rank's weight that the embedding table does not already hold.
+    pub fn bytes(&self) -> usize {
+        match (&self.linear, self.tied) {
+            (Linear::Fast(_), _) | (_, false) => self.linear.bytes(),
+            _ => 0,
+        }
     }
 
     /// `x: [rows, hidden] -> [rows, vocab]` logits in f32 on rank 0; `None` on other ranks.

@@ -20,6 +20,19 @@ pub enum Linear {
 }
 
 impl Linear {
+    /// Bytes the weight holds on its device.
+    pub fn bytes(&self) -> usize {
+        let dense = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        match self {
+            Self::Dense(t) => dense(t),
+            Self::Quantized(q) => match q.as_ref() {
+                QMatMul::QTensor(t) => t.storage_size_in_bytes(),
+                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => dense(t),
+            },
+            Self::Fast(f) => f.bytes(),
+        }
+    }
+
     /// Wraps a loaded weight, choosing the fastest matmul for its storage.
     pub fn new(weight: MatrixWeight) -> Result<Self> {
         Ok(match weight {

@@ -32,6 +32,11 @@ pub struct FastQMatMul {
 }
 
 impl FastQMatMul {
+    /// Bytes of the packed weight.
+    pub fn bytes(&self) -> usize {
+        self.packed.bytes()
+    }
+
     /// Takes over a CPU Q4_1 or Q8_0 tensor; `None` for other types or devices (candle handles
     /// those). `LIFTOFF_DISABLE_FAST_QMATMUL=1` turns the own kernels off.
     pub fn new(q: &QTensor) -> candle_core::Result<Option<Self>> {

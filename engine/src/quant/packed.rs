@@ -59,6 +59,11 @@ pub struct PackedMatrix {
 }
 
 impl PackedMatrix {
+    /// Bytes of the packed panels.
+    pub fn bytes(&self) -> usize {
+        self.data.len()
+    }
+
     /// Repacks GGML rows (`n` rows of `k / 32` blocks) into panels.
     pub fn pack(kind: WeightKind, ggml: &[u8], n: usize, k: usize) -> Self {
         assert!(k.is_multiple_of(QK), "k = {k} is not a multiple of {QK}");

@@ -20,6 +20,8 @@ pub struct SchedulerHandle {
     tx: Sender<GenerationRequest>,
     stats: Arc<SchedulerStats>,
     alive: Arc<AtomicBool>,
+    /// Set by [`abort`](Self::abort): the thread ends its requests and stops.
+    abort: Arc<AtomicBool>,
     max_waiting: usize,
 }
 
@@ -31,18 +33,21 @@ impl SchedulerHandle {
         let alive = Arc::new(AtomicBool::new(true));
         let max_waiting = scheduler.config.max_waiting;
         let flag = alive.clone();
+        let abort = Arc::new(AtomicBool::new(false));
+        let stop = abort.clone();
         std::thread::Builder::new()
             .name(name.to_string())
             .spawn(move || {
                 // Marks the group dead however the thread ends, a panic included, so requests
                 // fail fast and /health reports it.
                 let _alive = AliveGuard(flag);
-                run(scheduler, rx);
+                run(scheduler, rx, &stop);
             })?;
         Ok(Self {
             tx,
             stats,
             alive,
+            abort,
             max_waiting,
         })
     }
@@ -62,6 +67,13 @@ impl SchedulerHandle {
             self.stats.queued.fetch_sub(1, Ordering::SeqCst);
             SubmitError::Unavailable
         })
+    }
+
+    /// Ends the scheduler at its next step, however busy: running and waiting requests end
+    /// with [`SeqEvent::Unavailable`] (503), and the thread frees the model. An idle scheduler
+    /// ends once every handle is dropped.
+    pub fn abort(&self) {
+        self.abort.store(true, Ordering::SeqCst);
     }
 
     /// The scheduler's counters.
@@ -109,8 +121,11 @@ impl Drop for AliveGuard {
     }
 }
 
-fn run<E: Executor>(mut s: Scheduler<E>, rx: Receiver<GenerationRequest>) {
+fn run<E: Executor>(mut s: Scheduler<E>, rx: Receiver<GenerationRequest>, abort: &AtomicBool) {
     loop {
+        if abort.load(Ordering::SeqCst) && s.failure().is_none() {
+            s.abort("the reader was stopped before the request finished");
+        }
         if let Some(msg) = s.failure() {
             // The group is down: refuse what is still queued, then end the thread.
             let msg = msg.to_string();
@@ -140,7 +155,10 @@ fn run<E: Executor>(mut s: Scheduler<E>, rx: Receiver<GenerationRequest>) {
                 Err(std::sync::mpsc::TryRecvError::Disconnected) => {
                     // Server gone: finish what is in flight, then stop.
                     while !s.is_idle() {
-                        if !s.step() {
+                        if abort.load(Ordering::SeqCst) {
+                            s.abort("the reader was stopped before the request finished");
+                        }
+                        if s.failure().is_some() || !s.step() {
                             break;
                         }
                     }

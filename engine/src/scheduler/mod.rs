@@ -453,6 +453,13 @@ impl<E: Executor> Scheduler<E> {
         }
     }
 
+    /// Stops serving: every running and waiting request ends with
+    /// [`SeqEvent::Unavailable`]`(msg)`, and so does anything submitted later.
+    pub fn abort(&mut self, msg: &str) {
+        self.fail_all(msg);
+        self.failed = Some(msg.to_string());
+    }
+
     /// Why the group stopped serving, once a step failed fatally.
     pub fn failure(&self) -> Option<&str> {
         self.failed.as_deref()

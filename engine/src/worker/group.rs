@@ -52,13 +52,15 @@ impl WorkerGroup {
         let mut ready: Option<WorkerReady> = None;
         for m in &mut members {
             match protocol::recv::<FromWorker>(&mut m.link).map_err(|e| lost(m.rank, e))? {
-                FromWorker::Ready(r) => {
-                    if ready.is_some_and(|first| first != r) {
+                FromWorker::Ready(mut r) => {
+                    if ready.is_some_and(|first| first.geometry() != r.geometry()) {
                         return Err(EngineError::WorkerLost(format!(
                             "rank {} has a different KV-cache geometry ({r:?}) than rank 0 ({ready:?})",
                             m.rank
                         )));
                     }
+                    // The group's footprint is every rank's.
+                    r.memory_bytes += ready.map_or(0, |first| first.memory_bytes);
                     ready = Some(r);
                 }
                 FromWorker::Failed(why) => {
@@ -94,7 +96,7 @@ impl WorkerGroup {
         Ok(())
     }
 
-    /// The geometry the workers reported.
+    /// The geometry the workers reported, with the whole group's footprint.
     pub fn ready(&self) -> WorkerReady {
         self.ready
     }

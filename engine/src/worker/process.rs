@@ -51,7 +51,7 @@ pub fn run_worker(args: &WorkerArgs) -> Result<()> {
             ))
         }
     };
-    let (model, comm, cache) = match load(args, rendezvous, &init) {
+    let (model, comm, cache, weight_bytes) = match load(args, rendezvous, &init) {
         Ok(loaded) => loaded,
         Err(e) => {
             let _ = protocol::send(&mut ctl, &FromWorker::Failed(e.to_string()));
@@ -63,6 +63,7 @@ pub fn run_worker(args: &WorkerArgs) -> Result<()> {
         num_blocks: cfg.num_blocks as u64,
         block_size: cfg.block_size as u64,
         max_seq_len: model.max_seq_len() as u64,
+        memory_bytes: weight_bytes + (cfg.num_blocks * cfg.bytes_per_block()) as u64,
     };
     protocol::send(&mut ctl, &FromWorker::Ready(ready)).map_err(lost)?;
     tracing::info!(
@@ -184,7 +185,7 @@ fn load(
     args: &WorkerArgs,
     rendezvous: Option<Rendezvous>,
     init: &WorkerInit,
-) -> Result<(Llama, Arc<dyn Communicator>, KvCache)> {
+) -> Result<(Llama, Arc<dyn Communicator>, KvCache, u64)> {
     // One device (one stream) for the weights, the cache and the communicator.
     let device = args.device.open()?;
     let comm = join_group(args, rendezvous, init, &device)?;
@@ -192,5 +193,5 @@ fn load(
     let bs = init.engine.block_size.max(1);
     let blocks = loaded.kv_blocks(bs, init.kv_budget)?;
     let cache = KvCache::new(loaded.model.kv_cache_config(blocks, bs), &device)?;
-    Ok((loaded.model, comm, cache))
+    Ok((loaded.model, comm, cache, loaded.weight_bytes))
 }

@@ -58,6 +58,15 @@ pub struct WorkerReady {
     pub num_blocks: u64,
     pub block_size: u64,
     pub max_seq_len: u64,
+    /// This rank's measured footprint: weights and KV cache, in bytes.
+    pub memory_bytes: u64,
+}
+
+impl WorkerReady {
+    /// The KV-cache geometry every rank of a group must share.
+    pub fn geometry(&self) -> (u64, u64, u64) {
+        (self.num_blocks, self.block_size, self.max_seq_len)
+    }
 }
 
 /// One step for every rank of a group.
