@@ -370,7 +370,8 @@ async fn the_least_recently_used_idle_reader_makes_room() {
 }
 
 /// A reader streaming a request is never unloaded, a pinned one neither; with nothing left to
-/// unload, a load is refused with a 503 that gives the budget and the readers in use.
+/// unload, `POST /reader` is refused with a 503 that gives the budget and the readers in use,
+/// while a request for an unloaded reader waits for a busy one to go idle.
 #[tokio::test]
 async fn busy_and_pinned_readers_stay_loaded() {
     // The default model streams long enough to be busy while readers come and go. Its
@@ -439,18 +440,20 @@ async fn busy_and_pinned_readers_stay_loaded() {
             && msg.contains("in flight"),
         "{msg}"
     );
-    // And a request for the unloaded a waits for a reload that cannot happen: 503.
+    // A request for the unloaded a waits until the default model is idle (its stream done),
+    // which is then unloaded for a.
     let (code, v) = s
-        .post("/generate", json!({"text": "x", "consumer_group": "a"}))
+        .post(
+            "/generate",
+            json!({"text": "x", "consumer_group": "a", "max_new_tokens": 2}),
+        )
         .await;
-    assert_eq!(code, 503, "{v}");
-
-    // The stream ran to its end.
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(reader(&s, &smol_id).await["state"], "unloaded");
+    assert_eq!(reader(&s, &a).await["state"], "ready");
+    // The stream ran to its end first.
     let body = stream.text().await.unwrap();
     assert!(body.contains("\"generated_tokens\":400"), "{body}");
-    // Now idle, the default model can be unloaded for a.
-    assert!(!greedy(&s, "a", 2).await.is_empty());
-    assert_eq!(reader(&s, &smol_id).await["state"], "unloaded");
 }
 
 /// Several readers in one consumer group share its traffic (the one with the fewest

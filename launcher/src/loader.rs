@@ -264,6 +264,16 @@ impl ReaderLoader for Loader {
         })
     }
 
+    fn released(&self) {
+        // The allocator keeps freed weights in its arenas; trimming returns them to the
+        // system, so that the next reader's memory is really there.
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: malloc_trim has no preconditions.
+        unsafe {
+            nix::libc::malloc_trim(0);
+        }
+    }
+
     fn budget(&self, device: &str) -> Option<u64> {
         if let Some(mib) = self.budget_mib {
             return Some(mib << 20);
@@ -444,6 +454,13 @@ fn config_json(args: &ServeArgs) -> Value {
             "access_token".into(),
             Value::Bool(args.access_token.is_some()),
         );
+        // As written (0.9), not as the f32 widens (0.899999976...).
+        let fraction: f64 = args
+            .gpu_memory_utilization
+            .to_string()
+            .parse()
+            .unwrap_or_default();
+        m.insert("gpu_memory_utilization".into(), fraction.into());
     }
     v
 }

@@ -84,6 +84,9 @@ pub trait ReaderLoader: Send + Sync {
     fn load(&self, spec: &ReaderSpec) -> Result<LoadedReader, String>;
     /// The memory all readers on `device` may use together; `None`: no budget.
     fn budget(&self, device: &str) -> Option<u64>;
+    /// Called once an unloaded or deleted reader's memory is freed (to hand it back to the
+    /// system).
+    fn released(&self) {}
 }
 
 /// Limits of the registry's waits.
@@ -171,6 +174,8 @@ pub struct Lease(Arc<LeaseInner>);
 struct LeaseInner {
     service: Arc<ModelService>,
     usage: Arc<Usage>,
+    /// Told when the lease ends (a load may be waiting for the reader to go idle).
+    changed: watch::Sender<u64>,
     labels: ReaderLabels,
     /// How long the request waited for the reader to load.
     waited: Duration,
@@ -179,7 +184,9 @@ struct LeaseInner {
 impl Drop for LeaseInner {
     fn drop(&mut self) {
         self.usage.touch();
-        self.usage.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if self.usage.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.changed.send_modify(|v| *v = v.wrapping_add(1));
+        }
     }
 }
 
@@ -419,8 +426,25 @@ impl Registry {
         let Some(loader) = self.loader.clone() else {
             return;
         };
-        let _one_at_a_time = self.load_lock.lock().await;
-        if let Err(why) = self.make_room(&id).await {
+        let deadline = Instant::now() + self.options.load_timeout;
+        let mut rx = self.changed.subscribe();
+        let _one_at_a_time = loop {
+            let guard = self.load_lock.lock().await;
+            let why = match self.make_room(&id).await {
+                Ok(()) => break guard,
+                // Readers with requests in flight may free the room: wait for one to finish
+                // (with the load lock released) while the load may still be waited for.
+                Err(Refusal::Busy(why)) if Instant::now() < deadline => {
+                    drop(guard);
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    let _ = tokio::time::timeout(left, rx.changed()).await;
+                    if self.wanted(&id) {
+                        continue;
+                    }
+                    why
+                }
+                Err(Refusal::Busy(why) | Refusal::Impossible(why)) => why,
+            };
             let mut entries = self.lock();
             if let Some(e) = entries.iter_mut().find(|e| e.id == id) {
                 tracing::warn!("reader {id}: {why}");
@@ -438,7 +462,7 @@ impl Registry {
             drop(entries);
             self.notify();
             return;
-        }
+        };
         let spec = {
             let entries = self.lock();
             match entries.iter().find(|e| e.id == id && !e.deleting) {
@@ -492,7 +516,7 @@ impl Registry {
     }
 
     /// Unloads least recently used idle readers on `id`'s device until `id` fits its budget.
-    async fn make_room(&self, id: &str) -> Result<(), String> {
+    async fn make_room(&self, id: &str) -> Result<(), Refusal> {
         loop {
             let (victim, service, stop) = {
                 let mut entries = self.lock();
@@ -518,7 +542,19 @@ impl Registry {
                     .filter(|e| e.id != id && e.spec.device == device && e.evictable())
                     .min_by_key(|e| e.usage.last_used_ms.load(Ordering::Relaxed))
                 else {
-                    return Err(refusal(&entries, &device, budget, need, &name));
+                    let why = refusal(&entries, &device, budget, need, &name);
+                    // Pinned readers stay: if they alone leave no room, waiting cannot help.
+                    let pinned: u64 = entries
+                        .iter()
+                        .filter(|e| e.id != id && e.spec.device == device && holds_memory(e))
+                        .filter(|e| e.spec.pinned)
+                        .map(|e| e.memory_bytes)
+                        .sum();
+                    return Err(if pinned + need > budget {
+                        Refusal::Impossible(why)
+                    } else {
+                        Refusal::Busy(why)
+                    });
                 };
                 tracing::info!(
                     "unloading reader {} ({} MiB, idle) to make room for {name}",
@@ -543,14 +579,27 @@ impl Registry {
         }
     }
 
-    /// Ends a reader's schedulers (aborting their requests when `abort`), waits until their
-    /// threads have freed the model, then stops its worker processes.
+    /// Whether reader `id` is still to be loaded: not deleted, and a first load or one that a
+    /// request waits for.
+    fn wanted(&self, id: &str) -> bool {
+        self.lock().iter().any(|e| {
+            e.id == id
+                && !e.deleting
+                && (!e.loaded_once || e.usage.waiting.load(Ordering::SeqCst) > 0)
+        })
+    }
+
+    /// Ends a reader's schedulers (aborting their requests when `abort`) and its worker
+    /// processes, and waits until the schedulers' threads have freed the model.
     async fn shutdown(
         &self,
         service: Arc<ModelService>,
         stop: Box<dyn FnOnce() + Send>,
         abort: bool,
     ) {
+        // The supervisor first learns that the workers are to exit (so their exit is not
+        // taken for a failure), then waits for them while the schedulers end.
+        let stopping = tokio::task::spawn_blocking(stop);
         let alive: Vec<Arc<AtomicBool>> =
             service.replicas.iter().map(|r| r.health_flag()).collect();
         if abort {
@@ -564,7 +613,10 @@ impl Registry {
         while alive.iter().any(|a| a.load(Ordering::SeqCst)) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let _ = tokio::task::spawn_blocking(stop).await;
+        let _ = stopping.await;
+        if let Some(l) = &self.loader {
+            l.released();
+        }
     }
 
     /// Leases a serving reader for `target`: the one with the fewest requests among the
@@ -600,6 +652,7 @@ impl Registry {
                     return Ok(Lease(Arc::new(LeaseInner {
                         service,
                         usage,
+                        changed: self.changed.clone(),
                         labels: e.labels.clone(),
                         waited: started.elapsed(),
                     })));
@@ -785,6 +838,14 @@ impl Registry {
         }
         Some(c)
     }
+}
+
+/// Why a load found no room.
+enum Refusal {
+    /// Readers with requests in flight hold the memory; it may free up.
+    Busy(String),
+    /// Pinned readers alone leave too little.
+    Impossible(String),
 }
 
 /// A reader as the management API shows it.

@@ -97,6 +97,11 @@ const ROUTES: &[(&str, &str)] = &[
     ("GET", "/metrics"),
     ("POST", "/no/such/route"),
     ("GET", "/reader_groups"),
+    ("POST", "/reader"),
+    ("DELETE", "/reader/nobody"),
+    ("GET", "/config/fuzz"),
+    ("GET", "/config/nobody"),
+    ("GET", "/status"),
 ];
 
 /// Field names the routes know, and some they do not.
@@ -151,6 +156,7 @@ fn template(path: &str) -> Value {
         p if p.starts_with("/chat_template") => {
             json!({"inputs": [{"role": "user", "content": "hi"}], "add_generation_prompt": true})
         }
+        "/reader" => json!({"model_name": "fuzz", "device": "cpu", "consumer_group": "x"}),
         "/v1/chat/completions" => {
             json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
         }
