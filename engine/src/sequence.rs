@@ -134,6 +134,8 @@ impl SequenceState {
             uniform: uniform(self.seed, self.generated().len() as u64),
             logprobs: p.logprobs as u32,
             token_logprob: p.token_logprobs,
+            // Set by the scheduler for a constrained row, computed while the step runs.
+            allowed: None,
         }
     }
 

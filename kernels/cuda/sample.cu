@@ -4,7 +4,8 @@
 // Per row, in this order (the CPU implementation in src/sampling.rs follows it exactly):
 //  1. top-n log-probabilities of the raw logits, ordered by (value desc, id asc);
 //  2. repetition penalty on the listed tokens (x / p if x > 0, x * p otherwise), then the listed
-//     banned tokens (no-repeat n-grams, EOS before min_new_tokens) set to -inf;
+//     banned tokens (no-repeat n-grams, EOS before min_new_tokens) set to -inf, and for a
+//     constrained row every token its bitmask does not allow;
 //  3. temperature 0: the arg max (lowest id on ties);
 //  4. otherwise p_i = exp((x_i - max) / T) restricted to keys >= the top-k threshold (the k-th
 //     largest value, ties kept) and >= the top-p threshold (the largest value whose tail
@@ -95,7 +96,8 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(
     float* __restrict__ logits, int vocab, const float* __restrict__ fparams,
     const uint32_t* __restrict__ uparams, const uint32_t* __restrict__ pen_off,
     const uint32_t* __restrict__ pen_ids, const uint32_t* __restrict__ ban_off,
-    const uint32_t* __restrict__ ban_ids, uint32_t* __restrict__ tokens,
+    const uint32_t* __restrict__ ban_ids, const uint32_t* __restrict__ mask_off,
+    const uint32_t* __restrict__ mask_words, uint32_t* __restrict__ tokens,
     uint32_t* __restrict__ top_ids, float* __restrict__ top_lp, float* __restrict__ pen_raw,
     float* __restrict__ token_lp) {
   __shared__ float fred[SAMPLE_WARPS];
@@ -147,6 +149,14 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(
   __syncthreads();
   for (uint32_t j = ban_off[row] + threadIdx.x; j < ban_off[row + 1]; j += blockDim.x)
     x[ban_ids[j]] = -INFINITY;
+  // A constrained row's bitmask (bit t % 32 of word t / 32; tokens past its end are out).
+  const uint32_t m0 = mask_off[row], m1 = mask_off[row + 1];
+  if (m1 > m0) {
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+      const uint32_t w = m0 + ((uint32_t)i >> 5);
+      if (w >= m1 || ((mask_words[w] >> (i & 31)) & 1u) == 0u) x[i] = -INFINITY;
+    }
+  }
   __syncthreads();
 
   // 3. The arg max (also the answer when nothing can be sampled).

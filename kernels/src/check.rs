@@ -279,6 +279,21 @@ pub fn sampling_specs(vocab: u32) -> Vec<RowSampling> {
         },
         RowSampling {
             banned: (0..vocab).collect(),
+            ..g.clone()
+        },
+        // Constrained: every third token allowed, the mask one word short of the vocabulary.
+        RowSampling {
+            temperature: 0.9,
+            allowed: Some(
+                (0..(vocab as usize / 32).saturating_sub(1))
+                    .map(|_| 0x4924_9249)
+                    .collect(),
+            ),
+            ..g.clone()
+        },
+        RowSampling {
+            allowed: Some(vec![0, 1 << 7]),
+            logprobs: 2,
             ..g
         },
     ];
@@ -347,6 +362,13 @@ fn plain_sample_inner(row: &[f32], spec: &RowSampling) -> (u32, f64, Vec<(u32, f
     for &t in &spec.banned {
         x[t as usize] = f64::NEG_INFINITY;
     }
+    if let Some(words) = &spec.allowed {
+        for (t, v) in x.iter_mut().enumerate() {
+            if (words.get(t / 32).copied().unwrap_or(0) >> (t % 32)) & 1 == 0 {
+                *v = f64::NEG_INFINITY;
+            }
+        }
+    }
     // The first (lowest id) of the largest values.
     let arg = (0..x.len()).fold(0, |a, i| if x[i] > x[a] { i } else { a });
     let best = x[arg];
@@ -398,8 +420,9 @@ fn plain_sample_inner(row: &[f32], spec: &RowSampling) -> (u32, f64, Vec<(u32, f
 /// a boundary (sums in another order may land on either side); log-probabilities (the top ones
 /// and the chosen token's) within 1e-3.
 fn check_sampling(device: &Device) -> Result<CheckReport> {
-    let (rows, vocab) = (8usize, 5000usize);
+    let vocab = 5000usize;
     let specs = sampling_specs(vocab as u32);
+    let rows = specs.len();
     let mut rng = Lcg(77);
     let host: Vec<f32> = (0..rows * vocab).map(|_| rng.uniform() * 6.0).collect();
     let logits = Tensor::from_slice(&host, (rows, vocab), device)?;

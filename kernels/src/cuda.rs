@@ -378,6 +378,8 @@ pub(crate) fn sample(
     let mut uparams = Vec::with_capacity(rows * 3);
     let (mut pen_off, mut pen_ids, mut ban_off, mut ban_ids) =
         (vec![0u32], Vec::new(), vec![0u32], Vec::new());
+    // Bitmasks of the constrained rows (an unconstrained row has none: equal offsets).
+    let (mut mask_off, mut mask_words) = (vec![0u32], Vec::new());
     for s in specs {
         fparams.extend_from_slice(&[s.temperature, s.top_p, s.repetition_penalty, s.uniform]);
         uparams.extend_from_slice(&[s.top_k, s.logprobs, s.token_logprob as u32]);
@@ -385,16 +387,26 @@ pub(crate) fn sample(
         pen_off.push(pen_ids.len() as u32);
         ban_ids.extend_from_slice(&s.banned);
         ban_off.push(ban_ids.len() as u32);
+        // A constrained row always has a word (an empty mask allows nothing).
+        match &s.allowed {
+            Some(w) if w.is_empty() => mask_words.push(0),
+            Some(w) => mask_words.extend_from_slice(w),
+            None => {}
+        }
+        mask_off.push(mask_words.len() as u32);
     }
     // Never an empty buffer (the offsets say nothing is read).
     pen_ids.push(0);
     ban_ids.push(0);
+    mask_words.push(0);
     let fparams = stream.clone_htod(&fparams).w()?;
     let uparams = stream.clone_htod(&uparams).w()?;
     let pen_off = stream.clone_htod(&pen_off).w()?;
     let pen_ids = stream.clone_htod(&pen_ids).w()?;
     let ban_off = stream.clone_htod(&ban_off).w()?;
     let ban_ids = stream.clone_htod(&ban_ids).w()?;
+    let mask_off = stream.clone_htod(&mask_off).w()?;
+    let mask_words = stream.clone_htod(&mask_words).w()?;
     let mut tokens = stream.alloc_zeros::<u32>(rows).w()?;
     let mut top_ids = stream.alloc_zeros::<u32>(rows * MAX_LOGPROBS).w()?;
     let mut top_lp = stream.alloc_zeros::<f32>(rows * MAX_LOGPROBS).w()?;
@@ -417,6 +429,8 @@ pub(crate) fn sample(
     b.arg(&pen_ids);
     b.arg(&ban_off);
     b.arg(&ban_ids);
+    b.arg(&mask_off);
+    b.arg(&mask_words);
     b.arg(&mut tokens);
     b.arg(&mut top_ids);
     b.arg(&mut top_lp);

@@ -3,7 +3,8 @@
 //! vocabulary. The CUDA kernel (`cuda/sample.cu`) and [`sample_row`] implement the same steps:
 //!
 //! 1. top-n log-probabilities of the raw logits, ordered by (value desc, id asc);
-//! 2. repetition penalty on the listed tokens (transformers' rule), then bans to `-inf`;
+//! 2. repetition penalty on the listed tokens (transformers' rule), then bans to `-inf`, and
+//!    every token outside a constrained row's allowed set (a bitmask) to `-inf`;
 //! 3. temperature 0 (or nothing left): the arg max, lowest id on ties;
 //! 4. `p_i = exp((x_i - max) / T)` restricted to the top-k tokens (the k-th largest value, ties
 //!    kept) and then the top-p nucleus of those (the largest value whose tail holds `top_p` of
@@ -44,6 +45,15 @@ pub struct RowSampling {
     pub logprobs: u32,
     /// Also return the chosen token's log-probability in the raw distribution.
     pub token_logprob: bool,
+    /// Constrained decoding: the tokens that may be chosen, as a bitmask (bit `t % 32` of word
+    /// `t / 32`); tokens past its end may not. `None`: every token.
+    #[serde(default)]
+    pub allowed: Option<Vec<u32>>,
+}
+
+/// Whether bitmask `words` allows token `t`.
+pub fn mask_allows(words: &[u32], t: usize) -> bool {
+    words.get(t / 32).is_some_and(|w| (w >> (t % 32)) & 1 == 1)
 }
 
 impl RowSampling {
@@ -72,6 +82,7 @@ impl RowSampling {
             uniform: 0.0,
             logprobs: 0,
             token_logprob: false,
+            allowed: None,
         }
     }
 }
@@ -244,6 +255,13 @@ pub fn sample_row(x: &mut [f32], spec: &RowSampling) -> (SampledToken, f32) {
     }
     for &t in &spec.banned {
         x[t as usize] = f32::NEG_INFINITY;
+    }
+    if let Some(words) = &spec.allowed {
+        for (t, v) in x.iter_mut().enumerate() {
+            if !mask_allows(words, t) {
+                *v = f32::NEG_INFINITY;
+            }
+        }
     }
     let mut arg = 0;
     for (i, &v) in x.iter().enumerate() {
@@ -474,5 +492,31 @@ mod tests {
         let err = sample(logits.clone(), &[bad, RowSampling::greedy()]).unwrap_err();
         assert!(err.to_string().contains("token 3"), "{err}");
         assert!(sample(logits, &[RowSampling::greedy()]).is_err());
+    }
+
+    /// A constrained row picks only allowed tokens, greedy or sampled, and a mask shorter
+    /// than the vocabulary allows nothing past its end.
+    #[test]
+    fn the_allowed_mask_restricts_the_choice() {
+        let row: Vec<f32> = (0..70).map(|i| (i % 7) as f32).collect();
+        // Allowed: 3, 33 and 64 (the best logit, 6, is at 6, 13, ... and 69, all outside).
+        let words = vec![1 << 3, 1 << 1, 1];
+        for (t, u) in [(0.0, 0.0), (1.0, 0.1), (1.0, 0.5), (2.0, 0.99)] {
+            let s = RowSampling {
+                temperature: t,
+                uniform: u,
+                allowed: Some(words.clone()),
+                ..RowSampling::greedy()
+            };
+            let tok = sample_row(&mut row.clone(), &s).0.token;
+            assert!([3, 33, 64].contains(&tok), "T={t} u={u}: {tok}");
+        }
+        let s = RowSampling {
+            allowed: Some(vec![0, 0]),
+            ..RowSampling::greedy()
+        };
+        assert!(mask_allows(&[1 << 5], 5) && !mask_allows(&[1 << 5], 37));
+        // Nothing allowed: the arg max of nothing is the first id (the scheduler never asks).
+        assert_eq!(sample_row(&mut row.clone(), &s).0.token, 0);
     }
 }

@@ -275,15 +275,26 @@ impl ReaderLoader for Loader {
     }
 
     fn budget(&self, device: &str) -> Option<u64> {
+        // Per device: a set of GPUs gets one device's budget per GPU (a reader's footprint
+        // counts every rank).
+        let devices = match device.strip_prefix("cuda:") {
+            Some("all") => crate::plan::gpu_count().max(1),
+            Some(list) => list
+                .split(',')
+                .filter(|d| !d.trim().is_empty())
+                .count()
+                .max(1),
+            None => 1,
+        } as u64;
         if let Some(mib) = self.budget_mib {
-            return Some(mib << 20);
+            return Some((mib << 20) * devices);
         }
         let total = if device == "cpu" {
             host_memory()
         } else {
             self.gpu_total()
         }?;
-        Some((total as f64 * self.fraction as f64) as u64)
+        Some((total as f64 * self.fraction as f64) as u64 * devices)
     }
 }
 

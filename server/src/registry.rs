@@ -135,6 +135,10 @@ fn unix_ms() -> u64 {
 
 struct Entry {
     id: String,
+    /// Unique for the registry's life (an id may be reused after a delete).
+    serial: u64,
+    /// Whether its weights and KV cache are in memory (loaded, or still being freed).
+    holds: bool,
     spec: ReaderSpec,
     state: ReaderState,
     /// Set once a delete began: the reader takes no new requests.
@@ -208,20 +212,26 @@ impl Lease {
 }
 
 /// Counts a request as waiting for a reader until dropped.
-struct Waiting(Arc<Usage>);
+struct Waiting {
+    usage: Arc<Usage>,
+    changed: watch::Sender<u64>,
+}
 
 impl Waiting {
-    fn new(usage: Arc<Usage>) -> Self {
+    fn new(usage: Arc<Usage>, changed: watch::Sender<u64>) -> Self {
         usage.in_flight.fetch_add(1, Ordering::SeqCst);
         usage.waiting.fetch_add(1, Ordering::SeqCst);
-        Self(usage)
+        Self { usage, changed }
     }
 }
 
 impl Drop for Waiting {
     fn drop(&mut self) {
-        self.0.waiting.fetch_sub(1, Ordering::SeqCst);
-        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.usage.waiting.fetch_sub(1, Ordering::SeqCst);
+        if self.usage.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            // The reader may now be unloaded: a load may wait for that.
+            self.changed.send_modify(|v| *v = v.wrapping_add(1));
+        }
     }
 }
 
@@ -244,6 +254,7 @@ enum Next {
 pub struct Registry {
     entries: Mutex<Vec<Entry>>,
     next_id: AtomicU64,
+    serials: AtomicU64,
     loader: Option<Arc<dyn ReaderLoader>>,
     /// One load at a time: each sees the memory the previous one took.
     load_lock: tokio::sync::Mutex<()>,
@@ -262,6 +273,7 @@ impl Registry {
         Self {
             entries: Mutex::new(Vec::new()),
             next_id: AtomicU64::new(0),
+            serials: AtomicU64::new(0),
             loader,
             load_lock: tokio::sync::Mutex::new(()),
             changed: watch::channel(0).0,
@@ -311,6 +323,7 @@ impl Registry {
     }
 
     fn entry(&self, spec: ReaderSpec, id: String, state: ReaderState) -> Entry {
+        let serial = self.serials.fetch_add(1, Ordering::Relaxed);
         let labels = ReaderLabels {
             reader_id: id.clone(),
             model: spec.model_name.clone(),
@@ -320,6 +333,8 @@ impl Registry {
         usage.touch();
         Entry {
             id,
+            serial,
+            holds: false,
             memory_bytes: spec.estimate_bytes,
             spec,
             state,
@@ -348,6 +363,7 @@ impl Registry {
         e.service = Some(Arc::new(loaded.service));
         e.stop = Some(loaded.stop);
         e.loaded_once = true;
+        e.holds = true;
         entries.push(e);
         drop(entries);
         self.notify();
@@ -370,7 +386,7 @@ impl Registry {
             let need = spec.estimate_bytes;
             let pinned_or_busy: u64 = entries
                 .iter()
-                .filter(|e| e.spec.device == spec.device && holds_memory(e) && !e.evictable())
+                .filter(|e| e.spec.device == spec.device && e.holds && !e.evictable())
                 .map(|e| e.memory_bytes)
                 .sum();
             if pinned_or_busy + need > budget {
@@ -381,9 +397,11 @@ impl Registry {
             }
         }
         let id = self.new_id(&entries, spec.reader_id.as_deref(), &spec.model_name);
-        entries.push(self.entry(spec, id.clone(), ReaderState::Loading));
+        let e = self.entry(spec, id.clone(), ReaderState::Loading);
+        let serial = e.serial;
+        entries.push(e);
         drop(entries);
-        self.spawn_load(id.clone());
+        self.spawn_load(serial);
         self.notify();
         Ok(id)
     }
@@ -416,21 +434,26 @@ impl Registry {
         }
     }
 
-    fn spawn_load(self: &Arc<Self>, id: String) {
+    fn spawn_load(self: &Arc<Self>, serial: u64) {
         let this = self.clone();
-        tokio::spawn(async move { this.run_load(id).await });
+        tokio::spawn(async move { this.run_load(serial).await });
     }
 
-    /// Loads reader `id` (in state `loading`), unloading idle readers first to make room.
-    async fn run_load(self: Arc<Self>, id: String) {
+    /// Loads the reader numbered `serial` (in state `loading`), unloading idle readers first
+    /// to make room.
+    async fn run_load(self: Arc<Self>, serial: u64) {
         let Some(loader) = self.loader.clone() else {
             return;
+        };
+        let id = match self.lock().iter().find(|e| e.serial == serial) {
+            Some(e) => e.id.clone(),
+            None => return,
         };
         let deadline = Instant::now() + self.options.load_timeout;
         let mut rx = self.changed.subscribe();
         let _one_at_a_time = loop {
             let guard = self.load_lock.lock().await;
-            let why = match self.make_room(&id).await {
+            let why = match self.make_room(serial).await {
                 Ok(()) => break guard,
                 // Readers with requests in flight may free the room: wait for one to finish
                 // (with the load lock released) while the load may still be waited for.
@@ -438,7 +461,7 @@ impl Registry {
                     drop(guard);
                     let left = deadline.saturating_duration_since(Instant::now());
                     let _ = tokio::time::timeout(left, rx.changed()).await;
-                    if self.wanted(&id) {
+                    if self.wanted(serial) {
                         continue;
                     }
                     why
@@ -446,7 +469,10 @@ impl Registry {
                 Err(Refusal::Busy(why) | Refusal::Impossible(why)) => why,
             };
             let mut entries = self.lock();
-            if let Some(e) = entries.iter_mut().find(|e| e.id == id) {
+            if let Some(e) = entries
+                .iter_mut()
+                .find(|e| e.serial == serial && !e.deleting)
+            {
                 tracing::warn!("reader {id}: {why}");
                 // A reader that was loaded before goes back to `unloaded`: a later request
                 // may find room.
@@ -465,7 +491,7 @@ impl Registry {
         };
         let spec = {
             let entries = self.lock();
-            match entries.iter().find(|e| e.id == id && !e.deleting) {
+            match entries.iter().find(|e| e.serial == serial && !e.deleting) {
                 Some(e) => clone_spec(&e.spec),
                 None => return,
             }
@@ -478,7 +504,10 @@ impl Registry {
         let secs = started.elapsed().as_secs_f64();
         let orphan = {
             let mut entries = self.lock();
-            match entries.iter_mut().find(|e| e.id == id && !e.deleting) {
+            match entries
+                .iter_mut()
+                .find(|e| e.serial == serial && !e.deleting)
+            {
                 // Deleted while it loaded: what was loaded is stopped below.
                 None => result.ok(),
                 Some(e) => {
@@ -495,6 +524,7 @@ impl Registry {
                             e.error = None;
                             e.refused_at = None;
                             e.loaded_once = true;
+                            e.holds = true;
                             self.metrics.reader_loaded(&e.labels, secs);
                         }
                         Err(why) => {
@@ -515,12 +545,13 @@ impl Registry {
         self.notify();
     }
 
-    /// Unloads least recently used idle readers on `id`'s device until `id` fits its budget.
-    async fn make_room(&self, id: &str) -> Result<(), Refusal> {
+    /// Unloads least recently used idle readers on the device of reader `serial` until it
+    /// fits the budget; unloads nothing when even that would not make room.
+    async fn make_room(&self, serial: u64) -> Result<(), Refusal> {
         loop {
             let (victim, service, stop) = {
                 let mut entries = self.lock();
-                let Some(me) = entries.iter().find(|e| e.id == id) else {
+                let Some(me) = entries.iter().find(|e| e.serial == serial) else {
                     return Ok(());
                 };
                 let device = me.spec.device.clone();
@@ -529,32 +560,38 @@ impl Registry {
                 let Some(budget) = self.budget(&device) else {
                     return Ok(());
                 };
-                let used: u64 = entries
-                    .iter()
-                    .filter(|e| e.id != id && e.spec.device == device && holds_memory(e))
-                    .map(|e| e.memory_bytes)
-                    .sum();
+                let others = || {
+                    entries
+                        .iter()
+                        .filter(|e| e.serial != serial && e.spec.device == device && e.holds)
+                };
+                let used: u64 = others().map(|e| e.memory_bytes).sum();
                 if used + need <= budget {
                     return Ok(());
                 }
-                let Some(v) = entries
-                    .iter_mut()
-                    .filter(|e| e.id != id && e.spec.device == device && e.evictable())
-                    .min_by_key(|e| e.usage.last_used_ms.load(Ordering::Relaxed))
-                else {
+                // What stays whatever is unloaded: pinned readers always, busy ones for now.
+                let pinned: u64 = others()
+                    .filter(|e| e.spec.pinned)
+                    .map(|e| e.memory_bytes)
+                    .sum();
+                let kept: u64 = others()
+                    .filter(|e| !e.evictable())
+                    .map(|e| e.memory_bytes)
+                    .sum();
+                if kept + need > budget {
                     let why = refusal(&entries, &device, budget, need, &name);
-                    // Pinned readers stay: if they alone leave no room, waiting cannot help.
-                    let pinned: u64 = entries
-                        .iter()
-                        .filter(|e| e.id != id && e.spec.device == device && holds_memory(e))
-                        .filter(|e| e.spec.pinned)
-                        .map(|e| e.memory_bytes)
-                        .sum();
                     return Err(if pinned + need > budget {
                         Refusal::Impossible(why)
                     } else {
                         Refusal::Busy(why)
                     });
+                }
+                let Some(v) = entries
+                    .iter_mut()
+                    .filter(|e| e.serial != serial && e.spec.device == device && e.evictable())
+                    .min_by_key(|e| e.usage.last_used_ms.load(Ordering::Relaxed))
+                else {
+                    return Ok(());
                 };
                 tracing::info!(
                     "unloading reader {} ({} MiB, idle) to make room for {name}",
@@ -562,7 +599,7 @@ impl Registry {
                     v.memory_bytes >> 20
                 );
                 v.state = ReaderState::Stopping;
-                (v.id.clone(), v.service.take(), v.stop.take())
+                (v.serial, v.service.take(), v.stop.take())
             };
             self.notify();
             if let Some(service) = service {
@@ -570,8 +607,11 @@ impl Registry {
                     .await;
             }
             let mut entries = self.lock();
-            if let Some(v) = entries.iter_mut().find(|e| e.id == victim) {
-                v.state = ReaderState::Unloaded;
+            if let Some(v) = entries.iter_mut().find(|e| e.serial == victim) {
+                v.holds = false;
+                if !v.deleting {
+                    v.state = ReaderState::Unloaded;
+                }
                 self.metrics.reader_unloaded(&v.labels);
             }
             drop(entries);
@@ -579,17 +619,18 @@ impl Registry {
         }
     }
 
-    /// Whether reader `id` is still to be loaded: not deleted, and a first load or one that a
-    /// request waits for.
-    fn wanted(&self, id: &str) -> bool {
+    /// Whether reader `serial` is still to be loaded: not deleted, and a first load or one
+    /// that a request waits for.
+    fn wanted(&self, serial: u64) -> bool {
         self.lock().iter().any(|e| {
-            e.id == id
+            e.serial == serial
                 && !e.deleting
                 && (!e.loaded_once || e.usage.waiting.load(Ordering::SeqCst) > 0)
         })
     }
 
-    /// Ends a reader's schedulers (aborting their requests when `abort`) and its worker
+    /// Ends a reader's schedulers (`abort`: at once, ending their requests with 503, which
+    /// also wakes an idle one; else once their last handle is gone) and its worker
     /// processes, and waits until the schedulers' threads have freed the model.
     async fn shutdown(
         &self,
@@ -657,23 +698,30 @@ impl Registry {
                         waited: started.elapsed(),
                     })));
                 }
-                self.next_step(&mut entries, &matches, started)
-            };
-            let usage = match next {
-                Next::Fail(err) => return Err(err),
-                Next::Wait(usage) => usage,
-            };
-            if waiting.as_ref().is_none_or(|w| !Arc::ptr_eq(&w.0, &usage)) {
-                if usage.waiting.load(Ordering::SeqCst) >= self.options.max_waiting {
-                    return Err(ApiError::unavailable(
-                        format!(
-                            "{} requests already wait for this reader to load; retry later",
-                            self.options.max_waiting
-                        ),
-                        Some(5),
-                    ));
+                let next = self.next_step(&mut entries, &matches, started);
+                // Counted as waiting before the lock is released, so the reader is not
+                // unloaded the moment it is ready.
+                if let Next::Wait(usage) = &next {
+                    if waiting
+                        .as_ref()
+                        .is_none_or(|w| !Arc::ptr_eq(&w.usage, usage))
+                    {
+                        if usage.waiting.load(Ordering::SeqCst) >= self.options.max_waiting {
+                            return Err(ApiError::unavailable(
+                                format!(
+                                    "{} requests already wait for this reader to load; retry later",
+                                    self.options.max_waiting
+                                ),
+                                Some(5),
+                            ));
+                        }
+                        waiting = Some(Waiting::new(usage.clone(), self.changed.clone()));
+                    }
                 }
-                waiting = Some(Waiting::new(usage));
+                next
+            };
+            if let Next::Fail(err) = next {
+                return Err(err);
             }
             let left = deadline.saturating_duration_since(Instant::now());
             match tokio::time::timeout(left, rx.changed()).await {
@@ -720,7 +768,7 @@ impl Registry {
             }
             e.state = ReaderState::Loading;
             let usage = e.usage.clone();
-            self.spawn_load(e.id.clone());
+            self.spawn_load(e.serial);
             self.notify();
             return Next::Wait(usage);
         }
@@ -736,8 +784,20 @@ impl Registry {
 
     /// Deletes reader `id`: it takes no new requests, its in-flight ones finish (up to the
     /// drain timeout, then they end with 503), its workers stop and its memory is freed.
-    pub async fn delete(&self, id: &str) -> Result<(), ApiError> {
-        let usage = {
+    pub async fn delete(self: &Arc<Self>, id: &str) -> Result<(), ApiError> {
+        // Runs to its end even if the client goes away meanwhile.
+        let (this, id) = (self.clone(), id.to_string());
+        tokio::spawn(async move { this.delete_now(&id).await })
+            .await
+            .unwrap_or_else(|e| {
+                Err(ApiError::internal(format!(
+                    "deleting the reader failed: {e}"
+                )))
+            })
+    }
+
+    async fn delete_now(&self, id: &str) -> Result<(), ApiError> {
+        let (serial, usage) = {
             let mut entries = self.lock();
             let e = entries
                 .iter_mut()
@@ -745,27 +805,34 @@ impl Registry {
                 .ok_or_else(|| ApiError::not_found("reader_id", format!("no reader '{id}'")))?;
             e.deleting = true;
             e.state = ReaderState::Stopping;
-            e.usage.clone()
+            (e.serial, e.usage.clone())
         };
         self.notify();
         let deadline = Instant::now() + self.options.drain_timeout;
         while usage.in_flight.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let (service, stop, labels) = {
+        // The entry stays (stopping, its memory counted) until the memory is freed.
+        let (service, stop) = {
             let mut entries = self.lock();
-            let Some(pos) = entries.iter().position(|e| e.id == id) else {
-                return Ok(());
-            };
-            let mut e = entries.remove(pos);
-            (e.service.take(), e.stop.take(), e.labels)
+            match entries.iter_mut().find(|e| e.serial == serial) {
+                Some(e) => (e.service.take(), e.stop.take()),
+                None => (None, None),
+            }
         };
         if let Some(service) = service {
-            let abort = usage.in_flight.load(Ordering::SeqCst) > 0;
-            self.shutdown(service, stop.unwrap_or_else(|| Box::new(|| {})), abort)
+            // Requests still running after the drain end with 503; an idle scheduler wakes.
+            self.shutdown(service, stop.unwrap_or_else(|| Box::new(|| {})), true)
                 .await;
         }
-        self.metrics.forget_reader(&labels);
+        let removed = {
+            let mut entries = self.lock();
+            let pos = entries.iter().position(|e| e.serial == serial);
+            pos.map(|p| entries.remove(p))
+        };
+        if let Some(e) = removed {
+            self.metrics.forget_reader(&e.labels);
+        }
         tracing::info!("reader {id} deleted");
         self.notify();
         Ok(())
@@ -874,11 +941,6 @@ pub struct ReaderView {
     pub labels: ReaderLabels,
 }
 
-/// Whether an entry's memory is taken (loaded, or still being unloaded).
-fn holds_memory(e: &Entry) -> bool {
-    (e.state == ReaderState::Ready && e.service.is_some()) || e.state == ReaderState::Stopping
-}
-
 /// The entries a request for `target` may use (not being deleted).
 fn candidates(entries: &[Entry], target: Target) -> Vec<usize> {
     let live = |e: &&Entry| !e.deleting;
@@ -934,7 +996,7 @@ fn refusal(entries: &[Entry], device: &str, budget: u64, need: u64, name: &str) 
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     let readers: Vec<String> = entries
         .iter()
-        .filter(|e| e.spec.device == device && holds_memory(e))
+        .filter(|e| e.spec.device == device && e.holds)
         .map(|e| {
             let why = if e.spec.pinned {
                 "pinned".to_string()

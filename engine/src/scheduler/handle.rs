@@ -14,10 +14,16 @@ pub enum SubmitError {
     Unavailable,
 }
 
+/// What the scheduler thread receives: a request, or a nudge to look at its abort flag.
+enum Msg {
+    Request(GenerationRequest),
+    Wake,
+}
+
 /// A cloneable handle to a running scheduler thread.
 #[derive(Clone)]
 pub struct SchedulerHandle {
-    tx: Sender<GenerationRequest>,
+    tx: Sender<Msg>,
     stats: Arc<SchedulerStats>,
     alive: Arc<AtomicBool>,
     /// Set by [`abort`](Self::abort): the thread ends its requests and stops.
@@ -63,7 +69,7 @@ impl SchedulerHandle {
             self.stats.queued.fetch_sub(1, Ordering::SeqCst);
             return Err(SubmitError::QueueFull(queued.max(waiting)));
         }
-        self.tx.send(req).map_err(|_| {
+        self.tx.send(Msg::Request(req)).map_err(|_| {
             self.stats.queued.fetch_sub(1, Ordering::SeqCst);
             SubmitError::Unavailable
         })
@@ -71,9 +77,11 @@ impl SchedulerHandle {
 
     /// Ends the scheduler at its next step, however busy: running and waiting requests end
     /// with [`SeqEvent::Unavailable`] (503), and the thread frees the model. An idle scheduler
-    /// ends once every handle is dropped.
+    /// ends too.
     pub fn abort(&self) {
         self.abort.store(true, Ordering::SeqCst);
+        // An idle scheduler waits for a message.
+        let _ = self.tx.send(Msg::Wake);
     }
 
     /// The scheduler's counters.
@@ -95,7 +103,7 @@ impl SchedulerHandle {
 
 /// Takeoff's batch duration: after an idle spell, waits up to `batch_wait` for more requests to
 /// start together (up to a full batch).
-fn gather_batch<E: Executor>(s: &mut Scheduler<E>, rx: &Receiver<GenerationRequest>) {
+fn gather_batch<E: Executor>(s: &mut Scheduler<E>, rx: &Receiver<Msg>) {
     let wait = s.config.batch_wait;
     if wait.is_zero() {
         return;
@@ -104,11 +112,11 @@ fn gather_batch<E: Executor>(s: &mut Scheduler<E>, rx: &Receiver<GenerationReque
     while s.waiting.len() < s.config.max_batch_size {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         match rx.recv_timeout(left) {
-            Ok(req) => {
+            Ok(Msg::Request(req)) => {
                 s.stats.queued.fetch_sub(1, Ordering::SeqCst);
                 s.add(req)
             }
-            Err(_) => return,
+            Ok(Msg::Wake) | Err(_) => return,
         }
     }
 }
@@ -121,7 +129,7 @@ impl Drop for AliveGuard {
     }
 }
 
-fn run<E: Executor>(mut s: Scheduler<E>, rx: Receiver<GenerationRequest>, abort: &AtomicBool) {
+fn run<E: Executor>(mut s: Scheduler<E>, rx: Receiver<Msg>, abort: &AtomicBool) {
     loop {
         if abort.load(Ordering::SeqCst) && s.failure().is_none() {
             s.abort("the reader was stopped before the request finished");
@@ -129,28 +137,33 @@ fn run<E: Executor>(mut s: Scheduler<E>, rx: Receiver<GenerationRequest>, abort:
         if let Some(msg) = s.failure() {
             // The group is down: refuse what is still queued, then end the thread.
             let msg = msg.to_string();
-            for req in rx.try_iter() {
-                s.stats.queued.fetch_sub(1, Ordering::SeqCst);
-                let _ = req.events.send(SeqEvent::Unavailable(msg.clone()));
+            for m in rx.try_iter() {
+                if let Msg::Request(req) = m {
+                    s.stats.queued.fetch_sub(1, Ordering::SeqCst);
+                    let _ = req.events.send(SeqEvent::Unavailable(msg.clone()));
+                }
             }
             return;
         }
         if s.is_idle() {
             match rx.recv() {
-                Ok(req) => {
+                Ok(Msg::Request(req)) => {
                     s.stats.queued.fetch_sub(1, Ordering::SeqCst);
                     s.add(req)
                 }
+                // Back to the top, where the abort flag is read.
+                Ok(Msg::Wake) => continue,
                 Err(_) => return,
             }
             gather_batch(&mut s, &rx);
         }
         loop {
             match rx.try_recv() {
-                Ok(req) => {
+                Ok(Msg::Request(req)) => {
                     s.stats.queued.fetch_sub(1, Ordering::SeqCst);
                     s.add(req)
                 }
+                Ok(Msg::Wake) => {}
                 Err(std::sync::mpsc::TryRecvError::Empty) => break,
                 Err(std::sync::mpsc::TryRecvError::Disconnected) => {
                     // Server gone: finish what is in flight, then stop.
@@ -165,6 +178,9 @@ fn run<E: Executor>(mut s: Scheduler<E>, rx: Receiver<GenerationRequest>, abort:
                     return;
                 }
             }
+        }
+        if abort.load(Ordering::SeqCst) {
+            continue;
         }
         if !s.step() && !s.is_idle() {
             // Nothing could be scheduled although work is queued (should not happen): fail it
