@@ -3,6 +3,7 @@
 pub mod batch;
 pub mod cache_dir;
 pub mod config;
+pub mod constraint;
 pub mod error;
 pub mod gemv;
 pub mod kv_budget;

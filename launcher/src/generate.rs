@@ -104,6 +104,7 @@ pub fn run(args: GenerateArgs, log_level: &str) -> Result<()> {
         logprobs: args.logprobs,
         token_logprobs: false,
         prompt_logprobs: args.prompt_logprobs,
+        constraint: None,
     };
     params.validate()?;
     let path = model_resolve::resolve(&args.model, args.access_token.as_deref())?;

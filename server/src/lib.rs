@@ -9,7 +9,9 @@ pub mod metrics;
 mod openai;
 pub mod registry;
 pub mod service;
+mod structured;
 mod takeoff;
+mod tgi;
 
 pub use registry::{
     Lease, LoadedReader, ReaderLoader, ReaderSpec, ReaderState, Registry, RegistryOptions, Target,
@@ -133,6 +135,7 @@ impl AppState {
 /// The inference API (port 3000 by default).
 pub fn inference_router(state: Arc<AppState>) -> axum::Router {
     axum::Router::new()
+        .route("/", post(takeoff::tgi_compat))
         .route("/generate", post(takeoff::generate))
         .route("/generate_stream", post(takeoff::generate_stream))
         .route("/tokenize/{reader_id}", post(takeoff::tokenize))
@@ -276,16 +279,47 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
     (code, Json(json!({"status": status, "models": groups}))).into_response()
 }
 
-/// `GET /info`: loaded models, every reader, limits and version.
+/// `GET /info`: loaded models, every reader, limits and version; and the fields TGI's clients
+/// read (of the model TGI requests go to).
 async fn info(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
-    let models: Vec<_> = state.services().iter().map(|s| json!(s.info)).collect();
-    Json(json!({
+    let services = state.services();
+    let models: Vec<_> = services.iter().map(|s| json!(s.info)).collect();
+    let mut body = json!({
         "name": "liftoff",
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_s": state.started.elapsed().as_secs(),
         "models": models,
         "readers": state.registry.readers(),
-    }))
+        "router": "liftoff",
+        "max_best_of": 1,
+        "max_stop_sequences": tgi::MAX_STOP_SEQUENCES,
+        "max_client_batch_size": 1,
+        "model_pipeline_tag": "text-generation",
+    });
+    let primary = services
+        .iter()
+        .find(|s| s.info.consumer_group == "primary")
+        .or(services.first());
+    if let Some(s) = primary {
+        let i = &s.info;
+        let extra = json!({
+            "model_id": i.model_name,
+            "model_dtype": i.dtype,
+            "model_device_type": i.device,
+            "max_input_tokens": i.max_sequence_length.saturating_sub(1),
+            "max_input_length": i.max_sequence_length.saturating_sub(1),
+            "max_total_tokens": i.max_sequence_length,
+            "max_batch_total_tokens": i.kv_cache_blocks * i.block_size,
+            "max_concurrent_requests": i.max_batch_size * i.replicas,
+            "waiting_served_ratio": 1.2,
+            "max_waiting_tokens": 20,
+            "validation_workers": 1,
+        });
+        if let (Some(b), serde_json::Value::Object(e)) = (body.as_object_mut(), extra) {
+            b.extend(e);
+        }
+    }
+    Json(body)
 }
 
 /// `GET /metrics`: Prometheus text format.

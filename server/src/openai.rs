@@ -6,6 +6,7 @@ use crate::logprobs::{LogprobsRequest, Renderer};
 use crate::messages::{to_chat, RequestMessage};
 use crate::registry::ReaderState;
 use crate::service::{ModelService, TokenStream};
+use crate::structured;
 use crate::AppState;
 use axum::extract::State;
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -69,6 +70,8 @@ pub struct SamplingFields {
     pub ignore_eos: Option<bool>,
     /// vLLM's extension: tokens in log-probabilities as `token_id:<id>`.
     pub return_tokens_as_token_ids: Option<bool>,
+    /// Structured output: `{"type": "text" | "json_object" | "json_schema", ...}`.
+    pub response_format: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -167,6 +170,10 @@ fn params(
         "max_tokens"
     };
     let max_new = service.max_new_tokens(prompt_len, requested, field)?;
+    let constraint = match &f.response_format {
+        Some(v) => structured::check(service, structured::response_format(v)?)?,
+        None => None,
+    };
     let p = SamplingParams {
         temperature: f.temperature.unwrap_or(1.0),
         top_k: f.top_k.unwrap_or(0),
@@ -185,6 +192,7 @@ fn params(
         logprobs: lp.map_or(0, |l| l.top),
         token_logprobs: lp.is_some(),
         prompt_logprobs: 0,
+        constraint,
     };
     p.validate().map_err(|e| {
         ApiError::param(

@@ -6,6 +6,7 @@ use crate::error::{ApiError, ApiJson};
 use crate::registry::Lease;
 use crate::service::TokenStream;
 use crate::AppState;
+use crate::{structured, tgi};
 use axum::extract::{Path, State};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -40,7 +41,8 @@ pub struct GenerateRequest {
     pub min_new_tokens: Option<usize>,
     pub regex_string: Option<String>,
     pub json_schema: Option<Value>,
-    /// Accepted for compatibility; meaningful only with constrained decoding.
+    /// Takeoff's choice of JSON decoder (`lmfe`, `outlines`): accepted; liftoff enforces
+    /// `json_schema` and `regex_string` with llguidance whichever is named.
     #[allow(dead_code)]
     pub constrained_decoding_backend: Option<String>,
     pub return_metadata: Option<bool>,
@@ -59,18 +61,6 @@ struct Prepared {
 }
 
 async fn prepare(state: &AppState, req: GenerateRequest) -> Result<Prepared, ApiError> {
-    if req.regex_string.is_some() {
-        return Err(ApiError::invalid(
-            "regex_string",
-            "constrained decoding (regex_string) is not supported yet",
-        ));
-    }
-    if req.json_schema.is_some() {
-        return Err(ApiError::invalid(
-            "json_schema",
-            "constrained decoding (json_schema) is not supported yet",
-        ));
-    }
     if req.lora_id.is_some() {
         return Err(ApiError::invalid(
             "lora_id",
@@ -81,6 +71,10 @@ async fn prepare(state: &AppState, req: GenerateRequest) -> Result<Prepared, Api
         .lease(req.consumer_group.as_deref(), "consumer_group")
         .await?;
     let service = lease.service().clone();
+    let constraint = structured::check(
+        &service,
+        structured::takeoff(req.json_schema.clone(), req.regex_string.clone())?,
+    )?;
     let texts = match req.text {
         TextInput::One(t) => vec![t],
         TextInput::Many(v) if v.is_empty() => {
@@ -107,6 +101,7 @@ async fn prepare(state: &AppState, req: GenerateRequest) -> Result<Prepared, Api
             logprobs: 0,
             token_logprobs: false,
             prompt_logprobs: 0,
+            constraint: constraint.clone(),
         };
         params
             .validate()
@@ -127,10 +122,49 @@ const TAKEOFF_NAMES: &[(&str, &str)] = &[
     ("top_k", "sampling_topk"),
 ];
 
-/// `POST /generate`: the whole text at once (`text` is a list when the request's was).
+/// The schema of a `/generate` body: Takeoff's (`text`) or TGI's (`inputs`).
+enum Body {
+    Takeoff(GenerateRequest),
+    Tgi(tgi::TgiRequest),
+}
+
+fn parse(body: Value) -> Result<Body, ApiError> {
+    if body.get("inputs").is_some() && body.get("text").is_none() {
+        return Ok(Body::Tgi(tgi::parse(body)?));
+    }
+    serde_path_to_error::deserialize(body)
+        .map(Body::Takeoff)
+        .map_err(|e| {
+            let path = e.path().to_string();
+            ApiError::invalid(&path, format!("{path}: {}", e.inner()))
+        })
+}
+
+/// `POST /generate`: the whole text at once (`text` is a list when the request's was); a TGI
+/// body gets TGI's answer.
 pub async fn generate(
     State(state): State<Arc<AppState>>,
-    ApiJson(req): ApiJson<GenerateRequest>,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Response, ApiError> {
+    match parse(body)? {
+        Body::Takeoff(req) => Ok(generate_takeoff(state, req).await?.into_response()),
+        Body::Tgi(req) => tgi::generate(state, req, false).await,
+    }
+}
+
+/// `POST /`: TGI's compatibility route, streamed when the body's `stream` is true.
+pub async fn tgi_compat(
+    State(state): State<Arc<AppState>>,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Response, ApiError> {
+    let req = tgi::parse(body)?;
+    let stream = req.stream.unwrap_or(false);
+    tgi::generate(state, req, stream).await
+}
+
+async fn generate_takeoff(
+    state: Arc<AppState>,
+    req: GenerateRequest,
 ) -> Result<Json<Value>, ApiError> {
     let many = matches!(req.text, TextInput::Many(_));
     let p = prepare(&state, req).await?;
@@ -172,8 +206,12 @@ pub async fn generate(
 /// another.
 pub async fn generate_stream(
     State(state): State<Arc<AppState>>,
-    ApiJson(req): ApiJson<GenerateRequest>,
+    ApiJson(body): ApiJson<Value>,
 ) -> Result<Response, ApiError> {
+    let req = match parse(body)? {
+        Body::Takeoff(req) => req,
+        Body::Tgi(req) => return tgi::generate(state, req, true).await,
+    };
     let p = prepare(&state, req).await?;
     let mut streams = Vec::new();
     for (ids, params) in p.prompts {

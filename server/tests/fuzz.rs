@@ -26,6 +26,7 @@ impl Executor for Instant {
         &mut self,
         _: &BatchInput,
         sampling: &[RowSampling],
+        _: liftoff_engine::model_runner::MaskWait,
     ) -> liftoff_engine::Result<Vec<SampledToken>> {
         Ok(sampling
             .iter()

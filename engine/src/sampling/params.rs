@@ -33,6 +33,9 @@ pub struct SamplingParams {
     /// `prompt_logprobs`: position `i` is the distribution of token `i + 1`); 0 for none.
     /// Such a prompt is computed whole (the prefix cache is not read for it).
     pub prompt_logprobs: usize,
+    /// Constrained decoding: the output must match this JSON schema or regex.
+    #[serde(default)]
+    pub constraint: Option<crate::constraint::Constraint>,
 }
 
 impl Default for SamplingParams {
@@ -51,6 +54,7 @@ impl Default for SamplingParams {
             logprobs: 0,
             token_logprobs: false,
             prompt_logprobs: 0,
+            constraint: None,
         }
     }
 }

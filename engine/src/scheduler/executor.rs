@@ -4,7 +4,7 @@ use crate::batch::BatchInput;
 use crate::error::Result;
 use crate::kv_cache::KvCache;
 use crate::model::Llama;
-use crate::model_runner::run_step;
+use crate::model_runner::{run_step, MaskWait};
 use crate::sampling::{RowSampling, SampledToken};
 use crate::EngineError;
 
@@ -12,12 +12,14 @@ use crate::EngineError;
 pub trait Executor: Send + 'static {
     /// Runs the batch and samples one token per row [`BatchInput::logits_rows`] names, with
     /// `sampling[i]` for row `i`, where the logits are (on the GPU for a CUDA group): only the
-    /// tokens come back. An error for which [`EngineError::is_fatal`] holds means the group is
-    /// gone.
+    /// tokens come back. Constrained rows get their masks from `masks` once the forward pass
+    /// is done (they are computed meanwhile). An error for which [`EngineError::is_fatal`]
+    /// holds means the group is gone.
     fn execute(
         &mut self,
         batch: &BatchInput,
         sampling: &[RowSampling],
+        masks: MaskWait,
     ) -> Result<Vec<SampledToken>>;
     /// `(num_blocks, block_size)` of the KV cache.
     fn kv_blocks(&self) -> (usize, usize);
@@ -32,8 +34,9 @@ impl Executor for Box<dyn Executor> {
         &mut self,
         batch: &BatchInput,
         sampling: &[RowSampling],
+        masks: MaskWait,
     ) -> Result<Vec<SampledToken>> {
-        (**self).execute(batch, sampling)
+        (**self).execute(batch, sampling, masks)
     }
     fn kv_blocks(&self) -> (usize, usize) {
         (**self).kv_blocks()
@@ -74,8 +77,9 @@ impl Executor for LocalExecutor {
         &mut self,
         batch: &BatchInput,
         sampling: &[RowSampling],
+        masks: MaskWait,
     ) -> Result<Vec<SampledToken>> {
-        run_step(&self.model, &self.cache, batch, sampling)?
+        run_step(&self.model, &self.cache, batch, sampling, masks)?
             .ok_or_else(|| EngineError::Parallel("a local executor must hold rank 0".into()))
     }
 

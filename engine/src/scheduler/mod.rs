@@ -16,11 +16,13 @@ pub use stats::SchedulerStats;
 pub use step_budget::{StepCostModel, StepTarget, AUTO_FACTOR, MIN_PREFILL_TOKENS};
 
 use crate::batch::{BatchInput, LogitsWanted};
+use crate::constraint::SeqConstraint;
 use crate::kv_cache::{BlockManager, PrefixId};
+use crate::model_runner::RowMasks;
 use crate::sampling::{RowSampling, SampledToken, SamplingParams};
 use crate::sequence::{FinishReason, SequenceState};
 use crate::tokenizer::Tokenizer;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -119,6 +121,8 @@ struct Entry {
     prompt_logprobs: Vec<Vec<(u32, f32)>>,
     /// Prompt tokens found in the prefix cache at the first admission.
     cached_tokens: Option<usize>,
+    /// Constrained decoding: where the output is in its grammar.
+    constraint: Option<SeqConstraint>,
 }
 
 /// What a step asks of one sequence's chunk.
@@ -256,6 +260,13 @@ impl<E: Executor> Scheduler<E> {
                 req.prompt.len()
             ));
         }
+        let constraint = match &req.params.constraint {
+            None => None,
+            Some(c) => match self.tokenizer.grammar().and_then(|g| g.matcher(c)) {
+                Ok(m) => Some(m),
+                Err(e) => return fail(format!("the constraint cannot be used: {e}")),
+            },
+        };
         self.waiting.push_back(Entry {
             state: SequenceState::new(req.prompt, req.params, self.config.max_seq_len),
             table: Vec::new(),
@@ -267,6 +278,7 @@ impl<E: Executor> Scheduler<E> {
             queue_time: None,
             prompt_logprobs: Vec::new(),
             cached_tokens: None,
+            constraint,
         });
         self.publish_stats();
     }
@@ -399,6 +411,8 @@ impl<E: Executor> Scheduler<E> {
             return false;
         }
         let mut specs: Vec<RowSampling> = Vec::new();
+        // Constrained rows: (row in `specs`, index in `running`).
+        let mut constrained: Vec<(usize, usize)> = Vec::new();
         for c in &plan {
             let state = &self.running[c.idx].state;
             // Prompt rows: the arg max (unused) and the asked log-probabilities.
@@ -408,11 +422,18 @@ impl<E: Executor> Scheduler<E> {
             };
             specs.extend(std::iter::repeat_n(prompt_row, c.prompt_rows));
             if c.wants {
+                if self.running[c.idx].constraint.is_some() {
+                    constrained.push((specs.len(), c.idx));
+                }
                 specs.push(state.sampling(&self.eos));
             }
         }
         let t0 = Instant::now();
-        let result = self.executor.execute(&batch, &specs);
+        let result = if constrained.is_empty() {
+            self.executor.execute(&batch, &specs, None)
+        } else {
+            self.execute_constrained(&batch, &specs, &constrained)
+        };
         let took = t0.elapsed();
         self.stats.record_step(batch.num_tokens(), took);
         if result.is_ok() {
@@ -481,6 +502,40 @@ impl<E: Executor> Scheduler<E> {
         }));
     }
 
+    /// Runs a step whose rows `constrained` (`(row, running index)`) sample under grammars:
+    /// their masks are computed on another thread while the forward pass runs, and handed
+    /// to the executor when it is ready to sample.
+    fn execute_constrained(
+        &mut self,
+        batch: &BatchInput,
+        specs: &[RowSampling],
+        constrained: &[(usize, usize)],
+    ) -> crate::Result<Vec<SampledToken>> {
+        let row_of: HashMap<usize, usize> = constrained.iter().map(|&(r, i)| (i, r)).collect();
+        let matchers: Vec<(usize, &mut SeqConstraint)> = self
+            .running
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, e)| Some((*row_of.get(&i)?, e.constraint.as_mut()?)))
+            .collect();
+        let executor = &mut self.executor;
+        let stats = &self.stats;
+        std::thread::scope(|scope| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            scope.spawn(move || {
+                let t0 = Instant::now();
+                let masks: RowMasks = matchers.into_iter().map(|(r, m)| (r, m.mask())).collect();
+                stats.record_mask_time(t0.elapsed());
+                let _ = tx.send(masks);
+            });
+            let mut wait = || {
+                rx.recv()
+                    .map_err(|_| crate::EngineError::InvalidRequest("the mask thread died".into()))
+            };
+            executor.execute(batch, specs, Some(&mut wait))
+        })
+    }
+
     fn apply(&mut self, plan: Vec<Chunk>, rows: Vec<SampledToken>) {
         let bs = self.blocks.block_size();
         let mut rows = rows.into_iter();
@@ -527,6 +582,15 @@ impl<E: Executor> Scheduler<E> {
                 continue;
             };
             let first = e.state.generated().is_empty();
+            if let Some(c) = e.constraint.as_mut() {
+                if let Err(why) = c.advance(sampled.token) {
+                    let _ = e.events.send(SeqEvent::Error(format!(
+                        "constrained decoding failed: {why}"
+                    )));
+                    finished.push(idx);
+                    continue;
+                }
+            }
             match e.state.accept(sampled, &self.tokenizer, &self.eos) {
                 Ok(step) => {
                     let ev = TokenEvent {

@@ -18,6 +18,10 @@ pub struct SchedulerStats {
     pub preemptions: AtomicU64,
     pub cancelled: AtomicU64,
     pub steps: AtomicU64,
+    /// Steps with constrained rows, and the time their masks took (computed on the CPU while
+    /// the forward pass runs).
+    pub mask_rows_steps: AtomicU64,
+    pub mask_micros: AtomicU64,
     pub step_tokens: AtomicU64,
     pub step_micros: AtomicU64,
     /// Rank 0's forward time, summed over steps (worker groups only).
@@ -33,6 +37,13 @@ impl SchedulerStats {
         self.steps.fetch_add(1, Ordering::Relaxed);
         self.step_tokens.fetch_add(tokens as u64, Ordering::Relaxed);
         self.step_micros
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Constrained decoding: one step's mask computation (all its constrained rows).
+    pub(crate) fn record_mask_time(&self, took: Duration) {
+        self.mask_rows_steps.fetch_add(1, Ordering::Relaxed);
+        self.mask_micros
             .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
     }
 

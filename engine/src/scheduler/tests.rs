@@ -17,7 +17,10 @@ impl Executor for Recorder {
         &mut self,
         batch: &BatchInput,
         sampling: &[RowSampling],
+        masks: crate::model_runner::MaskWait,
     ) -> crate::Result<Vec<SampledToken>> {
+        // A constrained row takes its highest allowed token other than EOS (2), else EOS.
+        let masks = masks.map_or(Ok(Vec::new()), |w| w())?;
         assert_eq!(
             batch.logits_rows().len(),
             sampling.len(),
@@ -26,8 +29,16 @@ impl Executor for Recorder {
         self.steps.lock().unwrap().push(batch.num_tokens());
         Ok(sampling
             .iter()
-            .map(|s| SampledToken {
-                token: 7,
+            .enumerate()
+            .map(|(r, s)| SampledToken {
+                token: masks.iter().find(|m| m.0 == r).map_or(7, |(_, words)| {
+                    let allowed =
+                        |t: &u32| liftoff_kernels::sampling::mask_allows(words, *t as usize);
+                    (0..words.len() as u32 * 32)
+                        .rev()
+                        .find(|t| *t != 2 && allowed(t))
+                        .unwrap_or(2)
+                }),
                 top_logprobs: (0..s.logprobs).map(|i| (i, -1.0 - i as f32)).collect(),
                 logprob: s.token_logprob.then_some(-1.0),
             })

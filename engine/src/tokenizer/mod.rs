@@ -8,6 +8,7 @@ mod gguf_vocab;
 pub use chat_template::{ChatMessage, ChatTemplate};
 pub use detokenizer::IncrementalDecoder;
 
+use crate::constraint::{GrammarCompiler, LazyCompiler};
 use crate::error::{EngineError, Result};
 use candle_core::quantized::gguf_file::Value;
 use std::collections::HashMap;
@@ -19,6 +20,8 @@ pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     eos_token_ids: Vec<u32>,
     chat_template: Option<ChatTemplate>,
+    /// The grammar compiler of constrained decoding, built on first use (shared by clones).
+    grammar: LazyCompiler,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -89,6 +92,7 @@ impl Tokenizer {
             inner,
             eos_token_ids,
             chat_template,
+            grammar: LazyCompiler::default(),
         })
     }
 
@@ -106,6 +110,15 @@ impl Tokenizer {
             inner: built.tokenizer,
             eos_token_ids: built.eos_token_ids,
             chat_template,
+            grammar: LazyCompiler::default(),
+        })
+    }
+
+    /// The compiler of JSON schemas and regexes into token masks for this tokenizer.
+    pub fn grammar(&self) -> std::result::Result<std::sync::Arc<GrammarCompiler>, String> {
+        self.grammar.get(|| {
+            let json = self.inner.to_string(false).map_err(|e| e.to_string())?;
+            GrammarCompiler::new(json.as_bytes(), &self.eos_token_ids)
         })
     }
 

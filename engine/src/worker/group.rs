@@ -6,6 +6,7 @@ use super::protocol::{
 };
 use crate::batch::BatchInput;
 use crate::error::{EngineError, Result};
+use crate::model_runner::MaskWait;
 use crate::sampling::{RowSampling, SampledToken};
 use crate::scheduler::{Executor, StepTiming};
 use std::os::unix::net::UnixStream;
@@ -113,11 +114,16 @@ fn lost(rank: usize, e: std::io::Error) -> EngineError {
 
 impl WorkerGroup {
     /// Sends one step to every rank and collects rank 0's output.
-    fn step(&mut self, request: StepRequest) -> Result<StepOutput> {
+    fn step(&mut self, request: StepRequest, masks: MaskWait) -> Result<StepOutput> {
         // Encoded once, written to every rank; rank 0's reply carries the rows.
         let frame = protocol::encode(&ToWorker::Step(request)).map_err(|e| lost(0, e))?;
         for (rank, link) in self.links.iter_mut().enumerate() {
             std::io::Write::write_all(link, &frame).map_err(|e| lost(rank, e))?;
+        }
+        // The masks, computed while the ranks run the forward pass, go to rank 0.
+        if let Some(wait) = masks {
+            let m = wait()?;
+            protocol::send(&mut self.links[0], &ToWorker::Masks(m)).map_err(|e| lost(0, e))?;
         }
         let mut output = None;
         let mut failure: Option<(String, bool)> = None;
@@ -168,11 +174,16 @@ impl Executor for WorkerGroup {
         &mut self,
         batch: &BatchInput,
         sampling: &[RowSampling],
+        masks: MaskWait,
     ) -> Result<Vec<SampledToken>> {
-        let output = self.step(StepRequest {
-            batch: batch.clone(),
-            sampling: sampling.to_vec(),
-        })?;
+        let output = self.step(
+            StepRequest {
+                batch: batch.clone(),
+                sampling: sampling.to_vec(),
+                masked: masks.is_some(),
+            },
+            masks,
+        )?;
         output
             .sampled
             .ok_or_else(|| EngineError::WorkerLost("rank 0 sent no sampled tokens".into()))

@@ -8,6 +8,7 @@ use crate::kv_cache::KvCache;
 use crate::load::LoadedModel;
 use crate::model::Llama;
 use crate::model_runner::run_step;
+use crate::model_runner::MaskWait;
 use crate::parallel::{Communicator, CpuCommunicator, CpuRendezvous, SingleRank};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -45,7 +46,7 @@ pub fn run_worker(args: &WorkerArgs) -> Result<()> {
     let init = match protocol::recv::<ToWorker>(&mut ctl).map_err(lost)? {
         ToWorker::Init(init) => init,
         ToWorker::Shutdown => return Ok(()),
-        ToWorker::Step(_) => {
+        ToWorker::Step(_) | ToWorker::Masks(_) => {
             return Err(EngineError::WorkerLost(
                 "a step arrived before the worker was initialised".into(),
             ))
@@ -80,12 +81,29 @@ pub fn run_worker(args: &WorkerArgs) -> Result<()> {
             Ok(ToWorker::Init(_)) => {
                 return Err(EngineError::WorkerLost("a second Init arrived".into()))
             }
+            Ok(ToWorker::Masks(_)) => {
+                return Err(EngineError::WorkerLost(
+                    "masks arrived without a step".into(),
+                ))
+            }
             // The launcher is gone: nothing to serve.
             Err(_) => return Ok(()),
         };
         let t0 = Instant::now();
         let comm0 = comm.busy_time();
-        let reply = match run_step(&model, &cache, &step.batch, &step.sampling) {
+        let mut read_masks = || match protocol::recv::<ToWorker>(&mut ctl) {
+            Ok(ToWorker::Masks(m)) => Ok(m),
+            Ok(other) => Err(EngineError::WorkerLost(format!(
+                "expected the step's masks, got {other:?}"
+            ))),
+            Err(e) => Err(EngineError::WorkerLost(format!("reading masks: {e}"))),
+        };
+        let masks: MaskWait = if step.masked {
+            Some(&mut read_masks)
+        } else {
+            None
+        };
+        let reply = match run_step(&model, &cache, &step.batch, &step.sampling, masks) {
             Ok(sampled) => FromWorker::Step(StepOutput {
                 sampled,
                 compute_us: t0.elapsed().as_micros() as u64,

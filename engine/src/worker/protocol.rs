@@ -18,6 +18,8 @@ pub enum ToWorker {
     Init(WorkerInit),
     /// Run one forward pass.
     Step(StepRequest),
+    /// The masks of a step's constrained rows (to rank 0, after a step with `masked`).
+    Masks(crate::model_runner::RowMasks),
     /// Exit cleanly.
     Shutdown,
 }
@@ -75,6 +77,9 @@ pub struct StepRequest {
     pub batch: BatchInput,
     /// How rank 0 samples each logits row on its device.
     pub sampling: Vec<RowSampling>,
+    /// Rank 0 reads a [`ToWorker::Masks`] after its forward pass, before it samples.
+    #[serde(default)]
+    pub masked: bool,
 }
 
 /// The result of one step on one rank.
@@ -133,8 +138,10 @@ mod tests {
             sampling: vec![RowSampling {
                 temperature: 0.7,
                 banned: vec![2, 9],
+                allowed: Some(vec![u32::MAX, 5]),
                 ..RowSampling::greedy()
             }],
+            masked: true,
         };
         send(&mut buf, &ToWorker::Step(step.clone())).unwrap();
         send(&mut buf, &ToWorker::Shutdown).unwrap();

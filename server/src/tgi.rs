@@ -1,0 +1,293 @@
+//! Hugging Face TGI's text-generation API on the same routes as Takeoff's: a body with
+//! `inputs` (TGI) instead of `text` (Takeoff) on `POST /generate` and `POST /generate_stream`,
+//! and TGI's compatibility route `POST /` (streamed when the body says `"stream": true`).
+//! Answers in TGI's shape: `{"generated_text", "details"}` and stream events
+//! `{"index", "token", "generated_text", "details"}`.
+
+use crate::error::ApiError;
+use crate::service::{ModelService, TokenStream};
+use crate::{structured, AppState};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::stream::{self, StreamExt};
+use liftoff_engine::sampling::SamplingParams;
+use liftoff_engine::scheduler::TokenEvent;
+use liftoff_engine::sequence::FinishReason;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::convert::Infallible;
+use std::sync::Arc;
+
+/// Most stop sequences a TGI request may give (`max_stop_sequences` in `/info`).
+pub const MAX_STOP_SEQUENCES: usize = 16;
+
+/// A TGI request body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TgiRequest {
+    pub inputs: String,
+    #[serde(default)]
+    pub parameters: Parameters,
+    /// On `POST /` only: stream the answer.
+    pub stream: Option<bool>,
+}
+
+/// TGI's `parameters` (null fields are unset).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Parameters {
+    pub max_new_tokens: Option<usize>,
+    pub temperature: Option<f32>,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f32>,
+    pub typical_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub stop: Option<Vec<String>>,
+    pub seed: Option<u64>,
+    pub do_sample: Option<bool>,
+    pub details: Option<bool>,
+    pub decoder_input_details: Option<bool>,
+    pub return_full_text: Option<bool>,
+    pub truncate: Option<usize>,
+    pub grammar: Option<Value>,
+    pub top_n_tokens: Option<usize>,
+    pub best_of: Option<usize>,
+    pub watermark: Option<bool>,
+    pub adapter_id: Option<String>,
+}
+
+/// What a checked TGI request runs with.
+struct Prepared {
+    ids: Vec<u32>,
+    params: SamplingParams,
+    details: bool,
+    prefix: String,
+    top_n: usize,
+}
+
+fn refuse(field: &str, why: &str) -> ApiError {
+    ApiError::invalid(
+        &format!("parameters.{field}"),
+        format!("parameters.{field}: {why}"),
+    )
+}
+
+fn prepare(service: &ModelService, req: &TgiRequest) -> Result<Prepared, ApiError> {
+    let p = &req.parameters;
+    if p.typical_p.is_some() {
+        return Err(refuse("typical_p", "typical sampling is not supported yet"));
+    }
+    if p.frequency_penalty.is_some_and(|v| v != 0.0) {
+        return Err(refuse(
+            "frequency_penalty",
+            "not supported yet; use repetition_penalty",
+        ));
+    }
+    if p.decoder_input_details == Some(true) {
+        return Err(refuse(
+            "decoder_input_details",
+            "prompt token log-probabilities are not supported yet",
+        ));
+    }
+    if p.best_of.is_some_and(|n| n != 1) {
+        return Err(refuse("best_of", "only best_of = 1 is supported"));
+    }
+    if p.watermark == Some(true) {
+        return Err(refuse("watermark", "watermarking is not supported"));
+    }
+    if p.adapter_id.is_some() {
+        return Err(refuse("adapter_id", "LoRA adapters are not supported yet"));
+    }
+    if p.stop
+        .as_ref()
+        .is_some_and(|s| s.len() > MAX_STOP_SEQUENCES)
+    {
+        return Err(refuse(
+            "stop",
+            &format!("at most {MAX_STOP_SEQUENCES} stop sequences"),
+        ));
+    }
+    let ids = service.prompt_ids(&req.inputs, false, p.truncate, "inputs")?;
+    let max_new =
+        service.max_new_tokens(ids.len(), p.max_new_tokens, "parameters.max_new_tokens")?;
+    // TGI samples when asked to, or when a sampling parameter is given; else greedy.
+    let sample = p.do_sample.unwrap_or(false)
+        || p.temperature.is_some_and(|t| t != 1.0)
+        || p.top_k.is_some()
+        || p.top_p.is_some();
+    let top_n = p.top_n_tokens.unwrap_or(0);
+    let constraint = match &p.grammar {
+        Some(g) => structured::check(service, structured::tgi_grammar(g)?)?,
+        None => None,
+    };
+    let params = SamplingParams {
+        temperature: if sample {
+            p.temperature.unwrap_or(1.0)
+        } else {
+            0.0
+        },
+        top_k: p.top_k.unwrap_or(0),
+        top_p: p.top_p.unwrap_or(1.0),
+        repetition_penalty: p.repetition_penalty.unwrap_or(1.0),
+        max_new_tokens: max_new,
+        stop: p.stop.clone().unwrap_or_default(),
+        seed: p.seed,
+        logprobs: top_n,
+        token_logprobs: true,
+        constraint,
+        ..SamplingParams::default()
+    };
+    params.validate().map_err(|e| {
+        ApiError::param(
+            &e,
+            &[
+                ("temperature", "parameters.temperature"),
+                ("top_p", "parameters.top_p"),
+                ("top_k", "parameters.top_k"),
+                ("repetition_penalty", "parameters.repetition_penalty"),
+                ("logprobs", "parameters.top_n_tokens"),
+            ],
+        )
+    })?;
+    Ok(Prepared {
+        ids,
+        params,
+        details: p.details.unwrap_or(false),
+        prefix: if p.return_full_text.unwrap_or(false) {
+            req.inputs.clone()
+        } else {
+            String::new()
+        },
+        top_n,
+    })
+}
+
+/// TGI's token object.
+fn token(service: &ModelService, id: u32, text: &str, logprob: Option<f32>) -> Value {
+    let special = service.tokenizer.eos_token_ids().contains(&id);
+    json!({"id": id, "text": text, "logprob": logprob, "special": special})
+}
+
+/// TGI's finish reasons: `length`, `eos_token`, `stop_sequence`.
+fn finish_reason(service: &ModelService, reason: Option<FinishReason>, last: u32) -> &'static str {
+    match reason {
+        Some(FinishReason::Stop) if service.tokenizer.eos_token_ids().contains(&last) => {
+            "eos_token"
+        }
+        Some(FinishReason::Stop) => "stop_sequence",
+        _ => "length",
+    }
+}
+
+fn top_tokens(service: &ModelService, ev: &TokenEvent) -> Vec<Value> {
+    ev.top_logprobs
+        .iter()
+        .map(|&(id, lp)| {
+            let text = service.tokenizer.decode(&[id], false).unwrap_or_default();
+            token(service, id, &text, Some(lp))
+        })
+        .collect()
+}
+
+/// Runs a TGI request: the whole answer, or a stream of events.
+pub async fn generate(
+    state: Arc<AppState>,
+    req: TgiRequest,
+    stream: bool,
+) -> Result<Response, ApiError> {
+    let lease = state.lease(None, "model").await?;
+    let service = lease.service().clone();
+    let p = prepare(&service, &req)?;
+    let seed = p.params.seed;
+    let tokens = lease.submit(p.ids, p.params, &state.metrics)?;
+    if stream {
+        return Ok(events(tokens, service, p.prefix, p.top_n, seed));
+    }
+    let c = tokens.collect().await?;
+    let mut body = json!({"generated_text": format!("{}{}", p.prefix, c.text)});
+    if p.details {
+        let last = c.token_ids.last().copied().unwrap_or_default();
+        let toks: Vec<Value> = c
+            .events
+            .iter()
+            .map(|ev| token(&service, ev.token_id, &ev.text, ev.logprob))
+            .collect();
+        body["details"] = json!({
+            "finish_reason": finish_reason(&service, c.finish_reason, last),
+            "generated_tokens": c.token_ids.len(),
+            "seed": seed,
+            "prefill": [],
+            "tokens": toks,
+        });
+        if p.top_n > 0 {
+            body["details"]["top_tokens"] = c
+                .events
+                .iter()
+                .map(|ev| Value::Array(top_tokens(&service, ev)))
+                .collect();
+        }
+    }
+    Ok(Json(body).into_response())
+}
+
+/// TGI's stream: one `data:` event per generated token; the last one also carries the
+/// whole text and the details. An error ends the stream with `{"error", "error_type"}`.
+fn events(
+    s: TokenStream,
+    service: Arc<ModelService>,
+    prefix: String,
+    top_n: usize,
+    seed: Option<u64>,
+) -> Response {
+    let init = (s, false, prefix, 0usize);
+    let events = stream::unfold(init, move |(mut s, done, mut text, index)| {
+        let service = service.clone();
+        async move {
+            if done {
+                return None;
+            }
+            let ev = match s.next().await? {
+                Err(e) => {
+                    let body = json!({"error": e.message, "error_type": "generation"});
+                    return Some((Event::default().data(body.to_string()), (s, true, text, index)));
+                }
+                Ok(ev) => ev,
+            };
+            text.push_str(&ev.text);
+            let finished = ev.finished.is_some();
+            let mut out = json!({
+                "index": index,
+                "token": token(&service, ev.token_id, &ev.text, ev.logprob),
+                "generated_text": null,
+                "details": null,
+                "top_tokens": if top_n > 0 { Value::Array(top_tokens(&service, &ev)) } else { Value::Null },
+            });
+            if finished {
+                out["generated_text"] = json!(text);
+                out["details"] = json!({
+                    "finish_reason": finish_reason(&service, ev.finished, ev.token_id),
+                    "generated_tokens": ev.generated_tokens,
+                    "seed": seed,
+                });
+            }
+            Some((
+                Event::default().data(out.to_string()),
+                (s, finished, text, index + 1),
+            ))
+        }
+    })
+    .map(Ok::<_, Infallible>);
+    Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+/// Parses a TGI body (400 naming the field when it does not fit).
+pub fn parse(body: Value) -> Result<TgiRequest, ApiError> {
+    serde_path_to_error::deserialize(body).map_err(|e| {
+        let path = e.path().to_string();
+        ApiError::invalid(&path, format!("{path}: {}", e.inner()))
+    })
+}
