@@ -17,10 +17,23 @@ pub enum Constraint {
     Regex(String),
 }
 
+/// Whitespace JSON output may have between two tokens: at most this many characters, so that
+/// a model cannot loop on newlines inside a document (a schema's own `x-guidance` options
+/// take precedence).
+pub const JSON_WHITESPACE: &str = r"[\x20\x0A\x0D\x09]{1,20}";
+
 impl Constraint {
     fn grammar(&self) -> TopLevelGrammar {
         match self {
-            Self::JsonSchema(schema) => TopLevelGrammar::from_json_schema(schema.clone()),
+            Self::JsonSchema(schema) => {
+                let mut schema = schema.clone();
+                if let Some(obj) = schema.as_object_mut() {
+                    obj.entry("x-guidance").or_insert_with(
+                        || serde_json::json!({"whitespace_pattern": JSON_WHITESPACE}),
+                    );
+                }
+                TopLevelGrammar::from_json_schema(schema)
+            }
             Self::Regex(rx) => TopLevelGrammar::from_regex(rx),
         }
     }

@@ -16,7 +16,7 @@ pub enum SubmitError {
 
 /// What the scheduler thread receives: a request, or a nudge to look at its abort flag.
 enum Msg {
-    Request(GenerationRequest),
+    Request(Box<GenerationRequest>),
     Wake,
 }
 
@@ -69,7 +69,7 @@ impl SchedulerHandle {
             self.stats.queued.fetch_sub(1, Ordering::SeqCst);
             return Err(SubmitError::QueueFull(queued.max(waiting)));
         }
-        self.tx.send(Msg::Request(req)).map_err(|_| {
+        self.tx.send(Msg::Request(Box::new(req))).map_err(|_| {
             self.stats.queued.fetch_sub(1, Ordering::SeqCst);
             SubmitError::Unavailable
         })
@@ -114,7 +114,7 @@ fn gather_batch<E: Executor>(s: &mut Scheduler<E>, rx: &Receiver<Msg>) {
         match rx.recv_timeout(left) {
             Ok(Msg::Request(req)) => {
                 s.stats.queued.fetch_sub(1, Ordering::SeqCst);
-                s.add(req)
+                s.add(*req)
             }
             Ok(Msg::Wake) | Err(_) => return,
         }
@@ -149,7 +149,7 @@ fn run<E: Executor>(mut s: Scheduler<E>, rx: Receiver<Msg>, abort: &AtomicBool) 
             match rx.recv() {
                 Ok(Msg::Request(req)) => {
                     s.stats.queued.fetch_sub(1, Ordering::SeqCst);
-                    s.add(req)
+                    s.add(*req)
                 }
                 // Back to the top, where the abort flag is read.
                 Ok(Msg::Wake) => continue,
@@ -161,7 +161,7 @@ fn run<E: Executor>(mut s: Scheduler<E>, rx: Receiver<Msg>, abort: &AtomicBool) 
             match rx.try_recv() {
                 Ok(Msg::Request(req)) => {
                     s.stats.queued.fetch_sub(1, Ordering::SeqCst);
-                    s.add(req)
+                    s.add(*req)
                 }
                 Ok(Msg::Wake) => {}
                 Err(std::sync::mpsc::TryRecvError::Empty) => break,
