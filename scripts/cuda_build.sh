@@ -53,7 +53,16 @@ fi
 export PATH="$CU13/bin:$PATH" CUDA_ROOT="$CU13" CUDA_PATH="$CU13" CUDA_TOOLKIT_ROOT_DIR="$CU13"
 export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
 export RUSTFLAGS="-L $LINK"
-cargo build --release --features cuda -p liftoff --target-dir "$TARGET"
+# The binary must fit the device tool's 64 MiB carry: thin LTO, and the crates no step runs
+# (tokenizers, regexes, HTTP, TLS, the hub client, templates) optimised for size.
+SMALL=(tokenizers onig onig_sys fancy-regex regex-automata regex-syntax hf-hub reqwest ureq
+  rustls ring h2 hyper axum minijinja minijinja-contrib serde_yaml_ng plotters image ab_glyph
+  clap_builder tracing-subscriber prometheus)
+CONFIG=(--config 'profile.release.lto="thin"')
+for c in "${SMALL[@]}"; do
+  CONFIG+=(--config "profile.release.package.$c.opt-level=\"s\"")
+done
+cargo build --release --features cuda -p liftoff --target-dir "$TARGET" "${CONFIG[@]}"
 BIN="$TARGET/release/liftoff"
 strip "$BIN"
 size=$(stat -c %s "$BIN")

@@ -320,6 +320,18 @@ const REPLICA_SERIES: &[(&str, &str, MetricType, Read)] = {
             load(&r.stats.steps)
         }),
         (
+            "liftoff_constrained_steps_total",
+            "Steps with constrained-decoding rows",
+            COUNTER,
+            |r| load(&r.stats.mask_rows_steps),
+        ),
+        (
+            "liftoff_constrained_mask_seconds_total",
+            "Time computing constrained-decoding token masks (on the CPU, while the forward pass runs)",
+            COUNTER,
+            |r| micros(&r.stats.mask_micros),
+        ),
+        (
             "liftoff_step_time_seconds_total",
             "Time in model steps",
             COUNTER,

@@ -9,6 +9,10 @@ import time
 import urllib.request
 
 import pytest
+import json
+import re
+
+from huggingface_hub import InferenceClient
 from openai import OpenAI
 from takeoff_client import TakeoffClient
 from takeoff_client.exceptions import TakeoffException
@@ -148,3 +152,62 @@ def test_takeoff_client_manages_readers(server):
     with pytest.raises(TakeoffException) as e:
         client.create_reader({"model_name": "/etc", "device": "cpu", "consumer_group": "x"})
     assert e.value.status_code == 403
+
+
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
+          "properties": {"name": {"type": "string", "maxLength": 20},
+                         "age": {"type": "integer", "minimum": 0, "maximum": 120}}}
+
+
+def check_person(text):
+    v = json.loads(text)
+    assert set(v) == {"name", "age"} and isinstance(v["name"], str) and len(v["name"]) <= 20
+    assert isinstance(v["age"], int) and 0 <= v["age"] <= 120
+
+
+def test_huggingface_inference_client(server):
+    """TGI's API as huggingface_hub calls it: plain, details, stream, grammar."""
+    port, _ = server
+    client = InferenceClient(model=f"http://127.0.0.1:{port}")
+    prompt = "The capital of France is"
+    text = client.text_generation(prompt, max_new_tokens=8)
+    assert text.startswith(" Paris")
+    out = client.text_generation(prompt, max_new_tokens=8, details=True)
+    assert out.generated_text == text
+    assert out.details.finish_reason == "length" and out.details.generated_tokens == 8
+    assert len(out.details.tokens) == 8 and all(t.logprob <= 0 for t in out.details.tokens)
+    streamed = list(client.text_generation(prompt, max_new_tokens=8, stream=True))
+    assert "".join(streamed) == text
+    last = list(client.text_generation(prompt, max_new_tokens=8, stream=True, details=True))[-1]
+    assert last.generated_text == text and last.details.finish_reason == "length"
+    person = client.text_generation("Describe a person as JSON.", max_new_tokens=100,
+                                    grammar={"type": "json", "value": PERSON})
+    check_person(person)
+    code = client.text_generation("A hex colour:", max_new_tokens=20,
+                                  grammar={"type": "regex", "value": "#[0-9a-f]{6}"})
+    assert re.fullmatch("#[0-9a-f]{6}", code), code
+
+
+def test_openai_response_format(server):
+    port, _ = server
+    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+    out = client.chat.completions.create(
+        model="primary", messages=[{"role": "user", "content": "Describe a person as JSON."}],
+        max_tokens=100, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}})
+    check_person(out.choices[0].message.content)
+    anything = client.chat.completions.create(
+        model="primary", messages=[{"role": "user", "content": "Give me a JSON object."}],
+        max_tokens=200, temperature=0, response_format={"type": "json_object"})
+    if anything.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(anything.choices[0].message.content), dict)
+
+
+def test_takeoff_client_structured(server):
+    port, mport = server
+    client = TakeoffClient(base_url="http://127.0.0.1", port=port, mgmt_port=mport)
+    out = client.generate("Describe a person as JSON.", json_schema=PERSON, max_new_tokens=100,
+                          sampling_temperature=0, use_chat_template=True)
+    check_person(out["text"])
+    out = client.generate("A date:", regex_string=r"\d{4}-\d{2}-\d{2}", max_new_tokens=20)
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", out["text"]), out

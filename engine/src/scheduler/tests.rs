@@ -202,3 +202,32 @@ fn a_repeated_prompt_skips_its_cached_blocks() {
     assert_eq!(*steps.lock().unwrap(), vec![21, 1]);
     assert_eq!(s.blocks.stats().hit_blocks, 5);
 }
+
+/// A constrained row takes only what its grammar allows (the stand-in model picks its highest
+/// allowed token) and ends with EOS where the grammar completes, beside a free row in the
+/// same batches.
+#[test]
+fn constrained_rows_follow_their_grammar_beside_free_ones() {
+    let (mut s, _) = scheduler(64, config(64));
+    let params = SamplingParams {
+        constraint: Some(crate::constraint::Constraint::Regex("ab[0-9]{3}".into())),
+        ..SamplingParams::greedy(40)
+    };
+    let (a, rx_a) = request(vec![1, 2, 3], params);
+    let (b, rx_b) = request(vec![4, 5], SamplingParams::greedy(4));
+    s.add(a);
+    s.add(b);
+    let events = run(&mut s, &mut [rx_a, rx_b], 100);
+    let text: String = events[0].iter().map(|e| e.text.as_str()).collect();
+    assert!(
+        text.len() == 5 && text.starts_with("ab") && text[2..].chars().all(|c| c.is_ascii_digit()),
+        "{text:?}"
+    );
+    assert_eq!(events[0].last().unwrap().finished, Some(FinishReason::Stop));
+    assert_eq!(events[0].last().unwrap().token_id, 2, "ends with EOS");
+    assert!(
+        events[1].iter().all(|e| e.token_id == 7),
+        "the free row is unconstrained"
+    );
+    assert!(s.stats().mask_rows_steps.load(Ordering::Relaxed) > 0);
+}
