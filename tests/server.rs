@@ -178,13 +178,13 @@ async fn bad_requests_get_4xx_json_naming_the_field() {
         ("/generate", json!({"text": []}), 400, "text"),
         (
             "/generate",
-            json!({"text": "x", "regex_string": "[a-z]+"}),
+            json!({"text": "x", "regex_string": "[a-z"}),
             400,
             "regex_string",
         ),
         (
             "/generate",
-            json!({"text": "x", "json_schema": {"type": "object"}}),
+            json!({"text": "x", "json_schema": {"type": "object", "minProperties": "two"}}),
             400,
             "json_schema",
         ),
@@ -607,7 +607,7 @@ async fn unsupported_openai_fields_are_refused_by_name() {
             "tools",
             json!([{"type": "function", "function": {"name": "f"}}]),
         ),
-        ("response_format", json!({"type": "json_object"})),
+        ("guided_json", json!({"type": "object"})),
         ("best_of", json!(2)),
         ("suffix", json!(" end")),
     ] {

@@ -71,10 +71,10 @@ impl GrammarCompiler {
         let parser = self
             .factory
             .create_parser(c.grammar())
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| first_line(&e.to_string()))?;
         let matcher = Matcher::new(Ok(parser));
         if let Some(e) = matcher.get_error() {
-            return Err(e);
+            return Err(first_line(&e));
         }
         Ok(SeqConstraint {
             matcher,
@@ -135,8 +135,15 @@ impl SeqConstraint {
         if self.eos.contains(&token) || self.matcher.is_stopped() {
             return Ok(());
         }
-        self.matcher.consume_token(token).map_err(|e| e.to_string())
+        self.matcher
+            .consume_token(token)
+            .map_err(|e| first_line(&e.to_string()))
     }
+}
+
+/// llguidance's errors carry a dump of the parser's state after the first line.
+fn first_line(e: &str) -> String {
+    e.lines().next().unwrap_or_default().to_string()
 }
 
 /// Builds a tokenizer's compiler once, on first use, and shares it.

@@ -18,7 +18,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tower::ServiceExt;
 
-/// A model that answers every step at once with token 42 (and made-up log-probabilities).
+/// A model that answers every step at once with token 42 (and made-up log-probabilities); a
+/// constrained row gets its highest allowed token instead, as a sampler must.
 struct Instant;
 
 impl Executor for Instant {
@@ -26,12 +27,19 @@ impl Executor for Instant {
         &mut self,
         _: &BatchInput,
         sampling: &[RowSampling],
-        _: liftoff_engine::model_runner::MaskWait,
+        masks: liftoff_engine::model_runner::MaskWait,
     ) -> liftoff_engine::Result<Vec<SampledToken>> {
+        let masks = masks.map_or(Ok(Vec::new()), |wait| wait())?;
         Ok(sampling
             .iter()
-            .map(|s| SampledToken {
-                token: 42,
+            .enumerate()
+            .map(|(r, s)| SampledToken {
+                token: masks.iter().find(|m| m.0 == r).map_or(42, |(_, words)| {
+                    (0..words.len() * 32)
+                        .rev()
+                        .find(|&t| liftoff_engine::sampling::mask_allows(words, t))
+                        .unwrap_or(0) as u32
+                }),
                 top_logprobs: (0..s.logprobs).map(|i| (i, -(i as f32) - 0.5)).collect(),
                 logprob: s.token_logprob.then_some(-0.25),
             })

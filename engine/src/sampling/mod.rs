@@ -5,6 +5,6 @@
 mod params;
 mod processors;
 
-pub use liftoff_kernels::sampling::{sample, uniform, RowSampling, SampledToken};
+pub use liftoff_kernels::sampling::{mask_allows, sample, uniform, RowSampling, SampledToken};
 pub use params::{ParamError, SamplingParams, MAX_LOGPROBS};
 pub use processors::{min_new_tokens_bans, no_repeat_ngram_bans, penalized_tokens};
