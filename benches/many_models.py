@@ -17,46 +17,20 @@ import asyncio
 import json
 import os
 import random
-import socket
-import subprocess
 import time
 
 import httpx
 
+import liftoff_server
+from liftoff_server import metric_sum, stop
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+
+# Every reader: CPU, 512-token context, batches of 8, 32 MiB of KV cache.
+READER = ["--device", "cpu", "--max-sequence-length", "512", "--max-batch-size", "8", "--kv-cache-memory-mib", "32"]
 
 
 def start(binary, args):
-    port, mport = free_port(), free_port()
-    proc = subprocess.Popen(
-        [binary, "serve", "--host", "127.0.0.1", "--port", str(port), "--management-port", str(mport),
-         "--device", "cpu", "--max-sequence-length", "512", "--max-batch-size", "8",
-         "--kv-cache-memory-mib", "32", *args],
-        env=dict(os.environ, TAKEOFF_LOG_LEVEL="warn"), stdout=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"liftoff exited: {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc, port, mport
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("liftoff did not become healthy")
-
-
-def stop(proc):
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    return liftoff_server.start(binary, READER + args)
 
 
 def rss_bytes(pid):
@@ -92,17 +66,6 @@ def wait_settled(mport, reader_id):
             raise RuntimeError(f"{reader_id} failed: {r.get('error')}")
         time.sleep(0.05)
     raise RuntimeError(f"{reader_id} did not load")
-
-
-def metric_sum(mport, name):
-    total = 0.0
-    for line in httpx.get(f"http://127.0.0.1:{mport}/metrics", timeout=10).text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            value = float(line.rsplit(" ", 1)[1])
-            if value != value or value in (float("inf"), float("-inf")):
-                raise ValueError(f"{name} is {value}")
-            total += value
-    return total
 
 
 def percentile(xs, q):

@@ -10,12 +10,13 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
-import subprocess
 import time
 
 import httpx
+
+import liftoff_server
+from liftoff_server import metric_sum
 
 SCHEMA = {
     "type": "object", "additionalProperties": False, "required": ["products"],
@@ -27,23 +28,6 @@ SCHEMA = {
                                  "tags": {"type": "array", "minItems": 2, "maxItems": 2,
                                           "items": {"type": "string", "maxLength": 10}}}}}},
 }
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def metric(mport, name):
-    total = 0.0
-    for line in httpx.get(f"http://127.0.0.1:{mport}/metrics", timeout=10).text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            v = float(line.rsplit(" ", 1)[1])
-            if v != v or v in (float("inf"), float("-inf")):
-                raise ValueError(f"{name} is {v}")
-            total += v
-    return total
 
 
 async def run(port, n, concurrency, constrained, max_tokens):
@@ -90,32 +74,22 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=320)
     ap.add_argument("--out", default="docs/bench/structured.json")
     a = ap.parse_args()
-    port, mport = free_port(), free_port()
-    proc = subprocess.Popen(
-        [a.bin, "serve", "--host", "127.0.0.1", "--port", str(port), "--management-port", str(mport),
-         "--device", "cpu", "--max-batch-size", str(a.concurrency), "--max-sequence-length", "1024"],
-        env=dict(os.environ, TAKEOFF_LOG_LEVEL="warn"), stdout=subprocess.DEVNULL)
+    proc, port, mport = liftoff_server.start(
+        a.bin, ["--device", "cpu", "--max-batch-size", str(a.concurrency), "--max-sequence-length", "1024"])
     try:
-        for _ in range(240):
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
         asyncio.run(run(port, a.concurrency, a.concurrency, True, 32))  # warm-up (and the compiler)
         free, constrained = [], []
-        steps0, mask0 = metric(mport, "liftoff_constrained_steps_total"), metric(mport, "liftoff_constrained_mask_seconds_total")
+        steps0, mask0 = metric_sum(mport, "liftoff_constrained_steps_total"), metric_sum(mport, "liftoff_constrained_mask_seconds_total")
         for _ in range(a.runs):
             free.append(asyncio.run(run(port, a.requests, a.concurrency, False, a.max_tokens)))
             constrained.append(asyncio.run(run(port, a.requests, a.concurrency, True, a.max_tokens)))
             print(json.dumps({"free": free[-1], "constrained": constrained[-1]}), flush=True)
-        steps = metric(mport, "liftoff_constrained_steps_total") - steps0
-        mask = metric(mport, "liftoff_constrained_mask_seconds_total") - mask0
-        steps_all = metric(mport, "liftoff_steps_total")
-        step_time = metric(mport, "liftoff_step_time_seconds_total") / max(steps_all, 1)
+        steps = metric_sum(mport, "liftoff_constrained_steps_total") - steps0
+        mask = metric_sum(mport, "liftoff_constrained_mask_seconds_total") - mask0
+        steps_all = metric_sum(mport, "liftoff_steps_total")
+        step_time = metric_sum(mport, "liftoff_step_time_seconds_total") / max(steps_all, 1)
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        liftoff_server.stop(proc)
     if any(r["errors"] or r["invalid"] for r in free + constrained):
         raise RuntimeError(f"failed or invalid requests: {free + constrained}")
     med = lambda rs: statistics.median(r["tokens_per_s"] for r in rs)  # noqa: E731

@@ -17,6 +17,32 @@ fn tiny(name: &str, group: &str) -> Value {
            "page_cache_size": "4MB", "max_sequence_length": 128})
 }
 
+/// A server whose first reader is the tiny f32 model with 4 MiB of KV cache, plus `extra`
+/// flags; and that reader's id.
+async fn tiny_server(extra: &[&str]) -> (Server, String) {
+    let model = model("tiny-llama2-f32");
+    let mut args = vec![
+        "--model",
+        &model,
+        "--device",
+        "cpu",
+        "--kv-cache-memory-mib",
+        "4",
+    ];
+    args.extend_from_slice(extra);
+    let s = Server::start(&args).await;
+    let id = first_reader(&s).await;
+    (s, id)
+}
+
+/// The id of the server's first reader.
+async fn first_reader(s: &Server) -> String {
+    readers(s).await[0]["reader_id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
 async fn mgmt(
     s: &Server,
     method: reqwest::Method,
@@ -107,20 +133,9 @@ async fn metric_of(s: &Server, name: &str, reader_id: &str) -> f64 {
 /// group and by OpenAI `model`, read its configuration and the server's status, delete it.
 #[tokio::test]
 async fn readers_are_added_routed_and_deleted_at_run_time() {
-    let s = Server::start(&[
-        "--model",
-        &model("tiny-llama2-f32"),
-        "--device",
-        "cpu",
-        "--kv-cache-memory-mib",
-        "4",
-        "--max-sequence-length",
-        "128",
-    ])
-    .await;
+    let (s, r0) = tiny_server(&["--max-sequence-length", "128"]).await;
     let first = readers(&s).await;
     assert_eq!(first.len(), 1);
-    let r0 = first[0]["reader_id"].as_str().unwrap().to_string();
     assert_eq!(first[0]["state"], "ready");
     assert_eq!(first[0]["ready"], true);
     assert!(first[0]["memory_bytes"].as_u64().unwrap() > 4 << 20);
@@ -227,21 +242,12 @@ async fn readers_are_added_routed_and_deleted_at_run_time() {
 #[tokio::test]
 async fn bad_readers_are_refused_or_fail_alone() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Server::start(&[
-        "--model",
-        &model("tiny-llama2-f32"),
-        "--device",
-        "cpu",
-        "--kv-cache-memory-mib",
-        "4",
-        "--model-root",
-        &format!(
-            "{},{}",
-            fixtures().join("models").display(),
-            dir.path().display()
-        ),
-    ])
-    .await;
+    let roots = format!(
+        "{},{}",
+        fixtures().join("models").display(),
+        dir.path().display()
+    );
+    let (s, _) = tiny_server(&["--model-root", &roots]).await;
     let cases = [
         (
             tiny("tiny-gqa2-f16", "x").tap(|v| v["device"] = json!("tpu")),
@@ -324,23 +330,7 @@ async fn bad_readers_are_refused_or_fail_alone() {
 /// unloads the next least recently used.
 #[tokio::test]
 async fn the_least_recently_used_idle_reader_makes_room() {
-    let s = Server::start(&[
-        "--model",
-        &model("tiny-llama2-f32"),
-        "--device",
-        "cpu",
-        "--kv-cache-memory-mib",
-        "4",
-        "--max-sequence-length",
-        "128",
-        "--models-memory-mib",
-        "10",
-    ])
-    .await;
-    let a = readers(&s).await[0]["reader_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (s, a) = tiny_server(&["--max-sequence-length", "128", "--models-memory-mib", "10"]).await;
     let before = greedy(&s, "primary", 12).await;
     let b = add(&s, tiny("tiny-llama3-bf16", "b")).await;
     wait_state(&s, &b, "ready").await;
@@ -392,10 +382,7 @@ async fn busy_and_pinned_readers_stay_loaded() {
     let mut args = smol.to_vec();
     args.extend(["--models-memory-mib", &budget, "--model-root", &root]);
     let s = Server::start(&args).await;
-    let smol_id = readers(&s).await[0]["reader_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let smol_id = first_reader(&s).await;
 
     // A long stream on the default model (read slowly), then the tiny reader used after it.
     let stream = reqwest::Client::new()
@@ -460,21 +447,7 @@ async fn busy_and_pinned_readers_stay_loaded() {
 /// requests gets the next), and deleting one while requests run drops none of them.
 #[tokio::test]
 async fn a_consumer_group_scales_with_its_readers() {
-    let s = Server::start(&[
-        "--model",
-        &model("tiny-llama2-f32"),
-        "--device",
-        "cpu",
-        "--kv-cache-memory-mib",
-        "4",
-        "--max-sequence-length",
-        "256",
-    ])
-    .await;
-    let first = readers(&s).await[0]["reader_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (s, first) = tiny_server(&["--max-sequence-length", "256"]).await;
     let second = add(
         &s,
         tiny("tiny-llama2-f32", "primary").tap(|v| v["max_sequence_length"] = json!(256)),

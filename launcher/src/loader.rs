@@ -69,7 +69,9 @@ impl Loader {
     pub fn new(first: &ServeArgs, readers: &[ServeArgs], log_level: &str) -> anyhow::Result<Self> {
         let mut roots = Vec::new();
         if first.model_root.is_empty() {
-            roots.push(liftoff_engine::cache_dir::model_cache_dir());
+            // The model cache may not exist yet.
+            let cache = liftoff_engine::cache_dir::model_cache_dir();
+            roots.push(cache.canonicalize().unwrap_or(cache));
             for r in readers {
                 let p = Path::new(&r.model);
                 if p.exists() {
@@ -84,10 +86,6 @@ impl Loader {
                 roots.push(c);
             }
         }
-        let roots = roots
-            .into_iter()
-            .map(|r| r.canonicalize().unwrap_or(r))
-            .collect();
         Ok(Self {
             log_level: log_level.to_string(),
             roots,

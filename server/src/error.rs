@@ -130,6 +130,14 @@ impl From<JsonRejection> for ApiError {
     }
 }
 
+/// A request body already read as JSON, as a `T`: a 400 naming the field that does not fit.
+pub fn from_json<T: serde::de::DeserializeOwned>(body: serde_json::Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(body).map_err(|e| {
+        let path = e.path().to_string();
+        ApiError::invalid(&path, format!("{path}: {}", e.inner()))
+    })
+}
+
 /// A JSON body extractor whose rejections are [`ApiError`]s.
 #[derive(Debug, Clone, Copy, Default, axum::extract::FromRequest)]
 #[from_request(via(axum::Json), rejection(ApiError))]

@@ -481,16 +481,14 @@ fn sse(
 /// `GET /v1/models`: every registered reader, with its state (a reader that is not loaded
 /// loads when a request names it).
 pub async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
-    let services = state.services();
     let data: Vec<Value> = state
         .registry
         .readers()
         .iter()
         .map(|r| {
-            let max_len = services
-                .iter()
-                .find(|s| r.state == ReaderState::Ready && s.info.model_name == r.model_name)
-                .map(|s| s.info.max_sequence_length);
+            let max_len = r
+                .max_sequence_length
+                .filter(|_| r.state == ReaderState::Ready);
             json!({"id": r.model_name, "object": "model", "created": now(), "owned_by": "liftoff",
                    "reader_id": r.reader_id, "consumer_group": r.consumer_group, "state": r.state,
                    "max_model_len": max_len})

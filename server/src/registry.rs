@@ -384,11 +384,7 @@ impl Registry {
         }
         if let Some(budget) = self.budget(&spec.device) {
             let need = spec.estimate_bytes;
-            let pinned_or_busy: u64 = entries
-                .iter()
-                .filter(|e| e.spec.device == spec.device && e.holds && !e.evictable())
-                .map(|e| e.memory_bytes)
-                .sum();
+            let pinned_or_busy = held(&entries, &spec.device, None, |e| !e.evictable());
             if pinned_or_busy + need > budget {
                 return Err(ApiError::unavailable(
                     refusal(&entries, &spec.device, budget, need, &spec.model_name),
@@ -560,24 +556,13 @@ impl Registry {
                 let Some(budget) = self.budget(&device) else {
                     return Ok(());
                 };
-                let others = || {
-                    entries
-                        .iter()
-                        .filter(|e| e.serial != serial && e.spec.device == device && e.holds)
-                };
-                let used: u64 = others().map(|e| e.memory_bytes).sum();
-                if used + need <= budget {
+                let others = |keep: fn(&Entry) -> bool| held(&entries, &device, Some(serial), keep);
+                if others(|_| true) + need <= budget {
                     return Ok(());
                 }
                 // What stays whatever is unloaded: pinned readers always, busy ones for now.
-                let pinned: u64 = others()
-                    .filter(|e| e.spec.pinned)
-                    .map(|e| e.memory_bytes)
-                    .sum();
-                let kept: u64 = others()
-                    .filter(|e| !e.evictable())
-                    .map(|e| e.memory_bytes)
-                    .sum();
+                let pinned = others(|e| e.spec.pinned);
+                let kept = others(|e| !e.evictable());
                 if kept + need > budget {
                     let why = refusal(&entries, &device, budget, need, &name);
                     return Err(if pinned + need > budget {
@@ -888,6 +873,7 @@ impl Registry {
                 replicas_healthy: e.service.as_ref().map_or_else(Vec::new, |s| {
                     s.replicas.iter().map(|r| r.is_alive()).collect()
                 }),
+                max_sequence_length: e.service.as_ref().map(|s| s.info.max_sequence_length),
                 error: e.error.clone(),
                 labels: e.labels.clone(),
             })
@@ -935,10 +921,22 @@ pub struct ReaderView {
     /// Whether each replica group serves (empty when not loaded).
     #[serde(skip)]
     pub replicas_healthy: Vec<bool>,
+    /// Longest prompt + output, while loaded.
+    #[serde(skip)]
+    pub max_sequence_length: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     #[serde(skip)]
     pub labels: ReaderLabels,
+}
+
+/// Memory held on `device` by the readers that `keep` picks (all but reader `except`).
+fn held(entries: &[Entry], device: &str, except: Option<u64>, keep: fn(&Entry) -> bool) -> u64 {
+    entries
+        .iter()
+        .filter(|e| e.spec.device == device && e.holds && Some(e.serial) != except && keep(e))
+        .map(|e| e.memory_bytes)
+        .sum()
 }
 
 /// The entries a request for `target` may use (not being deleted).

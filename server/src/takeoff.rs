@@ -132,12 +132,7 @@ fn parse(body: Value) -> Result<Body, ApiError> {
     if body.get("inputs").is_some() && body.get("text").is_none() {
         return Ok(Body::Tgi(tgi::parse(body)?));
     }
-    serde_path_to_error::deserialize(body)
-        .map(Body::Takeoff)
-        .map_err(|e| {
-            let path = e.path().to_string();
-            ApiError::invalid(&path, format!("{path}: {}", e.inner()))
-        })
+    crate::error::from_json(body).map(Body::Takeoff)
 }
 
 /// `POST /generate`: the whole text at once (`text` is a list when the request's was); a TGI

@@ -286,8 +286,5 @@ fn events(
 
 /// Parses a TGI body (400 naming the field when it does not fit).
 pub fn parse(body: Value) -> Result<TgiRequest, ApiError> {
-    serde_path_to_error::deserialize(body).map_err(|e| {
-        let path = e.path().to_string();
-        ApiError::invalid(&path, format!("{path}: {}", e.inner()))
-    })
+    crate::error::from_json(body)
 }
