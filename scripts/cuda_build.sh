@@ -5,7 +5,8 @@
 # real libcuda.so.1 is loaded at run time). See docs/cuda.md.
 #
 # Output: target/cuda/release/liftoff (separate target dir: the link flags differ from the CPU
-# build's). Fails if the stripped binary is over the device tool's 64 MiB carry limit.
+# build's). Fails if the stripped binary is over 48 MiB (the device tool carries 64 MiB; the rest
+# is headroom for kernels to come).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 . "$ROOT/scripts/cache_dir.sh"
@@ -53,6 +54,15 @@ fi
 export PATH="$CU13/bin:$PATH" CUDA_ROOT="$CU13" CUDA_PATH="$CU13" CUDA_TOOLKIT_ROOT_DIR="$CU13"
 export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
 export RUSTFLAGS="-L $LINK"
+# Fatbins (candle's statically linked GGUF matmul kernels, ~32 MB of sm_90a SASS) compressed for
+# size: ~2.8x smaller, decompressed once when the module loads (needs a CUDA >= 12.8 driver).
+# cudaforge does not see this variable, so a change of it cleans candle-kernels' cached objects.
+export NVCC_APPEND_FLAGS="--compress-mode=size"
+STAMP="$TARGET/nvcc-append-flags"
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$NVCC_APPEND_FLAGS" ]; then
+  cargo clean --release -p candle-kernels --target-dir "$TARGET" 2>/dev/null || true
+  mkdir -p "$TARGET" && echo "$NVCC_APPEND_FLAGS" > "$STAMP"
+fi
 # The binary must fit the device tool's 64 MiB carry: thin LTO, and the crates no step runs
 # (tokenizers, regexes, HTTP, TLS, the hub client, templates) optimised for size.
 SMALL=(tokenizers onig onig_sys fancy-regex regex-automata regex-syntax hf-hub reqwest ureq
@@ -67,7 +77,7 @@ BIN="$TARGET/release/liftoff"
 strip "$BIN"
 size=$(stat -c %s "$BIN")
 echo "built $BIN ($((size / 1048576)) MiB, stripped)"
-if [ "$size" -gt $((64 * 1048576)) ]; then
-  echo "the CUDA binary is over the 64 MiB carry limit" >&2
+if [ "$size" -gt $((48 * 1048576)) ]; then
+  echo "the CUDA binary is over its 48 MiB budget (the device tool carries 64 MiB)" >&2
   exit 1
 fi

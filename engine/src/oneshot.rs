@@ -8,7 +8,8 @@ use crate::load::{EngineOptions, LoadedModel};
 use crate::parallel::SingleRank;
 use crate::sampling::SamplingParams;
 use crate::scheduler::{
-    Executor, GenerationRequest, LocalExecutor, Scheduler, SchedulerConfig, SeqEvent, TokenEvent,
+    Executor, GenerationRequest, LocalExecutor, PromptLogprob, Scheduler, SchedulerConfig,
+    SeqEvent, TokenEvent,
 };
 use crate::sequence::FinishReason;
 use crate::tokenizer::Tokenizer;
@@ -27,10 +28,10 @@ pub struct Generation {
     /// Per generated token, the top `[token_id, logprob]` pairs (when asked for).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub top_logprobs: Option<Vec<Vec<(u32, f32)>>>,
-    /// Per prompt position but the last, the top `[token_id, logprob]` pairs of the next
-    /// token (when asked for).
+    /// Per prompt token but the first, its own log-probability and the top
+    /// `[token_id, logprob]` pairs at its position (when asked for).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub prompt_logprobs: Option<Vec<Vec<(u32, f32)>>>,
+    pub prompt_logprobs: Option<Vec<PromptLogprob>>,
     pub prompt_tokens_per_s: f64,
     pub decode_tokens_per_s: f64,
 }
@@ -166,11 +167,16 @@ impl Engine {
     pub fn prompt_logprobs(&mut self, ids: &[u32], n: usize) -> Result<Vec<Vec<(u32, f32)>>> {
         let params = SamplingParams {
             logprobs: n,
-            prompt_logprobs: n,
+            prompt_logprobs: Some(n),
             ..SamplingParams::greedy(1)
         };
         let g = self.generate(ids, &params, |_| {})?;
-        let mut rows = g.prompt_logprobs.unwrap_or_default();
+        let mut rows: Vec<Vec<(u32, f32)>> = g
+            .prompt_logprobs
+            .unwrap_or_default()
+            .into_iter()
+            .map(|p| p.top)
+            .collect();
         rows.extend(g.top_logprobs.unwrap_or_default());
         if rows.len() != ids.len() {
             return Err(EngineError::Generation(format!(
@@ -180,5 +186,149 @@ impl Engine {
             )));
         }
         Ok(rows)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn engine() -> Engine {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/models/tiny-llama2-f32");
+        Engine::load(&EngineOptions::new(dir)).unwrap()
+    }
+
+    /// One greedy token from `prompt` with `params`; returns it, its log-probability and the
+    /// top ones.
+    fn one(e: &mut Engine, prompt: &[u32], params: &SamplingParams) -> (u32, f32, Vec<(u32, f32)>) {
+        let mut seen = None;
+        let g = e
+            .generate(prompt, params, |t| {
+                seen.get_or_insert((t.logprob, t.top_logprobs.clone()));
+            })
+            .unwrap();
+        let (lp, top) = seen.unwrap();
+        (g.token_ids[0], lp.expect("a log-probability"), top)
+    }
+
+    /// Each prompt token's log-probability under the model, computed independently: the
+    /// prefix before it generates one token with a +100 bias on it (so greedy takes it), and
+    /// reports its log-probability in the raw distribution; the top log-probabilities there
+    /// must equal the entry's too. Where the prompt continues greedily the token is also the
+    /// entry's most likely one, with the log-probability the decode step reported for it.
+    #[test]
+    fn prompt_logprobs_are_each_tokens_own_under_the_model() {
+        let mut e = engine();
+        let seed = [1u32, 300, 57, 411];
+        let greedy = SamplingParams {
+            token_logprobs: true,
+            ignore_eos: true,
+            ..SamplingParams::greedy(5)
+        };
+        let mut decoded = Vec::new();
+        let g = e
+            .generate(&seed, &greedy, |t| decoded.push(t.logprob.unwrap()))
+            .unwrap();
+        let prompt: Vec<u32> = seed.iter().chain(&g.token_ids).copied().collect();
+        let n = 5;
+        let params = SamplingParams {
+            prompt_logprobs: Some(n),
+            ..SamplingParams::greedy(1)
+        };
+        let entries = e
+            .generate(&prompt, &params, |_| {})
+            .unwrap()
+            .prompt_logprobs
+            .expect("prompt log-probabilities");
+        assert_eq!(entries.len(), prompt.len() - 1);
+        // The model's vocabulary is padded past the tokenizer's (which bounds `logit_bias`),
+        // and this random model generates such ids too: those are checked as greedy ones only.
+        let vocab = e.tokenizer().vocab_size() as u32;
+        let mut biased_checks = 0;
+        for (i, p) in entries.iter().enumerate() {
+            let token = prompt[i + 1];
+            assert_eq!(p.token, token, "entry {i}");
+            // A log-probability (of a near-uniform model), not a biased one.
+            assert!(
+                p.logprob < 0.0 && p.logprob > -20.0,
+                "entry {i}: {}",
+                p.logprob
+            );
+            assert_eq!(p.top.len(), n);
+            if i + 1 >= seed.len() {
+                let d = decoded[i + 1 - seed.len()];
+                assert_eq!(
+                    p.top[0].0, token,
+                    "entry {i}: a greedy token is the arg max"
+                );
+                assert!((p.top[0].1 - p.logprob).abs() < 1e-6);
+                assert!(
+                    (p.logprob - d).abs() < 1e-4,
+                    "entry {i}: {} vs {d}",
+                    p.logprob
+                );
+            } else if let Some(q) = p.top.iter().find(|q| q.0 == token) {
+                assert!((q.1 - p.logprob).abs() < 1e-6);
+            } else {
+                assert!(p.logprob <= p.top[n - 1].1);
+            }
+            if token >= vocab {
+                continue;
+            }
+            biased_checks += 1;
+            let biased = SamplingParams {
+                logit_bias: vec![(token, 100.0)],
+                token_logprobs: true,
+                logprobs: n,
+                ignore_eos: true,
+                ..SamplingParams::greedy(1)
+            };
+            let (t, lp, top) = one(&mut e, &prompt[..=i], &biased);
+            assert_eq!(t, token, "the bias takes it");
+            assert!(
+                (p.logprob - lp).abs() < 1e-4,
+                "entry {i}: {} vs {lp}",
+                p.logprob
+            );
+            assert_eq!(top.len(), n);
+            for (a, b) in p.top.iter().zip(&top) {
+                assert!(
+                    a.0 == b.0 && (a.1 - b.1).abs() < 1e-4,
+                    "{:?} vs {top:?}",
+                    p.top
+                );
+            }
+        }
+        assert!(
+            biased_checks + 1 >= entries.len(),
+            "{biased_checks} checked"
+        );
+    }
+
+    /// `Some(0)`: the tokens' own log-probabilities, no top ones; the helper's rows.
+    #[test]
+    fn prompt_logprobs_without_top_ones_and_the_rows_helper() {
+        let mut e = engine();
+        let prompt = [1u32, 20, 30, 40];
+        let params = SamplingParams {
+            prompt_logprobs: Some(0),
+            ..SamplingParams::greedy(1)
+        };
+        let entries = e
+            .generate(&prompt, &params, |_| {})
+            .unwrap()
+            .prompt_logprobs
+            .unwrap();
+        assert_eq!(
+            entries.iter().map(|p| p.token).collect::<Vec<_>>(),
+            prompt[1..]
+        );
+        assert!(entries
+            .iter()
+            .all(|p| p.top.is_empty() && p.logprob.is_finite() && p.logprob < 0.0));
+        let rows = e.prompt_logprobs(&prompt, 3).unwrap();
+        assert_eq!(rows.len(), prompt.len());
+        assert!(rows.iter().all(|r| r.len() == 3));
     }
 }

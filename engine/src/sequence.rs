@@ -3,8 +3,8 @@
 
 use crate::error::Result;
 use crate::sampling::{
-    min_new_tokens_bans, no_repeat_ngram_bans, penalized_tokens, uniform, RowSampling,
-    SampledToken, SamplingParams,
+    logit_adjustments, min_new_tokens_bans, no_repeat_ngram_bans, penalized_tokens, uniform,
+    RowSampling, SampledToken, SamplingParams,
 };
 use crate::stop::StopChecker;
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
@@ -112,8 +112,8 @@ impl SequenceState {
         self.finished.get_or_insert(FinishReason::Cancelled);
     }
 
-    /// How the next token is to be sampled: the parameters, the tokens the processors penalise
-    /// or ban given the history, and this step's uniform draw.
+    /// How the next token is to be sampled: the parameters, the tokens the processors penalise,
+    /// adjust or ban given the history, and this step's uniform draw.
     pub fn sampling(&self, eos: &[u32]) -> RowSampling {
         let p = &self.params;
         let mut banned = no_repeat_ngram_bans(&self.tokens, p.no_repeat_ngram_size);
@@ -136,6 +136,14 @@ impl SequenceState {
             token_logprob: p.token_logprobs,
             // Set by the scheduler for a constrained row, computed while the step runs.
             allowed: None,
+            // OpenAI's penalties count generated tokens only (the prompt is not penalised).
+            adjust: logit_adjustments(
+                self.generated(),
+                p.frequency_penalty,
+                p.presence_penalty,
+                &p.logit_bias,
+            ),
+            force: None,
         }
     }
 
@@ -194,5 +202,38 @@ impl SequenceState {
             logprob,
             finished,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// OpenAI's penalties count the generated tokens, not the prompt's; biases apply from the
+    /// first step; nothing is forced.
+    #[test]
+    fn sampling_adjusts_for_generated_tokens_only() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/models/tiny-llama2-f32");
+        let tok = Tokenizer::from_hf_dir(&dir, vec![2]).unwrap();
+        let params = SamplingParams {
+            frequency_penalty: 1.0,
+            presence_penalty: 0.5,
+            logit_bias: vec![(40, -2.0)],
+            ..SamplingParams::greedy(10)
+        };
+        let mut s = SequenceState::new(vec![30, 30, 31], params, 64);
+        let row = s.sampling(&[2]);
+        assert_eq!(row.adjust, vec![(40, -2.0)]);
+        assert_eq!(row.force, None);
+        for t in [31, 40, 31] {
+            let sampled = SampledToken {
+                token: t,
+                top_logprobs: Vec::new(),
+                logprob: None,
+            };
+            s.accept(sampled, &tok, &[2]).unwrap();
+        }
+        assert_eq!(s.sampling(&[2]).adjust, vec![(31, -2.5), (40, -3.5)]);
     }
 }

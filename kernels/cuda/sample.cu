@@ -2,10 +2,13 @@
 // log-probabilities when asked), so only a few bytes per row go back to the host.
 //
 // Per row, in this order (the CPU implementation in src/sampling.rs follows it exactly):
-//  1. top-n log-probabilities of the raw logits, ordered by (value desc, id asc);
-//  2. repetition penalty on the listed tokens (x / p if x > 0, x * p otherwise), then the listed
-//     banned tokens (no-repeat n-grams, EOS before min_new_tokens) set to -inf, and for a
-//     constrained row every token its bitmask does not allow;
+//  1. top-n log-probabilities of the raw logits, ordered by (value desc, id asc); a forced row
+//     (teacher forcing of a prompt token, uparam 3 != 0xffffffff) stops here: its token is the
+//     forced one, with that token's log-probability in the raw distribution;
+//  2. repetition penalty on the listed tokens (x / p if x > 0, x * p otherwise), then the
+//     additive adjustments (OpenAI's frequency/presence penalties and logit_bias), then the
+//     listed banned tokens (no-repeat n-grams, EOS before min_new_tokens) set to -inf, and for
+//     a constrained row every token its bitmask does not allow;
 //  3. temperature 0: the arg max (lowest id on ties);
 //  4. otherwise p_i = exp((x_i - max) / T) restricted to keys >= the top-k threshold (the k-th
 //     largest value, ties kept) and >= the top-p threshold (the largest value whose tail
@@ -14,6 +17,8 @@
 //  5. the token is where the running sum over ids in increasing order reaches u * sum(p) for
 //     the row's uniform draw u (drawn on the host from the request's seed and step); should
 //     rounding leave the target unreached, the arg max.
+// The chosen token's log-probability (when asked for) is of the raw distribution: a token the
+// penalty or an adjustment changed reports the logit saved before it was changed.
 #include "common.cuh"
 
 #define SAMPLE_THREADS 256
@@ -84,30 +89,38 @@ __device__ uint32_t block_next(const float* x, int vocab, float pv, uint32_t pi,
   return id;
 }
 
-// A token's logit before the penalties (its saved raw value if the row penalised it).
+// A token's logit before the penalty and the adjustments: its saved raw value if the row
+// penalised it, else if the row adjusted it (the adjust pass runs after the penalty pass, so
+// only an adjusted token the penalty left alone has its raw value in adj_raw), else x[token].
 __device__ float raw_logit(const float* x, const uint32_t* pen_ids, const float* pen_raw,
-                           uint32_t begin, uint32_t end, uint32_t token) {
-  for (uint32_t j = begin; j < end; j++)
+                           uint32_t pen_begin, uint32_t pen_end, const uint32_t* adj_ids,
+                           const float* adj_raw, uint32_t adj_begin, uint32_t adj_end,
+                           uint32_t token) {
+  for (uint32_t j = pen_begin; j < pen_end; j++)
     if (pen_ids[j] == token) return pen_raw[j];
+  for (uint32_t j = adj_begin; j < adj_end; j++)
+    if (adj_ids[j] == token) return adj_raw[j];
   return x[token];
 }
 
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(
     float* __restrict__ logits, int vocab, const float* __restrict__ fparams,
     const uint32_t* __restrict__ uparams, const uint32_t* __restrict__ pen_off,
-    const uint32_t* __restrict__ pen_ids, const uint32_t* __restrict__ ban_off,
-    const uint32_t* __restrict__ ban_ids, const uint32_t* __restrict__ mask_off,
-    const uint32_t* __restrict__ mask_words, uint32_t* __restrict__ tokens,
-    uint32_t* __restrict__ top_ids, float* __restrict__ top_lp, float* __restrict__ pen_raw,
-    float* __restrict__ token_lp) {
+    const uint32_t* __restrict__ pen_ids, const uint32_t* __restrict__ adj_off,
+    const uint32_t* __restrict__ adj_ids, const float* __restrict__ adj_vals,
+    const uint32_t* __restrict__ ban_off, const uint32_t* __restrict__ ban_ids,
+    const uint32_t* __restrict__ mask_off, const uint32_t* __restrict__ mask_words,
+    uint32_t* __restrict__ tokens, uint32_t* __restrict__ top_ids, float* __restrict__ top_lp,
+    float* __restrict__ pen_raw, float* __restrict__ adj_raw, float* __restrict__ token_lp) {
   __shared__ float fred[SAMPLE_WARPS];
   __shared__ uint32_t ured[SAMPLE_WARPS];
   const int row = blockIdx.x;
   float* x = logits + (size_t)row * vocab;
   const float temperature = fparams[row * 4], top_p = fparams[row * 4 + 1];
   const float penalty = fparams[row * 4 + 2], uniform = fparams[row * 4 + 3];
-  const uint32_t top_k = uparams[row * 3], n_logprobs = min(uparams[row * 3 + 1], MAX_LOGPROBS);
-  const bool want_token_lp = uparams[row * 3 + 2] != 0;
+  const uint32_t top_k = uparams[row * 4], n_logprobs = min(uparams[row * 4 + 1], MAX_LOGPROBS);
+  const bool want_token_lp = uparams[row * 4 + 2] != 0;
+  const uint32_t force = uparams[row * 4 + 3];  // 0xffffffff: sample
 
   for (int i = threadIdx.x; i < vocab; i += blockDim.x)
     if (isnan(x[i])) x[i] = -INFINITY;
@@ -137,14 +150,30 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(
       pi = id;
     }
   }
+  // A forced row: nothing is modified or drawn (the whole CTA returns here).
+  if (force != 0xffffffffu) {
+    if (threadIdx.x == 0) {
+      tokens[row] = force;
+      if (want_token_lp) token_lp[row] = x[force] - lse;
+    }
+    return;
+  }
 
-  // 2. Penalties, then bans (each list holds distinct ids).
+  // 2. Penalties, then adjustments, then bans (each list holds distinct ids; a token may be
+  // in several lists, hence the barriers between the passes).
   __syncthreads();
   for (uint32_t j = pen_off[row] + threadIdx.x; j < pen_off[row + 1]; j += blockDim.x) {
     const uint32_t t = pen_ids[j];
     const float v = x[t];
     pen_raw[j] = v;  // the raw logit, for the chosen token's log-probability
     x[t] = v > 0.f ? v / penalty : v * penalty;
+  }
+  __syncthreads();
+  for (uint32_t j = adj_off[row] + threadIdx.x; j < adj_off[row + 1]; j += blockDim.x) {
+    const uint32_t t = adj_ids[j];
+    const float v = x[t];
+    adj_raw[j] = v;  // raw unless penalised (raw_logit then reads pen_raw first)
+    x[t] = v + adj_vals[j];
   }
   __syncthreads();
   for (uint32_t j = ban_off[row] + threadIdx.x; j < ban_off[row + 1]; j += blockDim.x)
@@ -165,7 +194,9 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(
   if (temperature <= 0.f || best == -INFINITY) {
     if (threadIdx.x == 0) {
       tokens[row] = arg;
-      if (want_token_lp) token_lp[row] = raw_logit(x, pen_ids, pen_raw, pen_off[row], pen_off[row + 1], arg) - lse;
+      if (want_token_lp)
+        token_lp[row] = raw_logit(x, pen_ids, pen_raw, pen_off[row], pen_off[row + 1], adj_ids,
+                                  adj_raw, adj_off[row], adj_off[row + 1], arg) - lse;
     }
     return;
   }
@@ -234,6 +265,8 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(
   if (threadIdx.x == 0) {
     const uint32_t token = chosen != 0xffffffffu ? chosen : arg;
     tokens[row] = token;
-    if (want_token_lp) token_lp[row] = raw_logit(x, pen_ids, pen_raw, pen_off[row], pen_off[row + 1], token) - lse;
+    if (want_token_lp)
+      token_lp[row] = raw_logit(x, pen_ids, pen_raw, pen_off[row], pen_off[row + 1], adj_ids,
+                                adj_raw, adj_off[row], adj_off[row + 1], token) - lse;
   }
 }

@@ -240,9 +240,35 @@ pub fn run(device: &Device) -> Result<Vec<CheckReport>> {
     Ok(reports)
 }
 
+/// `n` distinct random tokens below `vocab` with adjustments in [-3, 3], and `extra` (distinct
+/// from them) with theirs.
+fn random_adjust(rng: &mut Lcg, vocab: u32, n: usize, extra: &[(u32, f32)]) -> Vec<(u32, f32)> {
+    let mut adjust = extra.to_vec();
+    while adjust.len() < n + extra.len() {
+        let t = (rng.next() % vocab as u64) as u32;
+        if !adjust.iter().any(|a| a.0 == t) {
+            adjust.push((t, rng.uniform() * 3.0));
+        }
+    }
+    adjust
+}
+
 /// Sampling specs covering every step of the algorithm, one per row.
 pub fn sampling_specs(vocab: u32) -> Vec<RowSampling> {
     let g = RowSampling::greedy();
+    let mut rng = Lcg(4321);
+    // Adjustments of a sampled row: random tokens, some of them also penalised (multiples of
+    // 7) or banned (multiples of 11).
+    let overlapping: Vec<(u32, f32)> = [7, 14, 77, 154, 22, 49]
+        .into_iter()
+        .filter(|&t| t < vocab)
+        .map(|t| (t, rng.uniform() * 3.0))
+        .collect();
+    let mut sampled_adjust = random_adjust(&mut rng, vocab, 60, &overlapping);
+    // One id listed twice (`sample` sums them).
+    sampled_adjust.push((sampled_adjust[10].0, 0.75));
+    // A greedy row's: large enough that an adjusted token is likely the arg max.
+    let greedy_adjust = random_adjust(&mut rng, vocab, 200, &[]);
     let mut specs = vec![
         g.clone(),
         RowSampling {
@@ -275,6 +301,7 @@ pub fn sampling_specs(vocab: u32) -> Vec<RowSampling> {
             repetition_penalty: 1.3,
             penalized: (0..vocab).step_by(7).collect(),
             banned: (0..vocab).step_by(11).collect(),
+            adjust: sampled_adjust,
             ..g.clone()
         },
         RowSampling {
@@ -294,6 +321,26 @@ pub fn sampling_specs(vocab: u32) -> Vec<RowSampling> {
         RowSampling {
             allowed: Some(vec![0, 1 << 7]),
             logprobs: 2,
+            ..g.clone()
+        },
+        // Greedy over adjusted logits (the chosen token's raw log-probability), with the
+        // repetition penalty on some of the adjusted tokens.
+        RowSampling {
+            repetition_penalty: 1.2,
+            penalized: greedy_adjust.iter().step_by(3).map(|a| a.0).collect(),
+            adjust: greedy_adjust,
+            logprobs: 4,
+            ..g.clone()
+        },
+        // Teacher forcing: the token and its raw log-probability, whatever the rest says.
+        RowSampling {
+            force: Some(vocab / 3),
+            temperature: 0.8,
+            logprobs: 3,
+            repetition_penalty: 1.5,
+            penalized: vec![vocab / 3, 1],
+            adjust: vec![(vocab / 3, -2.5), (2, 1.0)],
+            banned: vec![vocab / 3],
             ..g
         },
     ];
@@ -325,8 +372,9 @@ fn raw_row(row: &[f32]) -> (Vec<f64>, f64) {
 /// [`plain_sample_inner`] and the chosen token's log-probability in the raw distribution.
 fn plain_sample_lp(row: &[f32], spec: &RowSampling) -> (u32, f64, Vec<(u32, f64)>, f64) {
     let (token, margin, top) = plain_sample_inner(row, spec);
-    // A banned token is chosen only when every token is banned; it has no probability then.
-    let lp = if spec.banned.contains(&token) {
+    // A banned token is chosen only when every token is banned (or forced); it has no
+    // probability then (unless forced: a forced token's is of the raw distribution).
+    let lp = if spec.force.is_none() && spec.banned.contains(&token) {
         f64::NEG_INFINITY
     } else {
         let (raw, log_sum) = raw_row(row);
@@ -348,17 +396,28 @@ fn plain_sample_inner(row: &[f32], spec: &RowSampling) -> (u32, f64, Vec<(u32, f
         .take(spec.logprobs as usize)
         .map(|&i| (i as u32, raw[i] - log_sum))
         .collect();
-    // The penalty is defined on f32 values (transformers' rule); bans remove tokens.
-    let mut x = raw.clone();
+    if let Some(t) = spec.force {
+        return (t, f64::INFINITY, top);
+    }
+    // The penalty is defined on f32 values (transformers' rule), and so are the additive
+    // adjustments after it (repeated ids summed first); bans remove tokens.
+    let mut xf: Vec<f32> = raw.iter().map(|&v| v as f32).collect();
     for &t in &spec.penalized {
         let v = row[t as usize];
         let p = spec.repetition_penalty;
-        x[t as usize] = if v > 0.0 {
-            (v / p) as f64
-        } else {
-            (v * p) as f64
-        };
+        xf[t as usize] = if v > 0.0 { v / p } else { v * p };
     }
+    let mut adjust: Vec<(u32, f32)> = Vec::new();
+    for &(t, a) in &spec.adjust {
+        match adjust.iter_mut().find(|b| b.0 == t) {
+            Some(b) => b.1 += a,
+            None => adjust.push((t, a)),
+        }
+    }
+    for (t, a) in adjust {
+        xf[t as usize] += a;
+    }
+    let mut x: Vec<f64> = xf.iter().map(|&v| v as f64).collect();
     for &t in &spec.banned {
         x[t as usize] = f64::NEG_INFINITY;
     }
@@ -416,15 +475,23 @@ fn plain_sample_inner(row: &[f32], spec: &RowSampling) -> (u32, f64, Vec<(u32, f
     (arg as u32, 0.0, top)
 }
 
+/// The vocabulary of the sampling check.
+const SAMPLING_VOCAB: usize = 5000;
+
+/// The sampling check's logits: `rows` rows of `vocab` values in [-6, 6].
+fn sampling_logits(rows: usize, vocab: usize) -> Vec<f32> {
+    let mut rng = Lcg(77);
+    (0..rows * vocab).map(|_| rng.uniform() * 6.0).collect()
+}
+
 /// The device's tokens must equal [`plain_sample`]'s except where the draw fell within 1e-3 of
 /// a boundary (sums in another order may land on either side); log-probabilities (the top ones
 /// and the chosen token's) within 1e-3.
 fn check_sampling(device: &Device) -> Result<CheckReport> {
-    let vocab = 5000usize;
+    let vocab = SAMPLING_VOCAB;
     let specs = sampling_specs(vocab as u32);
     let rows = specs.len();
-    let mut rng = Lcg(77);
-    let host: Vec<f32> = (0..rows * vocab).map(|_| rng.uniform() * 6.0).collect();
+    let host = sampling_logits(rows, vocab);
     let logits = Tensor::from_slice(&host, (rows, vocab), device)?;
     let got = sample(logits, &specs)?;
     let mut err = 0f32;
@@ -466,7 +533,8 @@ fn check_sampling(device: &Device) -> Result<CheckReport> {
     Ok(CheckReport {
         op: "sample",
         case: format!(
-            "{rows} rows x {vocab}: greedy, logprobs, temperature, top-k, top-p, penalties, bans"
+            "{rows} rows x {vocab}: greedy, logprobs, temperature, top-k, top-p, penalties, \
+             adjustments, bans, masks, forcing"
         ),
         dtype: DType::F32,
         max_abs_err: err,
@@ -661,6 +729,41 @@ mod tests {
         for r in &reports {
             assert!(r.passed(), "{r}");
         }
+    }
+
+    /// The check's rows reach what they are there for: the greedy adjusted row chooses an
+    /// adjusted token whose raw log-probability differs from its adjusted one, and the forced
+    /// row's token is not its arg max.
+    #[test]
+    fn the_sampling_check_exercises_adjustments_and_forcing() {
+        let vocab = SAMPLING_VOCAB;
+        let specs = sampling_specs(vocab as u32);
+        let host = sampling_logits(specs.len(), vocab);
+        let row = |r: usize| &host[r * vocab..(r + 1) * vocab];
+        let (r, spec) = specs
+            .iter()
+            .enumerate()
+            .find(|(_, s)| s.temperature == 0.0 && !s.adjust.is_empty() && s.force.is_none())
+            .expect("a greedy adjusted row");
+        let (token, _, _, lp) = plain_sample_lp(row(r), spec);
+        let adj = spec.adjust.iter().find(|a| a.0 == token);
+        assert!(
+            adj.is_some_and(|a| a.1 != 0.0),
+            "token {token} not adjusted"
+        );
+        let (raw, log_sum) = raw_row(row(r));
+        assert!((lp - (raw[token as usize] - log_sum)).abs() < 1e-9 && lp.is_finite());
+        let (r, spec) = specs
+            .iter()
+            .enumerate()
+            .find(|(_, s)| s.force.is_some())
+            .expect("a forced row");
+        let (token, _, top, lp) = plain_sample_lp(row(r), spec);
+        assert_eq!(Some(token), spec.force);
+        assert!(top[0].0 != token && lp.is_finite() && spec.token_logprob);
+        assert!(specs.iter().any(|s| s.temperature > 0.0
+            && s.adjust.iter().any(|a| s.penalized.contains(&a.0))
+            && s.adjust.iter().any(|a| s.banned.contains(&a.0))));
     }
 
     #[test]

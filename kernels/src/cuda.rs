@@ -375,16 +375,27 @@ pub(crate) fn sample(
         .get_or_load_custom_func("sample_rows", module, ptx)?
         .into_cuda_function();
     let mut fparams = Vec::with_capacity(rows * 4);
-    let mut uparams = Vec::with_capacity(rows * 3);
+    let mut uparams = Vec::with_capacity(rows * 4);
     let (mut pen_off, mut pen_ids, mut ban_off, mut ban_ids) =
         (vec![0u32], Vec::new(), vec![0u32], Vec::new());
+    // Additive adjustments (distinct ids per row, merged by `sample`).
+    let (mut adj_off, mut adj_ids, mut adj_vals) = (vec![0u32], Vec::new(), Vec::new());
     // Bitmasks of the constrained rows (an unconstrained row has none: equal offsets).
     let (mut mask_off, mut mask_words) = (vec![0u32], Vec::new());
     for s in specs {
         fparams.extend_from_slice(&[s.temperature, s.top_p, s.repetition_penalty, s.uniform]);
-        uparams.extend_from_slice(&[s.top_k, s.logprobs, s.token_logprob as u32]);
+        // The 4th: the forced token (teacher forcing), u32::MAX when the row samples.
+        uparams.extend_from_slice(&[
+            s.top_k,
+            s.logprobs,
+            s.token_logprob as u32,
+            s.force.unwrap_or(u32::MAX),
+        ]);
         pen_ids.extend_from_slice(&s.penalized);
         pen_off.push(pen_ids.len() as u32);
+        adj_ids.extend(s.adjust.iter().map(|a| a.0));
+        adj_vals.extend(s.adjust.iter().map(|a| a.1));
+        adj_off.push(adj_ids.len() as u32);
         ban_ids.extend_from_slice(&s.banned);
         ban_off.push(ban_ids.len() as u32);
         // A constrained row always has a word (an empty mask allows nothing).
@@ -397,12 +408,17 @@ pub(crate) fn sample(
     }
     // Never an empty buffer (the offsets say nothing is read).
     pen_ids.push(0);
+    adj_ids.push(0);
+    adj_vals.push(0f32);
     ban_ids.push(0);
     mask_words.push(0);
     let fparams = stream.clone_htod(&fparams).w()?;
     let uparams = stream.clone_htod(&uparams).w()?;
     let pen_off = stream.clone_htod(&pen_off).w()?;
     let pen_ids = stream.clone_htod(&pen_ids).w()?;
+    let adj_off = stream.clone_htod(&adj_off).w()?;
+    let adj_ids = stream.clone_htod(&adj_ids).w()?;
+    let adj_vals = stream.clone_htod(&adj_vals).w()?;
     let ban_off = stream.clone_htod(&ban_off).w()?;
     let ban_ids = stream.clone_htod(&ban_ids).w()?;
     let mask_off = stream.clone_htod(&mask_off).w()?;
@@ -412,6 +428,8 @@ pub(crate) fn sample(
     let mut top_lp = stream.alloc_zeros::<f32>(rows * MAX_LOGPROBS).w()?;
     // One slot per penalised id (the id list ends with a padding entry).
     let mut pen_raw = stream.alloc_zeros::<f32>(pen_ids.len()).w()?;
+    // One slot per adjusted id, likewise.
+    let mut adj_raw = stream.alloc_zeros::<f32>(adj_ids.len()).w()?;
     let mut token_lp = stream.alloc_zeros::<f32>(rows).w()?;
     let mut x = logits.as_cuda_slice_mut::<f32>()?.slice_mut(l0..l1);
     let vocab_i = vocab as i32;
@@ -427,6 +445,9 @@ pub(crate) fn sample(
     b.arg(&uparams);
     b.arg(&pen_off);
     b.arg(&pen_ids);
+    b.arg(&adj_off);
+    b.arg(&adj_ids);
+    b.arg(&adj_vals);
     b.arg(&ban_off);
     b.arg(&ban_ids);
     b.arg(&mask_off);
@@ -435,9 +456,10 @@ pub(crate) fn sample(
     b.arg(&mut top_ids);
     b.arg(&mut top_lp);
     b.arg(&mut pen_raw);
+    b.arg(&mut adj_raw);
     b.arg(&mut token_lp);
-    // SAFETY: the arguments match the kernel's signature; every listed id is below `vocab`
-    // (checked by `sample`).
+    // SAFETY: the arguments match the kernel's signature; every listed id (and every forced
+    // one) is below `vocab` (checked by `sample`).
     unsafe { b.launch(cfg) }.w()?;
     let tokens = stream.clone_dtoh(&tokens).w()?;
     let token_lp = if specs.iter().any(|s| s.token_logprob) {

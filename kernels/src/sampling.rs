@@ -2,15 +2,21 @@
 //! its requested log-probabilities), so a GPU sends back a few bytes per row instead of the
 //! vocabulary. The CUDA kernel (`cuda/sample.cu`) and [`sample_row`] implement the same steps:
 //!
-//! 1. top-n log-probabilities of the raw logits, ordered by (value desc, id asc);
-//! 2. repetition penalty on the listed tokens (transformers' rule), then bans to `-inf`, and
-//!    every token outside a constrained row's allowed set (a bitmask) to `-inf`;
+//! 1. top-n log-probabilities of the raw logits, ordered by (value desc, id asc); a forced row
+//!    (teacher forcing, [`RowSampling::force`]) stops here: its token is the forced one, with
+//!    that token's log-probability in the raw distribution;
+//! 2. repetition penalty on the listed tokens (transformers' rule), then the additive
+//!    adjustments (OpenAI's frequency and presence penalties and `logit_bias`), then bans to
+//!    `-inf`, and every token outside a constrained row's allowed set (a bitmask) to `-inf`;
 //! 3. temperature 0 (or nothing left): the arg max, lowest id on ties;
 //! 4. `p_i = exp((x_i - max) / T)` restricted to the top-k tokens (the k-th largest value, ties
 //!    kept) and then the top-p nucleus of those (the largest value whose tail holds `top_p` of
 //!    their mass), as transformers' warpers do in that order;
 //! 5. the token whose interval of the running sum over ids in increasing order holds
 //!    `u * sum(p)`, for the row's uniform draw `u` ([`uniform`] of the request's seed and step).
+//!
+//! The chosen token's log-probability (when asked for) is always of the raw distribution:
+//! a token the penalty or an adjustment changed reports its logit from before step 2.
 
 use crate::storage::cpu_f32_mut;
 use candle_core::{bail, CpuStorage, DType, InplaceOp1, Layout, Result, Tensor};
@@ -49,6 +55,16 @@ pub struct RowSampling {
     /// `t / 32`); tokens past its end may not. `None`: every token.
     #[serde(default)]
     pub allowed: Option<Vec<u32>>,
+    /// Additive logit adjustments `(token, value)`, applied after the repetition penalty and
+    /// before the bans and the allowed mask (OpenAI's `frequency_penalty`, `presence_penalty`
+    /// and `logit_bias`). [`sample`] merges repeated ids by summing their values.
+    #[serde(default)]
+    pub adjust: Vec<(u32, f32)>,
+    /// Teacher forcing (a prompt row): nothing is sampled, the row's token is this one, its
+    /// `logprob` (when asked for) that of the raw distribution, and the top log-probabilities
+    /// as usual. Penalties, adjustments, bans and the mask are ignored.
+    #[serde(default)]
+    pub force: Option<u32>,
 }
 
 /// Whether bitmask `words` allows token `t`.
@@ -83,6 +99,8 @@ impl RowSampling {
             logprobs: 0,
             token_logprob: false,
             allowed: None,
+            adjust: Vec::new(),
+            force: None,
         }
     }
 }
@@ -124,9 +142,14 @@ pub fn sample(logits: Tensor, specs: &[RowSampling]) -> Result<Vec<SampledToken>
             .penalized
             .iter()
             .chain(&s.banned)
+            .chain(s.adjust.iter().map(|a| &a.0))
+            .chain(&s.force)
             .find(|&&t| t as usize >= vocab)
         {
             bail!("sample: row {r} names token {t}, outside the vocabulary of {vocab}");
+        }
+        if let Some(&(t, v)) = s.adjust.iter().find(|a| !a.1.is_finite()) {
+            bail!("sample: row {r} adjusts token {t} by {v}, not a finite number");
         }
         let mut s = s.clone();
         for list in [&mut s.penalized, &mut s.banned] {
@@ -135,6 +158,10 @@ pub fn sample(logits: Tensor, specs: &[RowSampling]) -> Result<Vec<SampledToken>
         }
         if s.repetition_penalty == 1.0 {
             s.penalized.clear();
+        }
+        s.adjust = merge_adjustments(&s.adjust);
+        if let Some(&(t, v)) = s.adjust.iter().find(|a| !a.1.is_finite()) {
+            bail!("sample: row {r} adjusts token {t} by {v} in all, not a finite number");
         }
         clean.push(s);
     }
@@ -152,6 +179,23 @@ pub fn sample(logits: Tensor, specs: &[RowSampling]) -> Result<Vec<SampledToken>
         Some(r) => Ok(r),
         None => bail!("sample: the op returned nothing"),
     }
+}
+
+/// `adjust` with one entry per token (repeated ids' values summed, in list order), ordered
+/// by id, without the entries that sum to 0.
+fn merge_adjustments(adjust: &[(u32, f32)]) -> Vec<(u32, f32)> {
+    let mut sorted = adjust.to_vec();
+    // Stable: repeated ids keep their list order, so their sum is the same on every device.
+    sorted.sort_by_key(|a| a.0);
+    let mut merged: Vec<(u32, f32)> = Vec::with_capacity(sorted.len());
+    for (t, v) in sorted {
+        match merged.last_mut() {
+            Some(last) if last.0 == t => last.1 += v,
+            _ => merged.push((t, v)),
+        }
+    }
+    merged.retain(|a| a.1 != 0.0);
+    merged
 }
 
 struct SampleRows<'a> {
@@ -238,10 +282,27 @@ pub fn sample_row(x: &mut [f32], spec: &RowSampling) -> (SampledToken, f32) {
     let top_logprobs = lse.map_or_else(Vec::new, |lse| {
         top_logprobs_with(x, spec.logprobs as usize, lse)
     });
-    // The penalised tokens' raw logits (the chosen token's log-probability is of the raw
-    // distribution; bans only remove tokens that are then not chosen).
+    if let Some(token) = spec.force {
+        // Teacher forcing: nothing modified, nothing drawn.
+        let logprob = lse
+            .filter(|_| spec.token_logprob)
+            .map(|lse| x[token as usize] - lse);
+        let forced = SampledToken {
+            token,
+            top_logprobs,
+            logprob,
+        };
+        return (forced, f32::INFINITY);
+    }
+    // The raw logits of the tokens the penalty and the adjustments change (the chosen token's
+    // log-probability is of the raw distribution; bans only remove tokens that are then not
+    // chosen).
     let raw: Vec<(u32, f32)> = if spec.token_logprob {
-        spec.penalized.iter().map(|&t| (t, x[t as usize])).collect()
+        spec.penalized
+            .iter()
+            .chain(spec.adjust.iter().map(|a| &a.0))
+            .map(|&t| (t, x[t as usize]))
+            .collect()
     } else {
         Vec::new()
     };
@@ -252,6 +313,9 @@ pub fn sample_row(x: &mut [f32], spec: &RowSampling) -> (SampledToken, f32) {
         } else {
             *v * spec.repetition_penalty
         };
+    }
+    for &(t, a) in &spec.adjust {
+        x[t as usize] += a;
     }
     for &t in &spec.banned {
         x[t as usize] = f32::NEG_INFINITY;
@@ -492,6 +556,218 @@ mod tests {
         let err = sample(logits.clone(), &[bad, RowSampling::greedy()]).unwrap_err();
         assert!(err.to_string().contains("token 3"), "{err}");
         assert!(sample(logits, &[RowSampling::greedy()]).is_err());
+    }
+
+    /// `log_softmax(row)[t]`, in f64.
+    fn raw_logprob(row: &[f32], t: usize) -> f32 {
+        let z: f64 = row.iter().map(|&v| (v as f64).exp()).sum();
+        (row[t] as f64 - z.ln()) as f32
+    }
+
+    fn close(a: Option<f32>, b: f32) -> bool {
+        a.is_some_and(|a| (a - b).abs() < 1e-5)
+    }
+
+    #[test]
+    fn adjustments_move_the_arg_max() {
+        let logits = [1.0f32, 2.0, 3.0, 0.5];
+        let with = |adjust: Vec<(u32, f32)>, temperature: f32| RowSampling {
+            adjust,
+            temperature,
+            ..RowSampling::greedy()
+        };
+        assert_eq!(
+            sample_row(&mut logits.to_vec(), &with(vec![], 0.0)).0.token,
+            2
+        );
+        // +100 forces a token, -100 removes one, at any temperature.
+        assert_eq!(
+            sample_row(&mut logits.to_vec(), &with(vec![(3, 100.0)], 0.0))
+                .0
+                .token,
+            3
+        );
+        assert!(draw(&logits, &with(vec![(0, 100.0)], 1.0), 5, 200)
+            .iter()
+            .all(|&t| t == 0));
+        assert_eq!(
+            sample_row(&mut logits.to_vec(), &with(vec![(2, -100.0)], 0.0))
+                .0
+                .token,
+            1
+        );
+        let drawn: std::collections::HashSet<u32> =
+            draw(&logits, &with(vec![(2, -100.0), (1, -100.0)], 1.0), 6, 500)
+                .into_iter()
+                .collect();
+        assert_eq!(drawn, [0, 3].into_iter().collect());
+        // A ban still wins over a bias (bans come after the adjustments).
+        let s = RowSampling {
+            banned: vec![3],
+            ..with(vec![(3, 100.0)], 0.0)
+        };
+        assert_eq!(sample_row(&mut logits.to_vec(), &s).0.token, 2);
+    }
+
+    /// OpenAI's frequency and presence penalties over a history, as adjustments after the
+    /// repetition penalty: the row afterwards holds exactly the directly computed logits.
+    #[test]
+    fn frequency_like_adjustments_equal_a_direct_computation() {
+        let logits = [1.5f32, -0.5, 2.0, 3.5, 0.3, -1.0, 0.9, 1.1];
+        let history = [3u32, 3, 5, 1, 3, 6];
+        let (freq, pres, rep) = (0.7f32, 0.4f32, 1.5f32);
+        let mut adjust = Vec::new();
+        for t in 0..logits.len() as u32 {
+            let count = history.iter().filter(|&&h| h == t).count() as f32;
+            if count > 0.0 {
+                adjust.push((t, -(count * freq) - pres));
+            }
+        }
+        let s = RowSampling {
+            repetition_penalty: rep,
+            penalized: vec![1, 3, 5, 6],
+            adjust,
+            token_logprob: true,
+            ..RowSampling::greedy()
+        };
+        let mut row = logits.to_vec();
+        let (out, _) = sample_row(&mut row, &s);
+        let direct: Vec<f32> = logits
+            .iter()
+            .enumerate()
+            .map(|(t, &v)| {
+                let count = history.iter().filter(|&&h| h as usize == t).count() as f32;
+                let v = if count > 0.0 {
+                    if v > 0.0 {
+                        v / rep
+                    } else {
+                        v * rep
+                    }
+                } else {
+                    v
+                };
+                v - count * freq - if count > 0.0 { pres } else { 0.0 }
+            })
+            .collect();
+        for (t, (a, b)) in row.iter().zip(&direct).enumerate() {
+            assert!((a - b).abs() < 1e-6, "token {t}: {a} vs {b}");
+        }
+        // Token 3 (3.5) is still the best after the repetition penalty (3.5 / 1.5), not after
+        // the adjustments (-3 * 0.7 - 0.4): token 2 (2.0) is.
+        assert_eq!(out.token, 2);
+        assert!(close(out.logprob, raw_logprob(&logits, 2)), "{out:?}");
+    }
+
+    /// The chosen token's log-probability is of the raw distribution even when the penalty
+    /// and an adjustment (or only an adjustment) changed it, greedy or sampled.
+    #[test]
+    fn an_adjusted_chosen_token_reports_its_raw_logprob() {
+        let logits = [2.0f32, 1.0, 0.0, -1.0];
+        for (penalized, temperature) in [(vec![3], 0.0), (vec![], 0.0), (vec![3, 0], 1.0)] {
+            let s = RowSampling {
+                repetition_penalty: 2.0,
+                penalized,
+                adjust: vec![(3, 50.0), (1, 0.5)],
+                temperature,
+                uniform: 0.5,
+                token_logprob: true,
+                ..RowSampling::greedy()
+            };
+            let (out, _) = sample_row(&mut logits.to_vec(), &s);
+            assert_eq!(out.token, 3);
+            assert!(
+                close(out.logprob, raw_logprob(&logits, 3)),
+                "{out:?} vs {}",
+                raw_logprob(&logits, 3)
+            );
+        }
+    }
+
+    #[test]
+    fn a_forced_row_returns_its_token_and_raw_logprob() {
+        let logits = [5.0f32, 1.0, 0.0, 2.0];
+        for temperature in [0.0, 1.0] {
+            let s = RowSampling {
+                force: Some(2),
+                temperature,
+                uniform: 0.3,
+                logprobs: 2,
+                token_logprob: true,
+                // None of these apply to a forced row.
+                repetition_penalty: 3.0,
+                penalized: vec![2, 0],
+                adjust: vec![(2, -40.0)],
+                banned: vec![2],
+                allowed: Some(vec![1]),
+                ..RowSampling::greedy()
+            };
+            let (out, _) = sample_row(&mut logits.to_vec(), &s);
+            assert_eq!(out.token, 2);
+            assert!(close(out.logprob, raw_logprob(&logits, 2)), "{out:?}");
+            assert_eq!(
+                out.top_logprobs.iter().map(|p| p.0).collect::<Vec<_>>(),
+                vec![0, 3]
+            );
+            assert!((out.top_logprobs[1].1 - raw_logprob(&logits, 3)).abs() < 1e-5);
+        }
+        // Through `sample`, beside a free row; without `token_logprob` no log-probability.
+        let t = Tensor::new(&[logits, logits], &Device::Cpu).unwrap();
+        let forced = RowSampling {
+            force: Some(1),
+            ..RowSampling::greedy()
+        };
+        let out = sample(t, &[forced, RowSampling::greedy()]).unwrap();
+        assert_eq!((out[0].token, out[0].logprob), (1, None));
+        assert_eq!(out[1].token, 0);
+    }
+
+    /// `sample` sums repeated ids (+2 and +3 on token 1 make it the arg max; either alone
+    /// does not) and reports the raw log-probability.
+    #[test]
+    fn sample_merges_repeated_adjustments() {
+        let logits = [0.0f32, -4.0, 0.5];
+        let s = RowSampling {
+            adjust: vec![(1, 2.0), (2, 0.0), (1, 3.0)],
+            token_logprob: true,
+            ..RowSampling::greedy()
+        };
+        let t = Tensor::new(&[logits], &Device::Cpu).unwrap();
+        let out = sample(t, std::slice::from_ref(&s)).unwrap();
+        assert_eq!(out[0].token, 1);
+        assert!(close(out[0].logprob, raw_logprob(&logits, 1)), "{out:?}");
+        assert_eq!(
+            merge_adjustments(&s.adjust),
+            vec![(1, 5.0)],
+            "merged, the zero dropped"
+        );
+        for adjust in [vec![(1, 2.0)], vec![(1, 3.0)]] {
+            let s = RowSampling {
+                adjust,
+                ..RowSampling::greedy()
+            };
+            assert_eq!(sample_row(&mut logits.to_vec(), &s).0.token, 2);
+        }
+    }
+
+    #[test]
+    fn invalid_adjustments_and_forced_ids_are_errors() {
+        let logits = Tensor::new(&[[0f32, 1., 2.]], &Device::Cpu).unwrap();
+        let bad = [
+            (vec![(3, 1.0)], None, "token 3"),
+            (vec![(0, f32::NAN)], None, "not a finite"),
+            (vec![(1, f32::INFINITY)], None, "not a finite"),
+            (vec![(2, f32::MAX), (2, f32::MAX)], None, "in all"),
+            (vec![], Some(3), "token 3"),
+        ];
+        for (adjust, force, why) in bad {
+            let s = RowSampling {
+                adjust,
+                force,
+                ..RowSampling::greedy()
+            };
+            let err = sample(logits.clone(), &[s]).unwrap_err().to_string();
+            assert!(err.contains(why), "{err}");
+        }
     }
 
     /// A constrained row picks only allowed tokens, greedy or sampled, and a mask shorter

@@ -103,8 +103,9 @@ pub fn run(args: GenerateArgs, log_level: &str) -> Result<()> {
         ignore_eos: args.ignore_eos,
         logprobs: args.logprobs,
         token_logprobs: false,
-        prompt_logprobs: args.prompt_logprobs,
+        prompt_logprobs: (args.prompt_logprobs > 0).then_some(args.prompt_logprobs),
         constraint: None,
+        ..SamplingParams::default()
     };
     params.validate()?;
     let path = model_resolve::resolve(&args.model, args.access_token.as_deref())?;

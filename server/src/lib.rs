@@ -12,6 +12,7 @@ pub mod service;
 mod structured;
 mod takeoff;
 mod tgi;
+mod tools;
 
 pub use registry::{
     Lease, LoadedReader, ReaderLoader, ReaderSpec, ReaderState, Registry, RegistryOptions, Target,

@@ -3,7 +3,7 @@
 //! per token with its `top_logprobs`). Values are the log-softmax of the raw logits (before
 //! temperature, penalties and bans), as vLLM reports them by default.
 
-use liftoff_engine::scheduler::TokenEvent;
+use liftoff_engine::scheduler::{PromptLogprob, TokenEvent};
 use liftoff_engine::tokenizer::Tokenizer;
 use serde_json::{json, Map, Value};
 
@@ -39,30 +39,55 @@ impl Renderer<'_> {
         }
     }
 
-    fn top<'e>(&'e self, ev: &'e TokenEvent) -> impl Iterator<Item = (String, f64)> + 'e {
-        ev.top_logprobs
-            .iter()
+    fn top<'e>(&'e self, top: &'e [(u32, f32)]) -> impl Iterator<Item = (String, Value)> + 'e {
+        top.iter()
             .take(self.req.top)
-            .map(|&(id, lp)| (self.token(id), Self::number(lp)))
+            .map(|&(id, lp)| (self.token(id), json!(Self::number(lp))))
     }
 
-    /// The completions object for `events` (one per token), `offset` being where the first
-    /// token's text starts in the completion.
-    pub fn completion(&self, events: &[&TokenEvent], mut offset: usize) -> Value {
-        let (mut tokens, mut lps, mut tops, mut offsets) = (vec![], vec![], vec![], vec![]);
+    /// Appends `events` (generated tokens) to `c`; the first token's text starts at `offset`.
+    pub fn push_events(
+        &self,
+        c: &mut CompletionLogprobs,
+        events: &[&TokenEvent],
+        mut offset: usize,
+    ) {
         for ev in events {
             let token = self.token(ev.token_id);
             let lp = Self::number(ev.logprob.unwrap_or(f32::NEG_INFINITY));
             // The chosen token is always among the alternatives, as OpenAI shows them.
-            let mut top: Map<String, Value> = self.top(ev).map(|(t, v)| (t, json!(v))).collect();
+            let mut top: Map<String, Value> = self.top(&ev.top_logprobs).collect();
             top.entry(token.clone()).or_insert(json!(lp));
-            tokens.push(json!(token));
-            lps.push(json!(lp));
-            tops.push(Value::Object(top));
-            offsets.push(json!(offset));
+            c.push(token, json!(lp), Value::Object(top), offset);
             offset += ev.text.len();
         }
-        json!({"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets})
+    }
+
+    /// Appends the prompt's tokens (`echo`): the first has no log-probability (`null`), each
+    /// later one its own and its position's alternatives. Returns where the prompt's text
+    /// ends.
+    pub fn push_prompt(
+        &self,
+        c: &mut CompletionLogprobs,
+        prompt: &[u32],
+        rows: &[PromptLogprob],
+    ) -> usize {
+        let mut offset = 0;
+        for (i, &id) in prompt.iter().enumerate() {
+            let token = self.token(id);
+            let len = token.len();
+            match i.checked_sub(1).and_then(|r| rows.get(r)) {
+                Some(row) => {
+                    let lp = Self::number(row.logprob);
+                    let mut top: Map<String, Value> = self.top(&row.top).collect();
+                    top.entry(token.clone()).or_insert(json!(lp));
+                    c.push(token, json!(lp), Value::Object(top), offset);
+                }
+                None => c.push(token, Value::Null, Value::Null, offset),
+            }
+            offset += len;
+        }
+        offset
     }
 
     fn entry(&self, token: String, lp: f64) -> Value {
@@ -79,10 +104,37 @@ impl Renderer<'_> {
                     self.token(ev.token_id),
                     Self::number(ev.logprob.unwrap_or(f32::NEG_INFINITY)),
                 );
-                e["top_logprobs"] = self.top(ev).map(|(t, v)| self.entry(t, v)).collect();
+                e["top_logprobs"] = self
+                    .top(&ev.top_logprobs)
+                    .map(|(t, v)| self.entry(t, v.as_f64().unwrap_or(-9999.0)))
+                    .collect();
                 e
             })
             .collect();
         json!({"content": content})
+    }
+}
+
+/// The legacy completions log-probabilities, built up token by token.
+#[derive(Debug, Default)]
+pub struct CompletionLogprobs {
+    tokens: Vec<Value>,
+    token_logprobs: Vec<Value>,
+    top_logprobs: Vec<Value>,
+    text_offset: Vec<Value>,
+}
+
+impl CompletionLogprobs {
+    fn push(&mut self, token: String, lp: Value, top: Value, offset: usize) {
+        self.tokens.push(json!(token));
+        self.token_logprobs.push(lp);
+        self.top_logprobs.push(top);
+        self.text_offset.push(json!(offset));
+    }
+
+    /// OpenAI's object.
+    pub fn to_json(&self) -> Value {
+        json!({"tokens": self.tokens, "token_logprobs": self.token_logprobs,
+               "top_logprobs": self.top_logprobs, "text_offset": self.text_offset})
     }
 }

@@ -1,7 +1,7 @@
 //! Chat messages as OpenAI clients send them: `content` as a string or an array of parts
 //! (`text` parts joined in order), roles `system`, `developer` (as system), `user`,
-//! `assistant`, `tool`, and `name`. What the server cannot render yet (images, audio, files,
-//! tool calls) is a 400 naming the field, never dropped.
+//! `assistant` (with `tool_calls`), `tool` (with `tool_call_id`), and `name`. What the server
+//! cannot render yet (images, audio, files) is a 400 naming the field, never dropped.
 
 use crate::error::ApiError;
 use liftoff_engine::tokenizer::ChatMessage;
@@ -58,16 +58,20 @@ pub fn to_chat(messages: Vec<RequestMessage>) -> Result<Vec<ChatMessage>, ApiErr
                 }
             }
             .to_string();
-            if m.tool_calls.as_ref().is_some_and(|v| !v.is_null()) {
-                return Err(ApiError::invalid(
-                    &at("tool_calls"),
-                    "tool calls are not supported yet",
-                ));
-            }
-            if m.tool_call_id.is_some() {
+            let tool_calls = match m.tool_calls {
+                None | Some(Value::Null) => None,
+                Some(calls) if role == "assistant" => Some(check_calls(calls, &at("tool_calls"))?),
+                Some(_) => {
+                    return Err(ApiError::invalid(
+                        &at("tool_calls"),
+                        "only assistant messages have tool_calls",
+                    ))
+                }
+            };
+            if role == "tool" && m.tool_call_id.is_none() {
                 return Err(ApiError::invalid(
                     &at("tool_call_id"),
-                    "tool results are not supported yet",
+                    "a tool message needs the tool_call_id it answers",
                 ));
             }
             let content = match m.content {
@@ -104,7 +108,32 @@ pub fn to_chat(messages: Vec<RequestMessage>) -> Result<Vec<ChatMessage>, ApiErr
                     text
                 }
             };
-            Ok(ChatMessage::new(role, content))
+            let mut msg = ChatMessage::new(role, content);
+            msg.tool_calls = tool_calls;
+            msg.tool_call_id = m.tool_call_id;
+            Ok(msg)
         })
         .collect()
+}
+
+/// An assistant message's `tool_calls`: a list of `{"type": "function", "function": {"name",
+/// "arguments"}}` (an `id` too, usually).
+fn check_calls(calls: Value, field: &str) -> Result<Value, ApiError> {
+    let list = calls
+        .as_array()
+        .ok_or_else(|| ApiError::invalid(field, "tool_calls is a list"))?;
+    for (i, c) in list.iter().enumerate() {
+        let named = c
+            .get("function")
+            .and_then(|f| f.get("name"))
+            .is_some_and(Value::is_string);
+        let kind = c.get("type").and_then(Value::as_str).unwrap_or("function");
+        if !named || kind != "function" {
+            return Err(ApiError::invalid(
+                &format!("{field}[{i}]"),
+                "a tool call is {\"type\": \"function\", \"function\": {\"name\", \"arguments\"}}",
+            ));
+        }
+    }
+    Ok(calls)
 }

@@ -6,7 +6,7 @@ use crate::metrics::Metrics;
 use crate::registry::Lease;
 use liftoff_engine::sampling::SamplingParams;
 use liftoff_engine::scheduler::{
-    GenerationRequest, SchedulerHandle, SeqEvent, SubmitError, TokenEvent,
+    GenerationRequest, PromptLogprob, SchedulerHandle, SeqEvent, SubmitError, TokenEvent,
 };
 use liftoff_engine::sequence::FinishReason;
 use liftoff_engine::tokenizer::Tokenizer;
@@ -191,6 +191,7 @@ impl ModelService {
             model,
             prompt_tokens: prompt_len,
             lease: None,
+            pending: None,
         })
     }
 }
@@ -229,16 +230,30 @@ pub struct TokenStream {
     pub prompt_tokens: usize,
     /// The reader it runs on, kept loaded while the stream lives.
     lease: Option<Lease>,
+    /// An event [`peek`](Self::peek) read ahead.
+    pending: Option<Option<Result<TokenEvent, ApiError>>>,
 }
 
 impl TokenStream {
     /// The next token; `Err` when the request failed. `None` after the last one.
     pub async fn next(&mut self) -> Option<Result<TokenEvent, ApiError>> {
+        if let Some(ev) = self.pending.take() {
+            return ev;
+        }
         let ev = self.recv().await;
         if let (Some(Err(_)), Some(lease)) = (&ev, &self.lease) {
             self.metrics.reader_failure(lease.labels());
         }
         ev
+    }
+
+    /// Waits for the first event (the request's prompt is then computed, its full blocks in
+    /// the prefix cache) and keeps it for [`next`](Self::next).
+    pub async fn peek(&mut self) {
+        if self.pending.is_none() {
+            let ev = self.next().await;
+            self.pending = Some(ev);
+        }
     }
 
     async fn recv(&mut self) -> Option<Result<TokenEvent, ApiError>> {
@@ -302,6 +317,8 @@ pub struct Completion {
     pub cached_tokens: usize,
     pub finish_reason: Option<FinishReason>,
     pub prompt_tokens: usize,
+    /// The prompt's log-probabilities, when asked for.
+    pub prompt_logprobs: Option<Vec<PromptLogprob>>,
 }
 
 impl TokenStream {
@@ -312,7 +329,10 @@ impl TokenStream {
             ..Default::default()
         };
         while let Some(ev) = self.next().await {
-            let ev = ev?;
+            let mut ev = ev?;
+            if let Some(p) = ev.prompt_logprobs.take() {
+                c.prompt_logprobs = Some(p);
+            }
             c.text.push_str(&ev.text);
             c.cached_tokens = ev.cached_tokens;
             let finished = ev.finished;

@@ -100,8 +100,9 @@ async fn prepare(state: &AppState, req: GenerateRequest) -> Result<Prepared, Api
             ignore_eos: false,
             logprobs: 0,
             token_logprobs: false,
-            prompt_logprobs: 0,
+            prompt_logprobs: None,
             constraint: constraint.clone(),
+            ..SamplingParams::default()
         };
         params
             .validate()

@@ -19,7 +19,8 @@ use std::sync::Arc;
 use tower::ServiceExt;
 
 /// A model that answers every step at once with token 42 (and made-up log-probabilities); a
-/// constrained row gets its highest allowed token instead, as a sampler must.
+/// constrained row gets its highest allowed token instead and a forced row its forced token,
+/// as a sampler must.
 struct Instant;
 
 impl Executor for Instant {
@@ -34,11 +35,13 @@ impl Executor for Instant {
             .iter()
             .enumerate()
             .map(|(r, s)| SampledToken {
-                token: masks.iter().find(|m| m.0 == r).map_or(42, |(_, words)| {
-                    (0..words.len() * 32)
-                        .rev()
-                        .find(|&t| liftoff_engine::sampling::mask_allows(words, t))
-                        .unwrap_or(0) as u32
+                token: s.force.unwrap_or_else(|| {
+                    masks.iter().find(|m| m.0 == r).map_or(42, |(_, words)| {
+                        (0..words.len() * 32)
+                            .rev()
+                            .find(|&t| liftoff_engine::sampling::mask_allows(words, t))
+                            .unwrap_or(0) as u32
+                    })
                 }),
                 top_logprobs: (0..s.logprobs).map(|i| (i, -(i as f32) - 0.5)).collect(),
                 logprob: s.token_logprob.then_some(-0.25),

@@ -2,53 +2,19 @@
 
 Run by scripts/test.sh with LIFTOFF_BIN pointing at the built binary.
 """
+import json
 import os
-import socket
-import subprocess
+import re
 import time
-import urllib.request
 
 import pytest
-import json
-import re
 
 from huggingface_hub import InferenceClient
 from openai import OpenAI
 from takeoff_client import TakeoffClient
 from takeoff_client.exceptions import TakeoffException
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-FIXTURES = os.path.join(ROOT, "tests", "fixtures", "models")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server():
-    port, mport = free_port(), free_port()
-    proc = subprocess.Popen(
-        [os.environ.get("LIFTOFF_BIN", "target/release/liftoff"), "serve", "--host", "127.0.0.1",
-         "--port", str(port), "--management-port", str(mport), "--max-sequence-length", "1024",
-         "--model-root", FIXTURES],
-        env=dict(os.environ, TAKEOFF_LOG_LEVEL="warn"), stdout=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except Exception:
-            time.sleep(0.3)
-    else:
-        proc.kill()
-        raise RuntimeError("liftoff did not become healthy")
-    yield port, mport
-    proc.terminate()
-    proc.wait(timeout=30)
+from conftest import FIXTURES
 
 
 def test_openai_completion_and_models(server):

@@ -29,10 +29,24 @@ pub struct SamplingParams {
     pub logprobs: usize,
     /// Report each generated token's own log-probability (in the raw distribution).
     pub token_logprobs: bool,
-    /// Number of top log-probabilities to report at every prompt position (vLLM's
-    /// `prompt_logprobs`: position `i` is the distribution of token `i + 1`); 0 for none.
-    /// Such a prompt is computed whole (the prefix cache is not read for it).
-    pub prompt_logprobs: usize,
+    /// Prompt log-probabilities (OpenAI's `echo` with `logprobs`, vLLM's `prompt_logprobs`):
+    /// `Some(n)` reports, for every prompt token but the first, its own log-probability given
+    /// the tokens before it and the top `n` there (`n` may be 0); `None` for none. Such a
+    /// prompt is computed whole (the prefix cache is not read for it).
+    #[serde(default)]
+    pub prompt_logprobs: Option<usize>,
+    /// OpenAI's `frequency_penalty` (in [-2, 2]): each generated token's logit is lowered by
+    /// this times the number of times it was generated so far; 0 disables.
+    #[serde(default)]
+    pub frequency_penalty: f32,
+    /// OpenAI's `presence_penalty` (in [-2, 2]): lowers the logit of every token generated
+    /// so far by this, once; 0 disables.
+    #[serde(default)]
+    pub presence_penalty: f32,
+    /// OpenAI's `logit_bias`: `(token, bias)` pairs (bias in [-100, 100]) added to the logits
+    /// at every step.
+    #[serde(default)]
+    pub logit_bias: Vec<(u32, f32)>,
     /// Constrained decoding: the output must match this JSON schema or regex.
     #[serde(default)]
     pub constraint: Option<crate::constraint::Constraint>,
@@ -53,7 +67,10 @@ impl Default for SamplingParams {
             ignore_eos: false,
             logprobs: 0,
             token_logprobs: false,
-            prompt_logprobs: 0,
+            prompt_logprobs: None,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            logit_bias: Vec::new(),
             constraint: None,
         }
     }
@@ -70,6 +87,12 @@ pub struct ParamError {
 
 /// Largest `logprobs` a request may ask for.
 pub const MAX_LOGPROBS: usize = 20;
+
+/// Largest magnitude of `frequency_penalty` and `presence_penalty` (OpenAI's range).
+pub const MAX_PENALTY: f32 = 2.0;
+
+/// Largest magnitude of a `logit_bias` value (OpenAI's range).
+pub const MAX_LOGIT_BIAS: f32 = 100.0;
 
 impl SamplingParams {
     /// Greedy decoding of `max_new_tokens` tokens.
@@ -117,10 +140,31 @@ impl SamplingParams {
                 format!("at most {MAX_LOGPROBS}, got {}", self.logprobs),
             );
         }
-        if self.prompt_logprobs > MAX_LOGPROBS {
+        if let Some(n) = self.prompt_logprobs.filter(|&n| n > MAX_LOGPROBS) {
             return bad(
                 "prompt_logprobs",
-                format!("at most {MAX_LOGPROBS}, got {}", self.prompt_logprobs),
+                format!("at most {MAX_LOGPROBS}, got {n}"),
+            );
+        }
+        for (field, v) in [
+            ("frequency_penalty", self.frequency_penalty),
+            ("presence_penalty", self.presence_penalty),
+        ] {
+            if !(-MAX_PENALTY..=MAX_PENALTY).contains(&v) {
+                return bad(
+                    field,
+                    format!("must be in [-{MAX_PENALTY}, {MAX_PENALTY}], got {v}"),
+                );
+            }
+        }
+        if let Some(&(t, b)) = self
+            .logit_bias
+            .iter()
+            .find(|b| !(-MAX_LOGIT_BIAS..=MAX_LOGIT_BIAS).contains(&b.1))
+        {
+            return bad(
+                "logit_bias",
+                format!("token {t}: must be in [-{MAX_LOGIT_BIAS}, {MAX_LOGIT_BIAS}], got {b}"),
             );
         }
         if self.stop.iter().any(|s| s.is_empty()) {
@@ -161,5 +205,53 @@ mod tests {
             .to_string()
             .contains("temperature"));
         assert!(SamplingParams::default().validate().is_ok());
+    }
+
+    #[test]
+    fn openai_penalties_and_biases_are_range_checked() {
+        let field = |p: SamplingParams| p.validate().err().map(|e| e.field);
+        let d = SamplingParams::default;
+        for (v, ok) in [
+            (2.0, true),
+            (-2.0, true),
+            (0.5, true),
+            (2.01, false),
+            (-2.5, false),
+            (f32::NAN, false),
+            (f32::INFINITY, false),
+        ] {
+            let want = |name| if ok { None } else { Some(name) };
+            let p = SamplingParams {
+                frequency_penalty: v,
+                ..d()
+            };
+            assert_eq!(field(p), want("frequency_penalty"), "{v}");
+            let p = SamplingParams {
+                presence_penalty: v,
+                ..d()
+            };
+            assert_eq!(field(p), want("presence_penalty"), "{v}");
+        }
+        for (b, ok) in [
+            (100.0, true),
+            (-100.0, true),
+            (100.5, false),
+            (-101.0, false),
+            (f32::NAN, false),
+            (f32::NEG_INFINITY, false),
+        ] {
+            let p = SamplingParams {
+                logit_bias: vec![(3, 1.0), (5, b)],
+                ..d()
+            };
+            assert_eq!(field(p), (!ok).then_some("logit_bias"), "{b}");
+        }
+        let p = |n| SamplingParams {
+            prompt_logprobs: Some(n),
+            ..d()
+        };
+        assert_eq!(field(p(0)), None);
+        assert_eq!(field(p(MAX_LOGPROBS)), None);
+        assert_eq!(field(p(MAX_LOGPROBS + 1)), Some("prompt_logprobs"));
     }
 }

@@ -1,5 +1,8 @@
 //! Logits processors, as the token lists a row's sampling applies where the logits are
-//! (transformers' order: repetition penalty, then no-repeat n-grams and the minimum length).
+//! (transformers' order: repetition penalty, then OpenAI's additive penalties and biases, then
+//! no-repeat n-grams and the minimum length).
+
+use std::collections::BTreeMap;
 
 /// transformers' `RepetitionPenaltyLogitsProcessor` applies to every distinct token in
 /// `history` (none when `penalty` is 1).
@@ -11,6 +14,34 @@ pub fn penalized_tokens(history: &[u32], penalty: f32) -> Vec<u32> {
     seen.sort_unstable();
     seen.dedup();
     seen
+}
+
+/// OpenAI's frequency and presence penalties and `logit_bias` as a row's additive logit
+/// adjustments ([`RowSampling::adjust`](crate::sampling::RowSampling::adjust)): for every
+/// distinct token `j` of `generated` (the tokens generated so far, not the prompt),
+/// `-(count_j * frequency_penalty) - presence_penalty`, plus `logit_bias[j]` for every biased
+/// token (summed where both, and where a token is biased twice). Ordered by token; entries
+/// that come to exactly 0 are left out, so the list is empty when everything is 0.
+pub fn logit_adjustments(
+    generated: &[u32],
+    frequency_penalty: f32,
+    presence_penalty: f32,
+    logit_bias: &[(u32, f32)],
+) -> Vec<(u32, f32)> {
+    let mut adjust: BTreeMap<u32, f32> = BTreeMap::new();
+    if frequency_penalty != 0.0 || presence_penalty != 0.0 {
+        let mut counts: BTreeMap<u32, u32> = BTreeMap::new();
+        for &t in generated {
+            *counts.entry(t).or_default() += 1;
+        }
+        for (t, count) in counts {
+            adjust.insert(t, -(count as f32 * frequency_penalty) - presence_penalty);
+        }
+    }
+    for &(t, bias) in logit_bias {
+        *adjust.entry(t).or_default() += bias;
+    }
+    adjust.into_iter().filter(|a| a.1 != 0.0).collect()
 }
 
 /// transformers' `NoRepeatNGramLogitsProcessor`: every token that would complete an n-gram
@@ -47,6 +78,47 @@ mod tests {
     fn repetition_penalty_lists_distinct_history() {
         assert_eq!(penalized_tokens(&[0, 1, 1, 5], 2.0), vec![0, 1, 5]);
         assert!(penalized_tokens(&[0, 1], 1.0).is_empty());
+    }
+
+    #[test]
+    fn openai_adjustments_count_generated_tokens_and_add_biases() {
+        // Token 4 three times, 9 once, 1 twice; 9 and 6 biased.
+        let generated = [4, 9, 4, 1, 4, 1];
+        let (f, p) = (0.5, 0.25);
+        let got = logit_adjustments(&generated, f, p, &[(9, 2.0), (6, -100.0)]);
+        let want = vec![
+            (1, -(2.0 * f) - p),
+            (4, -(3.0 * f) - p),
+            (6, -100.0),
+            (9, -(1.0 * f) - p + 2.0),
+        ];
+        assert_eq!(got.len(), want.len(), "{got:?}");
+        for (g, w) in got.iter().zip(&want) {
+            assert!(
+                g.0 == w.0 && (g.1 - w.1).abs() < 1e-6,
+                "{got:?} vs {want:?}"
+            );
+        }
+        // Presence applies once whatever the count; frequency alone scales with it.
+        assert_eq!(
+            logit_adjustments(&[3, 3, 3], 0.0, 1.5, &[]),
+            vec![(3, -1.5)]
+        );
+        assert_eq!(
+            logit_adjustments(&[3, 3, 3], 1.5, 0.0, &[]),
+            vec![(3, -4.5)]
+        );
+        // Negative penalties encourage repetition.
+        assert_eq!(logit_adjustments(&[7], -1.0, -1.0, &[]), vec![(7, 2.0)]);
+        // Biases alone, with no history; a token biased twice gets the sum.
+        assert_eq!(
+            logit_adjustments(&[], 1.0, 1.0, &[(5, 1.0), (2, 3.0), (5, 0.5)]),
+            vec![(2, 3.0), (5, 1.5)]
+        );
+        // Nothing to do: empty.
+        assert!(logit_adjustments(&generated, 0.0, 0.0, &[]).is_empty());
+        assert!(logit_adjustments(&generated, 0.0, 0.0, &[(3, 0.0)]).is_empty());
+        assert!(logit_adjustments(&[], 0.0, 0.0, &[]).is_empty());
     }
 
     #[test]

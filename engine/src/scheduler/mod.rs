@@ -22,6 +22,7 @@ use crate::model_runner::RowMasks;
 use crate::sampling::{RowSampling, SampledToken, SamplingParams};
 use crate::sequence::{FinishReason, SequenceState};
 use crate::tokenizer::Tokenizer;
+use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -88,9 +89,21 @@ pub struct TokenEvent {
     pub generated_tokens: usize,
     /// Time from arrival to admission, on the first token only.
     pub queue_time: Option<Duration>,
-    /// On the first token, when asked for: the top log-probabilities at each prompt position
-    /// but the last (entry `i` is the distribution of prompt token `i + 1`).
-    pub prompt_logprobs: Option<Vec<Vec<(u32, f32)>>>,
+    /// On the first token, when asked for ([`SamplingParams::prompt_logprobs`]): entry `i`
+    /// describes prompt token `i + 1` (the first prompt token has none).
+    pub prompt_logprobs: Option<Vec<PromptLogprob>>,
+}
+
+/// A prompt token's log-probability given the prompt before it (OpenAI's `echo` with
+/// `logprobs`), and the most likely tokens at its position.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PromptLogprob {
+    /// The prompt token.
+    pub token: u32,
+    /// Its log-probability in the model's raw distribution at its position.
+    pub logprob: f32,
+    /// The top `n` `(token, log-probability)` there, most likely first (`n` as asked).
+    pub top: Vec<(u32, f32)>,
 }
 
 /// What a request's channel carries.
@@ -116,9 +129,9 @@ struct Entry {
     events: UnboundedSender<SeqEvent>,
     arrival: Instant,
     queue_time: Option<Duration>,
-    /// Prompt log-probabilities gathered so far (one entry per prompt position but the last),
-    /// when the request asks for them.
-    prompt_logprobs: Vec<Vec<(u32, f32)>>,
+    /// Prompt log-probabilities gathered so far (entry `i` for prompt token `i + 1`), when the
+    /// request asks for them.
+    prompt_logprobs: Vec<PromptLogprob>,
     /// Prompt tokens found in the prefix cache at the first admission.
     cached_tokens: Option<usize>,
     /// Constrained decoding: where the output is in its grammar.
@@ -151,7 +164,7 @@ impl Entry {
 
     /// Whether the prompt's log-probabilities are still to be computed.
     fn wants_prompt_logprobs(&self) -> bool {
-        self.state.params().prompt_logprobs > 0 && self.state.generated().is_empty()
+        self.state.params().prompt_logprobs.is_some() && self.state.generated().is_empty()
     }
 
     /// Adds the next `take` uncomputed tokens to `batch`: the last one's logits when they
@@ -258,6 +271,12 @@ impl<E: Executor> Scheduler<E> {
             return fail(format!(
                 "the prompt has {} tokens, more than the KV cache holds",
                 req.prompt.len()
+            ));
+        }
+        let vocab = self.tokenizer.vocab_size();
+        if let Some(&(t, _)) = req.params.logit_bias.iter().find(|b| b.0 as usize >= vocab) {
+            return fail(format!(
+                "logit_bias: token {t} is outside the vocabulary of {vocab}"
             ));
         }
         let constraint = match &req.params.constraint {
@@ -415,12 +434,16 @@ impl<E: Executor> Scheduler<E> {
         let mut constrained: Vec<(usize, usize)> = Vec::new();
         for c in &plan {
             let state = &self.running[c.idx].state;
-            // Prompt rows: the arg max (unused) and the asked log-probabilities.
-            let prompt_row = RowSampling {
-                logprobs: state.params().prompt_logprobs as u32,
+            // Prompt rows: position `pos` forces the next prompt token, for its log-probability
+            // and the asked top ones.
+            let prompt = state.prompt();
+            let n = state.params().prompt_logprobs.unwrap_or(0) as u32;
+            specs.extend((c.first..c.first + c.prompt_rows).map(|pos| RowSampling {
+                force: Some(prompt[pos + 1]),
+                token_logprob: true,
+                logprobs: n,
                 ..RowSampling::greedy()
-            };
-            specs.extend(std::iter::repeat_n(prompt_row, c.prompt_rows));
+            }));
             if c.wants {
                 if self.running[c.idx].constraint.is_some() {
                     constrained.push((specs.len(), c.idx));
@@ -551,10 +574,21 @@ impl<E: Executor> Scheduler<E> {
             let e = &mut self.running[idx];
             e.computed += took;
             if prompt_rows > 0 {
-                let n = e.state.prompt().len() - 1;
-                e.prompt_logprobs.resize(n, Vec::new());
+                let prompt = e.state.prompt();
+                let empty = |token| PromptLogprob {
+                    token,
+                    logprob: f32::NAN,
+                    top: Vec::new(),
+                };
+                if e.prompt_logprobs.len() != prompt.len() - 1 {
+                    e.prompt_logprobs = prompt[1..].iter().map(|&t| empty(t)).collect();
+                }
                 for (pos, row) in (first_pos..first_pos + prompt_rows).zip(rows.by_ref()) {
-                    e.prompt_logprobs[pos] = row.top_logprobs;
+                    e.prompt_logprobs[pos] = PromptLogprob {
+                        token: row.token,
+                        logprob: row.logprob.unwrap_or(f32::NAN),
+                        top: row.top_logprobs,
+                    };
                 }
             }
             // Register blocks that became full.
@@ -603,7 +637,7 @@ impl<E: Executor> Scheduler<E> {
                         cached_tokens: e.cached_tokens.unwrap_or(0),
                         generated_tokens: e.state.generated().len(),
                         queue_time: if first { e.queue_time } else { None },
-                        prompt_logprobs: (first && e.state.params().prompt_logprobs > 0)
+                        prompt_logprobs: (first && e.state.params().prompt_logprobs.is_some())
                             .then(|| std::mem::take(&mut e.prompt_logprobs)),
                     };
                     let gone = e.events.send(SeqEvent::Token(ev)).is_err();

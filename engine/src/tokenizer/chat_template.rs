@@ -10,6 +10,13 @@ use serde::{Deserialize, Serialize};
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// An assistant message's tool calls, as templates with a tool section read them
+    /// (`[{"type": "function", "function": {"name", "arguments": {...}}}]`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<serde_json::Value>,
+    /// A tool message's answer to this call.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl ChatMessage {
@@ -18,6 +25,8 @@ impl ChatMessage {
         Self {
             role: role.into(),
             content: content.into(),
+            tool_calls: None,
+            tool_call_id: None,
         }
     }
 }
@@ -28,6 +37,8 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,
     eos_token: String,
+    /// Whether the template has a tool section (reads `tools`).
+    tools: bool,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -51,15 +62,31 @@ impl ChatTemplate {
         env.set_keep_trailing_newline(true);
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| EngineError::ChatTemplate(e.to_string()))?;
+        let tools = env
+            .get_template("chat")
+            .map(|t| t.undeclared_variables(false).contains("tools"))
+            .unwrap_or(false);
         Ok(Self {
             env,
             bos_token: bos_token.to_string(),
             eos_token: eos_token.to_string(),
+            tools,
         })
     }
 
-    /// Renders a conversation.
-    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+    /// Whether the template renders tool definitions (reads a `tools` variable).
+    pub fn supports_tools(&self) -> bool {
+        self.tools
+    }
+
+    /// Renders a conversation; `tools` (OpenAI's tool objects) are given to templates that
+    /// read them.
+    pub fn render(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        tools: Option<&serde_json::Value>,
+    ) -> Result<String> {
         let tmpl = self
             .env
             .get_template("chat")
@@ -69,6 +96,7 @@ impl ChatTemplate {
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token,
             eos_token => self.eos_token,
+            tools => tools,
         })
         .map_err(|e| EngineError::ChatTemplate(e.to_string()))
     }
@@ -82,7 +110,10 @@ mod tests {
     fn renders_chatml_with_python_methods() {
         let src = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'].strip() }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
         let t = ChatTemplate::new(src, "<s>", "</s>").unwrap();
-        let out = t.render(&[ChatMessage::new("user", " hi ")], true).unwrap();
+        assert!(!t.supports_tools());
+        let out = t
+            .render(&[ChatMessage::new("user", " hi ")], true, None)
+            .unwrap();
         assert_eq!(
             out,
             "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
@@ -92,7 +123,7 @@ mod tests {
     #[test]
     fn raise_exception_is_an_error() {
         let t = ChatTemplate::new("{{ raise_exception('roles must alternate') }}", "", "").unwrap();
-        let err = t.render(&[], false).unwrap_err().to_string();
+        let err = t.render(&[], false, None).unwrap_err().to_string();
         assert!(err.contains("roles must alternate"), "{err}");
     }
 }

@@ -180,9 +180,14 @@ impl Tokenizer {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String> {
+        self.template()?
+            .render(messages, add_generation_prompt, None)
+    }
+
+    /// The model's chat template.
+    pub fn template(&self) -> Result<&ChatTemplate> {
         self.chat_template
             .as_ref()
-            .ok_or_else(|| EngineError::ChatTemplate("the model has no chat template".into()))?
-            .render(messages, add_generation_prompt)
+            .ok_or_else(|| EngineError::ChatTemplate("the model has no chat template".into()))
     }
 }

@@ -139,6 +139,8 @@ mod tests {
                 temperature: 0.7,
                 banned: vec![2, 9],
                 allowed: Some(vec![u32::MAX, 5]),
+                adjust: vec![(4, -1.5), (8, 100.0)],
+                force: Some(6),
                 ..RowSampling::greedy()
             }],
             masked: true,

@@ -1,0 +1,365 @@
+//! The OpenAI API: `/v1/completions` (with `echo` and the prompt's log-probabilities),
+//! `/v1/chat/completions` (with tools), `n` parallel samples of one prompt, streaming or not
+//! (usage in the last chunk with `stream_options.include_usage`, in every chunk with vLLM's
+//! `continuous_usage_stats`), and `/v1/models`. `docs/api.md` lists every field.
+
+mod request;
+mod stream;
+
+use crate::error::{ApiError, ApiJson};
+use crate::logprobs::{CompletionLogprobs, LogprobsRequest, Renderer};
+use crate::messages::to_chat;
+use crate::metrics::Metrics;
+use crate::registry::{Lease, ReaderState};
+use crate::service::{Completion, ModelService, TokenStream};
+use crate::tools::{self, Tools};
+use crate::AppState;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use liftoff_engine::sampling::{SamplingParams, MAX_LOGPROBS};
+use liftoff_engine::scheduler::TokenEvent;
+use request::{ChatRequest, CompletionRequest, PromptInput, SamplingFields};
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn request_id(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    format!(
+        "{prefix}-{}-{}",
+        now(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// OpenAI's usage object; `cached` prompt tokens came from the prefix cache.
+fn usage(prompt: usize, completion: usize, cached: usize) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+           "prompt_tokens_details": {"cached_tokens": cached}})
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Completion,
+    Chat,
+}
+
+/// `echo`: the prompt shown before each completion.
+struct Echo {
+    text: String,
+    ids: Vec<u32>,
+}
+
+/// What a request's samples turn into, for whole and streamed responses alike.
+struct Job {
+    kind: Kind,
+    id: String,
+    model: String,
+    service: Arc<ModelService>,
+    lp: Option<LogprobsRequest>,
+    echo: Option<Echo>,
+    /// `max_tokens: 0` with `echo`: one token is computed (the engine always samples one)
+    /// and not shown.
+    hide_token: bool,
+    /// Tools the model may call (not `tool_choice: none`).
+    tools: Option<Tools>,
+}
+
+impl Job {
+    fn renderer(&self, req: LogprobsRequest) -> Renderer<'_> {
+        Renderer {
+            req,
+            tokenizer: &self.service.tokenizer,
+        }
+    }
+}
+
+/// Submits `n` samples of one prompt. The first is computed alone; the others are sent once
+/// its prompt is in the cache, so they share its blocks (the prefix cache) instead of
+/// computing the prompt again, as vLLM's parallel samples share theirs. Seeded samples use
+/// `seed + i`.
+async fn submit_samples(
+    lease: &Lease,
+    ids: Vec<u32>,
+    params: SamplingParams,
+    n: usize,
+    metrics: &Arc<Metrics>,
+) -> Result<Vec<TokenStream>, ApiError> {
+    let mut first = lease.submit(ids.clone(), params.clone(), metrics)?;
+    if n == 1 {
+        return Ok(vec![first]);
+    }
+    first.peek().await;
+    let mut out = vec![first];
+    for i in 1..n {
+        let p = SamplingParams {
+            seed: params.seed.map(|s| s.wrapping_add(i as u64)),
+            prompt_logprobs: None,
+            ..params.clone()
+        };
+        out.push(lease.submit(ids.clone(), p, metrics)?);
+    }
+    Ok(out)
+}
+
+/// `POST /v1/completions`.
+pub async fn completions(
+    State(state): State<Arc<AppState>>,
+    ApiJson(req): ApiJson<CompletionRequest>,
+) -> Result<Response, ApiError> {
+    let lease = state.lease(req.sampling.model.as_deref(), "model").await?;
+    let service = lease.service().clone();
+    request::refuse_unsupported(&req.other)?;
+    let one = "prompt must be one string or one list of token ids (batches: send several requests)";
+    let (ids, text) = match req.prompt {
+        PromptInput::One(p) => (service.prompt_ids(&p, false, None, "prompt")?, Some(p)),
+        PromptInput::Many(mut v) if v.len() == 1 => {
+            let p = v.remove(0);
+            (service.prompt_ids(&p, false, None, "prompt")?, Some(p))
+        }
+        PromptInput::Ids(ids) => (token_ids(&service, ids)?, None),
+        PromptInput::ManyIds(mut v) if v.len() == 1 => (token_ids(&service, v.remove(0))?, None),
+        PromptInput::Many(_) | PromptInput::ManyIds(_) => {
+            return Err(ApiError::invalid("prompt", one))
+        }
+    };
+    let lp = match req.logprobs {
+        Some(n) if n > MAX_LOGPROBS => {
+            return Err(ApiError::invalid(
+                "logprobs",
+                format!("logprobs: at most {MAX_LOGPROBS}, got {n}"),
+            ))
+        }
+        Some(n) => Some(LogprobsRequest {
+            top: n,
+            as_ids: req.sampling.return_tokens_as_token_ids.unwrap_or(false),
+        }),
+        None => None,
+    };
+    let echo = req.echo.unwrap_or(false).then(|| Echo {
+        text: text.unwrap_or_else(|| service.tokenizer.decode(&ids, false).unwrap_or_default()),
+        ids: ids.clone(),
+    });
+    let (requested, field) = request::requested_tokens(&req.sampling);
+    let hide_token = echo.is_some() && requested == Some(0);
+    let requested = if hide_token { Some(1) } else { requested };
+    let max_new = service.max_new_tokens(ids.len(), requested, field)?;
+    let n = request::samples(&service, &req.sampling)?;
+    let mut params = request::params(&service, &req.sampling, max_new, lp, None)?;
+    if echo.is_some() {
+        params.prompt_logprobs = lp.map(|l| l.top);
+    }
+    let job = Job {
+        kind: Kind::Completion,
+        id: request_id("cmpl"),
+        model: service.info.model_name.clone(),
+        service,
+        lp,
+        echo,
+        hide_token,
+        tools: None,
+    };
+    let streams = submit_samples(&lease, ids, params, n, &state.metrics).await?;
+    respond(job, streams, &req.sampling).await
+}
+
+/// `POST /v1/chat/completions`.
+pub async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    ApiJson(req): ApiJson<ChatRequest>,
+) -> Result<Response, ApiError> {
+    let lease = state.lease(req.sampling.model.as_deref(), "model").await?;
+    let service = lease.service().clone();
+    request::refuse_unsupported(&req.other)?;
+    if req.messages.is_empty() {
+        return Err(ApiError::invalid("messages", "messages must not be empty"));
+    }
+    let tools = tools::parse(req.tools, req.tool_choice, req.parallel_tool_calls)?;
+    let messages = to_chat(req.messages)?;
+    let template = service
+        .tokenizer
+        .template()
+        .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+    let text = tools::render(template, messages, tools.as_ref())?;
+    let ids = service
+        .tokenizer
+        .encode(&text, false)
+        .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+    service.check_prompt_len(ids.len(), "messages")?;
+    let top = req.top_logprobs.unwrap_or(0);
+    if top > MAX_LOGPROBS {
+        return Err(ApiError::invalid(
+            "top_logprobs",
+            format!("top_logprobs: at most {MAX_LOGPROBS}, got {top}"),
+        ));
+    }
+    let lp = match req.logprobs {
+        Some(true) => Some(LogprobsRequest {
+            top,
+            as_ids: req.sampling.return_tokens_as_token_ids.unwrap_or(false),
+        }),
+        _ if req.top_logprobs.is_some() => {
+            return Err(ApiError::invalid(
+                "top_logprobs",
+                "top_logprobs needs logprobs: true",
+            ))
+        }
+        _ => None,
+    };
+    let (requested, field) = request::requested_tokens(&req.sampling);
+    let max_new = service.max_new_tokens(ids.len(), requested, field)?;
+    let n = request::samples(&service, &req.sampling)?;
+    let tools = tools.filter(Tools::active);
+    let constraint = tools.as_ref().and_then(Tools::constraint);
+    let params = request::params(&service, &req.sampling, max_new, lp, constraint)?;
+    let job = Job {
+        kind: Kind::Chat,
+        id: request_id("chatcmpl"),
+        model: service.info.model_name.clone(),
+        service,
+        lp,
+        echo: None,
+        hide_token: false,
+        tools,
+    };
+    let streams = submit_samples(&lease, ids, params, n, &state.metrics).await?;
+    respond(job, streams, &req.sampling).await
+}
+
+/// Prompt token ids given as such: each must be in the vocabulary.
+fn token_ids(service: &ModelService, ids: Vec<u32>) -> Result<Vec<u32>, ApiError> {
+    let vocab = service.tokenizer.vocab_size();
+    if ids.is_empty() {
+        return Err(ApiError::invalid("prompt", "the prompt is empty"));
+    }
+    if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+        return Err(ApiError::invalid(
+            "prompt",
+            format!("token id {bad} is outside the vocabulary of {vocab}"),
+        ));
+    }
+    service.check_prompt_len(ids.len(), "prompt")?;
+    Ok(ids)
+}
+
+/// Streams the samples as SSE chunks, or collects them into one response object.
+async fn respond(
+    job: Job,
+    streams: Vec<TokenStream>,
+    sampling: &SamplingFields,
+) -> Result<Response, ApiError> {
+    if sampling.stream.unwrap_or(false) {
+        let opts = sampling.stream_options.as_ref();
+        let usage = stream::Usage {
+            last: opts.and_then(|o| o.include_usage).unwrap_or(false),
+            every: opts.and_then(|o| o.continuous_usage_stats).unwrap_or(false),
+        };
+        return Ok(stream::sse(Arc::new(job), streams, usage));
+    }
+    let mut choices = Vec::new();
+    let (mut prompt, mut generated, mut cached) = (0, 0, 0);
+    for (i, s) in streams.into_iter().enumerate() {
+        let c = s.collect().await?;
+        if i == 0 {
+            (prompt, cached) = (c.prompt_tokens, c.cached_tokens);
+        }
+        generated += if job.hide_token { 0 } else { c.token_ids.len() };
+        choices.push(match job.kind {
+            Kind::Completion => completion_choice(&job, i, &c),
+            Kind::Chat => chat_choice(&job, i, &c),
+        });
+    }
+    let object = match job.kind {
+        Kind::Completion => "text_completion",
+        Kind::Chat => "chat.completion",
+    };
+    Ok(Json(json!({
+        "id": job.id, "object": object, "created": now(), "model": job.model,
+        "choices": choices, "usage": usage(prompt, generated, cached),
+    }))
+    .into_response())
+}
+
+fn completion_choice(job: &Job, index: usize, c: &Completion) -> Value {
+    let events: Vec<&TokenEvent> = if job.hide_token {
+        Vec::new()
+    } else {
+        c.events.iter().collect()
+    };
+    let text = if job.hide_token { "" } else { c.text.as_str() };
+    let finish = if job.hide_token {
+        Some("length")
+    } else {
+        c.finish_reason.map(|f| f.as_str())
+    };
+    let logprobs = job.lp.map_or(Value::Null, |req| {
+        let r = job.renderer(req);
+        let mut lps = CompletionLogprobs::default();
+        let offset = match &job.echo {
+            Some(e) => {
+                r.push_prompt(
+                    &mut lps,
+                    &e.ids,
+                    c.prompt_logprobs.as_deref().unwrap_or(&[]),
+                );
+                e.text.len()
+            }
+            None => 0,
+        };
+        r.push_events(&mut lps, &events, offset);
+        lps.to_json()
+    });
+    let text = match &job.echo {
+        Some(e) => format!("{}{text}", e.text),
+        None => text.to_string(),
+    };
+    json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish})
+}
+
+fn chat_choice(job: &Job, index: usize, c: &Completion) -> Value {
+    let events: Vec<&TokenEvent> = c.events.iter().collect();
+    let logprobs = job
+        .lp
+        .map_or(Value::Null, |req| job.renderer(req).chat(&events));
+    let calls = job.tools.as_ref().and_then(|t| t.parse_calls(&c.text));
+    let (message, finish) = match calls {
+        Some(calls) => (
+            json!({"role": "assistant", "content": Value::Null,
+                   "tool_calls": tools::calls_json(&calls, &format!("{}_{index}", job.id))}),
+            Some("tool_calls"),
+        ),
+        None => (
+            json!({"role": "assistant", "content": c.text}),
+            c.finish_reason.map(|f| f.as_str()),
+        ),
+    };
+    json!({"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish})
+}
+
+/// `GET /v1/models`: every registered reader, with its state (a reader that is not loaded
+/// loads when a request names it).
+pub async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
+    let data: Vec<Value> = state
+        .registry
+        .readers()
+        .iter()
+        .map(|r| {
+            let max_len = r
+                .max_sequence_length
+                .filter(|_| r.state == ReaderState::Ready);
+            json!({"id": r.model_name, "object": "model", "created": now(), "owned_by": "liftoff",
+                   "reader_id": r.reader_id, "consumer_group": r.consumer_group, "state": r.state,
+                   "max_model_len": max_len})
+        })
+        .collect();
+    Json(json!({"object": "list", "data": data}))
+}
