@@ -5,6 +5,7 @@ mod bench_limits;
 mod bench_plot;
 mod config_doc;
 mod generate;
+mod health;
 mod kernel_check;
 mod loader;
 mod manifest;
@@ -17,6 +18,7 @@ mod supervisor;
 mod worker_cmd;
 
 use clap::{Parser, Subcommand};
+use std::io::IsTerminal;
 
 /// liftoff: a tensor-parallel LLM serving engine.
 #[derive(Parser, Debug)]
@@ -39,6 +41,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Check the attention, KV-cache and rotary kernels against their references on a device.
     KernelCheck(kernel_check::KernelCheckArgs),
+    /// Exit 0 if the local server is healthy (a container health check).
+    Health(health::HealthArgs),
     /// One rank of a replica group (started by the launcher, not by hand).
     #[command(hide = true)]
     Worker(worker_cmd::WorkerArgs),
@@ -49,12 +53,16 @@ fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log_level))
         .with_writer(std::io::stderr)
+        // Colour codes only for a terminal: logs redirected to a file or collected by a
+        // container runtime stay plain text.
+        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         .init();
     let result = match cli.command {
         Some(Command::Generate(args)) => generate::run(args, &cli.log_level),
         Some(Command::Bench(args)) => bench::run(args),
         Some(Command::Worker(args)) => worker_cmd::run(args),
         Some(Command::KernelCheck(args)) => kernel_check::run(args),
+        Some(Command::Health(args)) => health::run(args),
         Some(Command::Serve(_)) | None => {
             serve_config::readers().and_then(|r| serve::run(r, &cli.log_level))
         }

@@ -83,17 +83,7 @@ impl Supervisor {
                 if let Some(n) = threads {
                     cmd.env("RAYON_NUM_THREADS", n.to_string());
                 }
-                // SAFETY: the closure only makes the prctl system call, which is
-                // async-signal-safe, between fork and exec.
-                unsafe {
-                    cmd.pre_exec(|| {
-                        // Dies with the launcher, even if the launcher is SIGKILLed.
-                        nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
-                            .map_err(std::io::Error::from)
-                    });
-                }
-                let child = cmd
-                    .spawn()
+                let child = spawn_tied_to_process(cmd)
                     .with_context(|| format!("spawning worker g{g}/r{rank}"))?;
                 sup.info.push(WorkerInfo {
                     group: g,
@@ -280,10 +270,106 @@ impl Drop for Supervisor {
 }
 
 /// CPU threads per worker: the machine's cores shared out, unless `RAYON_NUM_THREADS` is set.
+/// Spawns `cmd` so that it dies with this process, even if the process is SIGKILLed
+/// (`PR_SET_PDEATHSIG`). The kernel sends that signal when the *thread* that forked the child
+/// exits, not the process, so every child is forked by one thread that lives as long as the
+/// process: readers load on tokio's blocking threads, which exit after 10 s idle, and a worker
+/// forked there would be killed with its thread.
+pub fn spawn_tied_to_process(mut cmd: Command) -> std::io::Result<Child> {
+    use std::sync::mpsc::{channel, Sender};
+    use std::sync::OnceLock;
+    type Job = (Command, Sender<std::io::Result<Child>>);
+    static SPAWNER: OnceLock<Result<Mutex<Sender<Job>>, String>> = OnceLock::new();
+    // SAFETY: the closure only makes the prctl system call, which is async-signal-safe,
+    // between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                .map_err(std::io::Error::from)
+        });
+    }
+    let spawner = SPAWNER
+        .get_or_init(|| {
+            let (tx, rx) = channel::<Job>();
+            std::thread::Builder::new()
+                .name("worker-spawner".into())
+                .spawn(move || {
+                    for (mut cmd, reply) in rx {
+                        let _ = reply.send(cmd.spawn());
+                    }
+                })
+                .map(|_| Mutex::new(tx))
+                .map_err(|e| format!("starting the worker-spawner thread: {e}"))
+        })
+        .as_ref()
+        .map_err(|e| std::io::Error::other(e.clone()))?;
+    let (reply, answer) = channel();
+    let sent = spawner
+        .lock()
+        .map_err(|_| std::io::Error::other("the worker spawner is poisoned"))?
+        .send((cmd, reply));
+    sent.map_err(|_| std::io::Error::other("the worker spawner thread is gone"))?;
+    answer
+        .recv()
+        .map_err(|_| std::io::Error::other("the worker spawner thread is gone"))?
+}
+
 fn threads_per_worker(total: usize) -> Option<usize> {
     if std::env::var_os("RAYON_NUM_THREADS").is_some() {
         return None;
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     Some((cores / total.max(1)).max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn alive(child: &mut Child) -> bool {
+        child.try_wait().map(|s| s.is_none()).unwrap_or(false)
+    }
+
+    /// A reader loads on a short-lived thread; its workers must outlive that thread.
+    #[test]
+    fn a_worker_outlives_the_thread_that_spawned_it() {
+        let mut tied = std::thread::spawn(|| {
+            let mut cmd = Command::new("sleep");
+            cmd.arg("30");
+            spawn_tied_to_process(cmd)
+        })
+        .join()
+        .unwrap()
+        .unwrap();
+        // The control: PDEATHSIG set and forked on the short-lived thread itself.
+        let mut direct = std::thread::spawn(|| {
+            let mut cmd = Command::new("sleep");
+            cmd.arg("30");
+            // SAFETY: only the prctl system call between fork and exec.
+            unsafe {
+                cmd.pre_exec(|| {
+                    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                        .map_err(std::io::Error::from)
+                });
+            }
+            cmd.spawn()
+        })
+        .join()
+        .unwrap()
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while alive(&mut direct) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            !alive(&mut direct),
+            "the control child should die with its thread"
+        );
+        assert!(
+            alive(&mut tied),
+            "the worker died with the thread that asked for it"
+        );
+        tied.kill().unwrap();
+        tied.wait().unwrap();
+    }
 }

@@ -187,9 +187,18 @@ impl Metrics {
             .observe(secs);
     }
 
-    /// A reader finished loading in `secs`.
+    /// A reader finished loading in `secs`. Its counters start at 0 (exported from then on, so
+    /// `rate()` over them works before the first request or failure).
     pub fn reader_loaded(&self, r: &ReaderLabels, secs: f64) {
-        self.reader_loads.with_label_values(&r.values()).inc();
+        let v = r.values();
+        for c in [
+            &self.reader_requests,
+            &self.reader_failures,
+            &self.reader_unloads,
+        ] {
+            c.with_label_values(&v);
+        }
+        self.reader_loads.with_label_values(&v).inc();
         self.reader_load_seconds
             .with_label_values(&r.values())
             .observe(secs);
