@@ -256,6 +256,14 @@ impl TokenStream {
         }
     }
 
+    /// The prompt's log-probabilities carried by the event [`peek`](Self::peek) read ahead.
+    pub fn peeked_prompt_logprobs(&self) -> Option<&Vec<PromptLogprob>> {
+        match &self.pending {
+            Some(Some(Ok(ev))) => ev.prompt_logprobs.as_ref(),
+            _ => None,
+        }
+    }
+
     async fn recv(&mut self) -> Option<Result<TokenEvent, ApiError>> {
         let ev = match self.rx.recv().await {
             None => {
@@ -317,8 +325,6 @@ pub struct Completion {
     pub cached_tokens: usize,
     pub finish_reason: Option<FinishReason>,
     pub prompt_tokens: usize,
-    /// The prompt's log-probabilities, when asked for.
-    pub prompt_logprobs: Option<Vec<PromptLogprob>>,
 }
 
 impl TokenStream {
@@ -329,10 +335,7 @@ impl TokenStream {
             ..Default::default()
         };
         while let Some(ev) = self.next().await {
-            let mut ev = ev?;
-            if let Some(p) = ev.prompt_logprobs.take() {
-                c.prompt_logprobs = Some(p);
-            }
+            let ev = ev?;
             c.text.push_str(&ev.text);
             c.cached_tokens = ev.cached_tokens;
             let finished = ev.finished;

@@ -63,6 +63,9 @@ struct Prepared {
     ids: Vec<u32>,
     params: SamplingParams,
     details: bool,
+    /// `decoder_input_details`: the prompt tokens with their log-probabilities in
+    /// `details.prefill`.
+    prefill: bool,
     prefix: String,
     top_n: usize,
 }
@@ -74,7 +77,7 @@ fn refuse(field: &str, why: &str) -> ApiError {
     )
 }
 
-fn prepare(service: &ModelService, req: &TgiRequest) -> Result<Prepared, ApiError> {
+fn prepare(service: &ModelService, req: &TgiRequest, stream: bool) -> Result<Prepared, ApiError> {
     let p = &req.parameters;
     if p.typical_p.is_some() {
         return Err(refuse("typical_p", "typical sampling is not supported yet"));
@@ -83,12 +86,6 @@ fn prepare(service: &ModelService, req: &TgiRequest) -> Result<Prepared, ApiErro
         return Err(refuse(
             "frequency_penalty",
             "not supported yet; use repetition_penalty",
-        ));
-    }
-    if p.decoder_input_details == Some(true) {
-        return Err(refuse(
-            "decoder_input_details",
-            "prompt token log-probabilities are not supported yet",
         ));
     }
     if p.best_of.is_some_and(|n| n != 1) {
@@ -151,10 +148,22 @@ fn prepare(service: &ModelService, req: &TgiRequest) -> Result<Prepared, ApiErro
             ],
         )
     })?;
+    let prefill = p.decoder_input_details.unwrap_or(false);
+    if prefill && stream {
+        return Err(refuse(
+            "decoder_input_details",
+            "not supported when streaming tokens (as in TGI)",
+        ));
+    }
+    let mut params = params;
+    if prefill {
+        params.prompt_logprobs = Some(0);
+    }
     Ok(Prepared {
         ids,
         params,
         details: p.details.unwrap_or(false),
+        prefill,
         prefix: if p.return_full_text.unwrap_or(false) {
             req.inputs.clone()
         } else {
@@ -199,12 +208,32 @@ pub async fn generate(
 ) -> Result<Response, ApiError> {
     let lease = state.lease(None, "model").await?;
     let service = lease.service().clone();
-    let p = prepare(&service, &req)?;
+    let p = prepare(&service, &req, stream)?;
     let seed = p.params.seed;
-    let tokens = lease.submit(p.ids, p.params, &state.metrics)?;
+    let prompt = p.ids.clone();
+    let mut tokens = lease.submit(p.ids, p.params, &state.metrics)?;
     if stream {
         return Ok(events(tokens, service, p.prefix, p.top_n, seed));
     }
+    let prefill: Vec<Value> = if p.prefill {
+        tokens.peek().await;
+        let rows = tokens.peeked_prompt_logprobs().cloned().unwrap_or_default();
+        prompt
+            .iter()
+            .enumerate()
+            .map(|(i, &id)| {
+                let text = service.tokenizer.decode(&[id], false).unwrap_or_default();
+                // The first token has no log-probability (nothing before it).
+                let lp = i
+                    .checked_sub(1)
+                    .and_then(|r| rows.get(r))
+                    .map(|r| r.logprob);
+                json!({"id": id, "text": text, "logprob": lp})
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     let c = tokens.collect().await?;
     let mut body = json!({"generated_text": format!("{}{}", p.prefix, c.text)});
     if p.details {
@@ -218,7 +247,7 @@ pub async fn generate(
             "finish_reason": finish_reason(&service, c.finish_reason, last),
             "generated_tokens": c.token_ids.len(),
             "seed": seed,
-            "prefill": [],
+            "prefill": prefill,
             "tokens": toks,
         });
         if p.top_n > 0 {

@@ -142,6 +142,15 @@ def test_huggingface_inference_client(server):
     assert out.generated_text == text
     assert out.details.finish_reason == "length" and out.details.generated_tokens == 8
     assert len(out.details.tokens) == 8 and all(t.logprob <= 0 for t in out.details.tokens)
+    # The prompt's tokens and log-probabilities (TGI's decoder_input_details), equal to what
+    # the OpenAI route's echo reports for the same prompt.
+    scored = client.text_generation(prompt, max_new_tokens=1, details=True, decoder_input_details=True)
+    prefill = scored.details.prefill
+    assert prefill[0].logprob is None and all(t.logprob <= 0 for t in prefill[1:])
+    echo = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused").completions.create(
+        model="primary", prompt=prompt, max_tokens=0, echo=True, logprobs=0).choices[0].logprobs
+    assert len(echo.tokens) == len(prefill)
+    assert all(abs(a.logprob - b) < 1e-5 for a, b in zip(prefill[1:], echo.token_logprobs[1:]))
     streamed = list(client.text_generation(prompt, max_new_tokens=8, stream=True))
     assert "".join(streamed) == text
     last = list(client.text_generation(prompt, max_new_tokens=8, stream=True, details=True))[-1]

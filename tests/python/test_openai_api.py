@@ -186,6 +186,13 @@ def test_echo_prompt_logprobs_match_transformers(server):
         chunks = list(c.completions.create(model="tiny-f32", prompt=full, echo=True, logprobs=5, max_tokens=0,
                                            stream=True, extra_body={"return_tokens_as_token_ids": True}))
         assert chunks[0].choices[0].logprobs.token_logprobs == lp.token_logprobs
+        # Parallel samples echo the same prompt log-probabilities (computed once).
+        two = c.completions.create(model="tiny-f32", prompt=full, echo=True, logprobs=5, max_tokens=1, n=2,
+                                   extra_body={"return_tokens_as_token_ids": True})
+        for ch in two.choices:
+            got = ch.logprobs.token_logprobs[:len(full)]
+            assert got[0] is None and all(abs(a - b) < 1e-5 for a, b in zip(got[1:], lp.token_logprobs[1:]))
+            assert len(ch.logprobs.tokens) == len(full) + 1
     assert compared >= 20, compared
     tc.delete_reader(created["reader_id"])
 

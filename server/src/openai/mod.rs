@@ -18,7 +18,7 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use liftoff_engine::sampling::{SamplingParams, MAX_LOGPROBS};
-use liftoff_engine::scheduler::TokenEvent;
+use liftoff_engine::scheduler::{PromptLogprob, TokenEvent};
 use request::{ChatRequest, CompletionRequest, PromptInput, SamplingFields};
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -53,10 +53,12 @@ enum Kind {
     Chat,
 }
 
-/// `echo`: the prompt shown before each completion.
+/// `echo`: the prompt shown before each completion, with its tokens' log-probabilities when
+/// asked for (computed once, by the first sample, and shown in every choice).
 struct Echo {
     text: String,
     ids: Vec<u32>,
+    rows: Vec<PromptLogprob>,
 }
 
 /// What a request's samples turn into, for whole and streamed responses alike.
@@ -145,9 +147,10 @@ pub async fn completions(
         }),
         None => None,
     };
-    let echo = req.echo.unwrap_or(false).then(|| Echo {
+    let mut echo = req.echo.unwrap_or(false).then(|| Echo {
         text: text.unwrap_or_else(|| service.tokenizer.decode(&ids, false).unwrap_or_default()),
         ids: ids.clone(),
+        rows: Vec::new(),
     });
     let (requested, field) = request::requested_tokens(&req.sampling);
     let hide_token = echo.is_some() && requested == Some(0);
@@ -157,6 +160,15 @@ pub async fn completions(
     let mut params = request::params(&service, &req.sampling, max_new, lp, None)?;
     if echo.is_some() {
         params.prompt_logprobs = lp.map(|l| l.top);
+    }
+    let mut streams = submit_samples(&lease, ids, params, n, &state.metrics).await?;
+    if let (Some(e), Some(_)) = (&mut echo, lp) {
+        // The first sample's first event carries them.
+        streams[0].peek().await;
+        e.rows = streams[0]
+            .peeked_prompt_logprobs()
+            .cloned()
+            .unwrap_or_default();
     }
     let job = Job {
         kind: Kind::Completion,
@@ -168,7 +180,6 @@ pub async fn completions(
         hide_token,
         tools: None,
     };
-    let streams = submit_samples(&lease, ids, params, n, &state.metrics).await?;
     respond(job, streams, &req.sampling).await
 }
 
@@ -306,11 +317,7 @@ fn completion_choice(job: &Job, index: usize, c: &Completion) -> Value {
         let mut lps = CompletionLogprobs::default();
         let offset = match &job.echo {
             Some(e) => {
-                r.push_prompt(
-                    &mut lps,
-                    &e.ids,
-                    c.prompt_logprobs.as_deref().unwrap_or(&[]),
-                );
+                r.push_prompt(&mut lps, &e.ids, &e.rows);
                 e.text.len()
             }
             None => 0,

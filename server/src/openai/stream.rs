@@ -73,7 +73,7 @@ impl Sample {
     }
 
     /// The chunks for one event.
-    fn on_event(&mut self, job: &Job, mut ev: TokenEvent, every: bool) -> Vec<Item> {
+    fn on_event(&mut self, job: &Job, ev: TokenEvent, every: bool) -> Vec<Item> {
         let finish = ev.finished.map(|f| f.as_str());
         // A request ended before any token (out of memory) carries none.
         let is_token = ev.generated_tokens > self.generated && !job.hide_token;
@@ -81,14 +81,13 @@ impl Sample {
         let mut out = Vec::new();
         let mut chunk = match job.kind {
             Kind::Completion => {
-                let prompt_rows = ev.prompt_logprobs.take();
                 let mut text = String::new();
                 let mut lps = CompletionLogprobs::default();
                 let r = job.lp.map(|req| job.renderer(req));
                 if let (true, Some(e)) = (self.first, &job.echo) {
                     text.push_str(&e.text);
                     if let Some(r) = &r {
-                        r.push_prompt(&mut lps, &e.ids, prompt_rows.as_deref().unwrap_or(&[]));
+                        r.push_prompt(&mut lps, &e.ids, &e.rows);
                     }
                     self.offset = e.text.len();
                 }
