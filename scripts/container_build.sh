@@ -4,7 +4,7 @@
 # registry), the binary built here and staged as the Dockerfile's `prebuilt/` context.
 #
 #   scripts/container_build.sh cpu  [TAG]   release CPU binary + the default model (default tag liftoff-cpu:dev)
-#   scripts/container_build.sh cuda [TAG]   target/cuda/release/liftoff (scripts/cuda_build.sh) + its
+#   scripts/container_build.sh cuda [TAG]   the CUDA binary (scripts/cuda_build.sh, run here) + its
 #                                           CUDA libraries from the PyPI wheels (default liftoff-cuda:dev)
 #
 # Prints the image name; writes the build time and the image size to stderr.
@@ -31,7 +31,7 @@ case "$KIND" in
     cp "$(scripts/fetch_default_model.sh)" "$STAGE/cache/models/"
     ;;
   cuda)
-    [ -x target/cuda/release/liftoff ] || scripts/cuda_build.sh >&2
+    scripts/cuda_build.sh >&2   # incremental: a few minutes when the sources changed
     cp target/cuda/release/liftoff "$STAGE/liftoff"
     scripts/cuda_runtime_libs.sh "$STAGE/lib"
     ;;

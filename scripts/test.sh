@@ -24,6 +24,7 @@ LIFTOFF_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/liftoff" "$VENV/bin/python" 
 # The container image, as `docker run` users meet it (the debug binary inside: the image and the
 # entrypoint are under test, not the optimiser).
 if [ "$(id -u)" = 0 ] && ! command -v buildah >/dev/null && command -v apt-get >/dev/null; then
+  export DEBIAN_FRONTEND=noninteractive
   (apt-get install -y -qq buildah debootstrap >/dev/null 2>&1 ||
     { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq buildah debootstrap >/dev/null 2>&1; }) ||
     echo "could not install buildah and debootstrap; the container tests will say why they skip" >&2

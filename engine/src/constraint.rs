@@ -15,6 +15,9 @@ pub enum Constraint {
     JsonSchema(serde_json::Value),
     /// Text that fully matches this regular expression.
     Regex(String),
+    /// A grammar in llguidance's Lark dialect (terminals as regexes, `%json {schema}` for a
+    /// JSON document valid against a schema).
+    Lark(String),
 }
 
 /// Whitespace JSON output may have between two tokens: at most this many characters, so that
@@ -35,6 +38,7 @@ impl Constraint {
                 TopLevelGrammar::from_json_schema(schema)
             }
             Self::Regex(rx) => TopLevelGrammar::from_regex(rx),
+            Self::Lark(g) => TopLevelGrammar::from_lark(g.clone()),
         }
     }
 }
@@ -222,6 +226,44 @@ mod tests {
         assert!(liftoff_kernels::sampling::mask_allows(&mask, one as usize));
         m.advance(one).unwrap();
         assert!(liftoff_kernels::sampling::mask_allows(&m.mask(), 2));
+    }
+
+    /// Whether the grammar accepts `text` whole (tokenized as the tokenizer does).
+    pub(crate) fn accepts(c: &Constraint, text: &str) -> bool {
+        let tok = tokenizer();
+        let compiler = tok.grammar().unwrap();
+        let mut m = compiler.matcher(c).unwrap();
+        for id in tok.encode(text, false).unwrap() {
+            if !liftoff_kernels::sampling::mask_allows(&m.mask(), id as usize)
+                || m.advance(id).is_err()
+            {
+                return false;
+            }
+        }
+        liftoff_kernels::sampling::mask_allows(&m.mask(), 2)
+    }
+
+    #[test]
+    fn a_lark_grammar_takes_text_or_a_json_document() {
+        let g = Constraint::Lark(
+            r#"start: TEXT | %json {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"], "additionalProperties": false}
+TEXT: /[^{\s](.|\n)*/"#
+                .into(),
+        );
+        assert!(accepts(&g, "hello there"));
+        let ws = Constraint::Lark(
+            r#"start: TEXT | WS? call
+call: %json {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"], "additionalProperties": false}
+WS: /\s+/
+TEXT: /\s*[^{\s](.|\n)*/"#
+                .into(),
+        );
+        assert!(accepts(&ws, " \n{\"a\": 1}"));
+        assert!(accepts(&ws, "\nhello {"));
+        assert!(!accepts(&ws, " {\"a\": true}"));
+        assert!(accepts(&g, r#"{"a": 12}"#));
+        assert!(!accepts(&g, r#"{"a": "x"}"#));
+        assert!(!accepts(&g, r#"{"b": 1}"#));
     }
 
     #[test]

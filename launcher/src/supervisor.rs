@@ -269,7 +269,6 @@ impl Drop for Supervisor {
     }
 }
 
-/// CPU threads per worker: the machine's cores shared out, unless `RAYON_NUM_THREADS` is set.
 /// Spawns `cmd` so that it dies with this process, even if the process is SIGKILLed
 /// (`PR_SET_PDEATHSIG`). The kernel sends that signal when the *thread* that forked the child
 /// exits, not the process, so every child is forked by one thread that lives as long as the
@@ -314,6 +313,7 @@ pub fn spawn_tied_to_process(mut cmd: Command) -> std::io::Result<Child> {
         .map_err(|_| std::io::Error::other("the worker spawner thread is gone"))?
 }
 
+/// CPU threads per worker: the machine's cores shared out, unless `RAYON_NUM_THREADS` is set.
 fn threads_per_worker(total: usize) -> Option<usize> {
     if std::env::var_os("RAYON_NUM_THREADS").is_some() {
         return None;

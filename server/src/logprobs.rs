@@ -75,7 +75,8 @@ impl Renderer<'_> {
         let mut offset = 0;
         for (i, &id) in prompt.iter().enumerate() {
             let token = self.token(id);
-            let len = token.len();
+            // Offsets count the prompt's text (special tokens such as BOS add none).
+            let len = self.tokenizer.decode(&[id], true).map_or(0, |t| t.len());
             match i.checked_sub(1).and_then(|r| rows.get(r)) {
                 Some(row) => {
                     let lp = Self::number(row.logprob);

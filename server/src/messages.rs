@@ -20,6 +20,10 @@ pub struct RequestMessage {
     pub name: Option<String>,
     pub tool_calls: Option<Value>,
     pub tool_call_id: Option<String>,
+    /// Any other key: refused unless empty (the SDK echoes `"refusal": null`,
+    /// `"annotations": []` from earlier answers).
+    #[serde(flatten)]
+    pub other: std::collections::BTreeMap<String, Value>,
 }
 
 /// `content`: a string or a list of parts.
@@ -58,6 +62,27 @@ pub fn to_chat(messages: Vec<RequestMessage>) -> Result<Vec<ChatMessage>, ApiErr
                 }
             }
             .to_string();
+            for (key, v) in &m.other {
+                let empty = match v {
+                    Value::Null => true,
+                    Value::Array(a) => a.is_empty(),
+                    Value::Object(o) => o.is_empty(),
+                    Value::String(t) => t.is_empty(),
+                    _ => false,
+                };
+                if !empty {
+                    return Err(ApiError::invalid(
+                        &at(key),
+                        format!("messages[{i}].{key} is not supported"),
+                    ));
+                }
+            }
+            if m.tool_call_id.is_some() && role != "tool" {
+                return Err(ApiError::invalid(
+                    &at("tool_call_id"),
+                    "only tool messages have a tool_call_id",
+                ));
+            }
             let tool_calls = match m.tool_calls {
                 None | Some(Value::Null) => None,
                 Some(calls) if role == "assistant" => Some(check_calls(calls, &at("tool_calls"))?),

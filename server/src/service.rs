@@ -256,6 +256,14 @@ impl TokenStream {
         }
     }
 
+    /// The error [`peek`](Self::peek) read ahead, if the request failed at once.
+    pub fn peeked_error(&self) -> Option<ApiError> {
+        match &self.pending {
+            Some(Some(Err(e))) => Some(e.clone()),
+            _ => None,
+        }
+    }
+
     /// The prompt's log-probabilities carried by the event [`peek`](Self::peek) read ahead.
     pub fn peeked_prompt_logprobs(&self) -> Option<&Vec<PromptLogprob>> {
         match &self.pending {

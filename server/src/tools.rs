@@ -5,7 +5,7 @@
 //! named function enforced with the constrained decoder so the arguments always validate.
 
 use crate::error::ApiError;
-use liftoff_engine::constraint::Constraint;
+use liftoff_engine::constraint::{Constraint, JSON_WHITESPACE};
 use liftoff_engine::tokenizer::{ChatMessage, ChatTemplate};
 use serde_json::{json, Map, Value};
 
@@ -28,6 +28,8 @@ pub struct Function {
     pub name: String,
     /// Its arguments' JSON schema (an object schema).
     pub parameters: Value,
+    /// `strict`: a call's arguments must validate against `parameters`, also under `auto`.
+    pub strict: bool,
 }
 
 /// A request's tools and choice.
@@ -119,9 +121,15 @@ pub fn parse(
                 ))
             }
         };
+        let strict = match f.get("strict") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => return Err(bad(&at("function.strict"), "strict is a boolean")),
+        };
         functions.push(Function {
             name: name.to_string(),
             parameters,
+            strict,
         });
     }
     let choice = match tool_choice {
@@ -194,25 +202,49 @@ impl Tools {
         self.choice != ToolChoice::None
     }
 
-    /// The constraint `required` or a named function puts on the output: a JSON object
-    /// `{"name": <one of the functions>, "parameters": <its arguments>}`.
+    /// The constraint on the output: for `required` or a named function a JSON object
+    /// `{"name": <one of the functions>, "parameters": <its arguments>}`; for `auto` with a
+    /// `strict` function, text (not starting with `{`) or such a call, its arguments valid
+    /// against the schema of a strict function (any object for the others).
     pub fn constraint(&self) -> Option<Constraint> {
-        let call = |f: &Function| {
-            json!({"type": "object",
-                   "properties": {"name": {"const": f.name}, "parameters": f.parameters},
-                   "required": ["name", "parameters"], "additionalProperties": false})
+        let (enforced, calls): (Vec<&Function>, bool) = match &self.choice {
+            ToolChoice::None => return None,
+            ToolChoice::Auto if !self.functions.iter().any(|f| f.strict) => return None,
+            ToolChoice::Auto => (self.functions.iter().collect(), true),
+            ToolChoice::Named(n) => (
+                self.functions.iter().filter(|f| &f.name == n).collect(),
+                false,
+            ),
+            ToolChoice::Required => (self.functions.iter().collect(), false),
         };
-        match &self.choice {
-            ToolChoice::None | ToolChoice::Auto => None,
-            ToolChoice::Named(n) => self
-                .functions
-                .iter()
-                .find(|f| &f.name == n)
-                .map(|f| Constraint::JsonSchema(call(f))),
-            ToolChoice::Required => Some(Constraint::JsonSchema(
-                json!({"anyOf": self.functions.iter().map(call).collect::<Vec<_>>()}),
-            )),
+        let mut defs = Map::new();
+        let schemas: Vec<Value> = enforced
+            .iter()
+            .map(|f| {
+                let parameters = if calls && !f.strict {
+                    json!({"type": "object"})
+                } else {
+                    hoist(f, &mut defs)
+                };
+                json!({"type": "object",
+                       "properties": {"name": {"const": f.name}, "parameters": parameters},
+                       "required": ["name", "parameters"], "additionalProperties": false})
+            })
+            .collect();
+        let mut root = match schemas.len() {
+            1 => schemas.into_iter().next().unwrap_or_default(),
+            _ => json!({"anyOf": schemas}),
+        };
+        if !defs.is_empty() {
+            root["$defs"] = Value::Object(defs);
         }
+        if !calls {
+            return Some(Constraint::JsonSchema(root));
+        }
+        root["x-guidance"] = json!({"whitespace_pattern": JSON_WHITESPACE});
+        Some(Constraint::Lark(format!(
+            "start: TEXT | WS? call\ncall: %json {root}\nWS: /\\s+/\nTEXT: /\\s*[^{{\\s](.|\\n)*/\n"
+        )))
     }
 
     /// Reads the calls in `text`; `None` when it is not (only) calls to these functions.
@@ -228,42 +260,119 @@ impl Tools {
     }
 }
 
-/// Reads Llama 3's JSON tool calls: one or more `{"name": ..., "parameters": {...}}` objects
-/// (`arguments` is accepted for `parameters`), optionally after `<|python_tag|>`, separated by
-/// `;` or whitespace, and nothing else.
+/// `f`'s parameters schema as a reference into the combined schema's `$defs`: the schema goes
+/// there under the function's name, its own `$defs` / `definitions` under `<name>__<key>`, and
+/// every local `$ref` is rewritten to match (a schema nested under another root would
+/// otherwise resolve its references against the wrong document).
+fn hoist(f: &Function, defs: &mut Map<String, Value>) -> Value {
+    // Without references the schema is inlined (llguidance compiles it faster).
+    if !has_ref(&f.parameters) {
+        let mut params = f.parameters.clone();
+        if let Some(obj) = params.as_object_mut() {
+            obj.remove("$defs");
+            obj.remove("definitions");
+        }
+        return params;
+    }
+    let mut params = f.parameters.clone();
+    let mut own = Map::new();
+    if let Some(obj) = params.as_object_mut() {
+        for key in ["$defs", "definitions"] {
+            if let Some(Value::Object(d)) = obj.remove(key) {
+                own.extend(d);
+            }
+        }
+    }
+    let rewrite = |v: &mut Value| rewrite_refs(v, &f.name);
+    for (k, mut v) in own {
+        rewrite(&mut v);
+        defs.insert(format!("{}__{k}", f.name), v);
+    }
+    rewrite(&mut params);
+    defs.insert(f.name.clone(), params);
+    json!({"$ref": format!("#/$defs/{}", f.name)})
+}
+
+fn has_ref(v: &Value) -> bool {
+    match v {
+        Value::Object(obj) => obj.contains_key("$ref") || obj.values().any(has_ref),
+        Value::Array(a) => a.iter().any(has_ref),
+        _ => false,
+    }
+}
+
+fn rewrite_refs(v: &mut Value, name: &str) {
+    match v {
+        Value::Object(obj) => {
+            if let Some(Value::String(r)) = obj.get_mut("$ref") {
+                let rest = r
+                    .strip_prefix("#/$defs/")
+                    .or_else(|| r.strip_prefix("#/definitions/"));
+                if let Some(rest) = rest {
+                    *r = format!("#/$defs/{name}__{rest}");
+                } else if let Some(pointer) = r.strip_prefix('#') {
+                    *r = format!("#/$defs/{name}{pointer}");
+                }
+            }
+            obj.values_mut().for_each(|x| rewrite_refs(x, name));
+        }
+        Value::Array(a) => a.iter_mut().for_each(|x| rewrite_refs(x, name)),
+        _ => {}
+    }
+}
+
+/// Reads the tool calls in `text`, and nothing else: Llama 3's JSON objects `{"name": ...,
+/// "parameters": {...}}` (`arguments` is accepted for `parameters`, also as a JSON string),
+/// optionally after `<|python_tag|>`, separated by `;` or whitespace; Hermes/Qwen's
+/// `<tool_call>{...}</tool_call>` blocks; Mistral's `[TOOL_CALLS][{...}, ...]` lists.
 pub fn parse_calls(text: &str) -> Option<Vec<ToolCall>> {
     let mut rest = text.trim();
-    rest = rest
-        .strip_prefix("<|python_tag|>")
-        .unwrap_or(rest)
-        .trim_start();
+    for prefix in ["<|python_tag|>", "[TOOL_CALLS]"] {
+        rest = rest.strip_prefix(prefix).unwrap_or(rest).trim_start();
+    }
     let mut calls = Vec::new();
     while !rest.is_empty() {
-        let mut it = serde_json::Deserializer::from_str(rest).into_iter::<Value>();
+        let wrapped = rest.strip_prefix("<tool_call>");
+        let body = wrapped.unwrap_or(rest).trim_start();
+        let mut it = serde_json::Deserializer::from_str(body).into_iter::<Value>();
         let v = it.next()?.ok()?;
-        rest = rest[it.byte_offset()..].trim_start();
-        rest = rest.strip_prefix(';').unwrap_or(rest).trim_start();
-        let obj = v.as_object()?;
-        let name = obj.get("name")?.as_str()?.to_string();
-        let arguments = match obj.get("parameters").or_else(|| obj.get("arguments")) {
-            Some(a @ Value::Object(_)) => a.clone(),
-            // Some models write the arguments as a JSON string.
-            Some(Value::String(s)) => match serde_json::from_str::<Value>(s).ok()? {
-                a @ Value::Object(_) => a,
-                _ => return None,
-            },
-            None => Value::Object(Map::new()),
-            Some(_) => return None,
-        };
-        if obj
-            .keys()
-            .any(|k| !["name", "parameters", "arguments"].contains(&k.as_str()))
-        {
-            return None;
+        let mut after = body[it.byte_offset()..].trim_start();
+        if wrapped.is_some() {
+            after = after.strip_prefix("</tool_call>")?.trim_start();
         }
-        calls.push(ToolCall { name, arguments });
+        rest = after.strip_prefix(';').unwrap_or(after).trim_start();
+        let items = match v {
+            Value::Array(a) => a,
+            v => vec![v],
+        };
+        for item in items {
+            calls.push(call_of(&item)?);
+        }
     }
     (!calls.is_empty()).then_some(calls)
+}
+
+/// One call object.
+fn call_of(v: &Value) -> Option<ToolCall> {
+    let obj = v.as_object()?;
+    let name = obj.get("name")?.as_str()?.to_string();
+    let arguments = match obj.get("parameters").or_else(|| obj.get("arguments")) {
+        Some(a @ Value::Object(_)) => a.clone(),
+        // Some models write the arguments as a JSON string.
+        Some(Value::String(s)) => match serde_json::from_str::<Value>(s).ok()? {
+            a @ Value::Object(_) => a,
+            _ => return None,
+        },
+        None => Value::Object(Map::new()),
+        Some(_) => return None,
+    };
+    if obj
+        .keys()
+        .any(|k| !["name", "parameters", "arguments"].contains(&k.as_str()))
+    {
+        return None;
+    }
+    Some(ToolCall { name, arguments })
 }
 
 /// The instructions given to a model whose template has no tool section, in Llama 3's JSON
@@ -354,14 +463,19 @@ pub fn render(
     template.render(&messages, true, None).map_err(err)
 }
 
-/// OpenAI's `tool_calls` list for `calls`; ids are unique per response.
-pub fn calls_json(calls: &[ToolCall], id_prefix: &str) -> Value {
+/// OpenAI's `tool_calls` list for `calls` (with each call's `index` in a streamed delta); ids
+/// are unique per response.
+pub fn calls_json(calls: &[ToolCall], id_prefix: &str, streamed: bool) -> Value {
     calls
         .iter()
         .enumerate()
         .map(|(i, c)| {
-            json!({"index": i, "id": format!("call_{id_prefix}_{i}"), "type": "function",
-                   "function": {"name": c.name, "arguments": c.arguments.to_string()}})
+            let mut v = json!({"id": format!("call_{id_prefix}_{i}"), "type": "function",
+                   "function": {"name": c.name, "arguments": c.arguments.to_string()}});
+            if streamed {
+                v["index"] = json!(i);
+            }
+            v
         })
         .collect()
 }
@@ -418,6 +532,19 @@ mod tests {
         assert_eq!(c[0].arguments, json!({"a": 2}));
         assert_eq!(c[1].name, "g");
         assert!(parse_calls("The weather is fine.").is_none());
+        let hermes = "<tool_call>\n{\"name\": \"f\", \"arguments\": {\"a\": 1}}\n</tool_call>\n<tool_call>{\"name\": \"g\", \"arguments\": {}}</tool_call>";
+        let c = parse_calls(hermes).unwrap();
+        assert_eq!((c[0].name.as_str(), c[1].name.as_str()), ("f", "g"));
+        assert_eq!(c[0].arguments, json!({"a": 1}));
+        assert!(
+            parse_calls("<tool_call>{\"name\": \"f\"}").is_none(),
+            "unclosed"
+        );
+        let mistral =
+            r#"[TOOL_CALLS][{"name": "f", "arguments": {"a": 3}}, {"name": "g", "arguments": {}}]"#;
+        let c = parse_calls(mistral).unwrap();
+        assert_eq!(c.len(), 2);
+        assert_eq!(c[0].arguments, json!({"a": 3}));
         assert!(parse_calls(r#"{"name": "f", "parameters": {}} and then text"#).is_none());
         assert!(parse_calls(r#"{"city": "Paris"}"#).is_none());
         assert!(parse_calls(r#"{"name": "f", "parameters": [1]}"#).is_none());
@@ -438,13 +565,49 @@ mod tests {
         let Some(Constraint::JsonSchema(s)) = t.constraint() else {
             panic!("no schema")
         };
-        assert_eq!(s["anyOf"][0]["properties"]["name"]["const"], "get_weather");
-        assert_eq!(
-            s["anyOf"][0]["properties"]["parameters"]["required"][0],
-            "city"
-        );
+        assert_eq!(s["properties"]["name"]["const"], "get_weather");
+        assert_eq!(s["properties"]["parameters"]["required"][0], "city");
+        assert!(s.get("$defs").is_none());
         let auto = parse(Some(weather()), None, None).unwrap().unwrap();
         assert!(auto.constraint().is_none());
+        let mut strict = weather();
+        strict[0]["function"]["strict"] = json!(true);
+        let auto = parse(Some(strict), None, None).unwrap().unwrap();
+        let Some(Constraint::Lark(g)) = auto.constraint() else {
+            panic!("strict under auto needs a grammar")
+        };
+        assert!(
+            g.starts_with("start: TEXT | WS? call\ncall: %json {"),
+            "{g}"
+        );
+        assert!(g.contains(r#""required":["city"]"#), "{g}");
+    }
+
+    #[test]
+    fn nested_definitions_are_hoisted_with_their_references() {
+        // As openai.pydantic_function_tool writes a model with a nested one.
+        let tools = json!([{"type": "function", "function": {"name": "book", "parameters": {
+            "type": "object", "required": ["guest"],
+            "properties": {"guest": {"$ref": "#/$defs/Person"}, "again": {"$ref": "#"}},
+            "$defs": {"Person": {"type": "object", "properties": {
+                "name": {"type": "string"}, "friend": {"$ref": "#/$defs/Person"}}}}}}}]);
+        let t = parse(Some(tools), Some(json!("required")), None)
+            .unwrap()
+            .unwrap();
+        let Some(Constraint::JsonSchema(s)) = t.constraint() else {
+            panic!("no schema")
+        };
+        let d = &s["$defs"];
+        assert_eq!(
+            d["book"]["properties"]["guest"]["$ref"],
+            "#/$defs/book__Person"
+        );
+        assert_eq!(d["book"]["properties"]["again"]["$ref"], "#/$defs/book");
+        assert_eq!(
+            d["book__Person"]["properties"]["friend"]["$ref"],
+            "#/$defs/book__Person"
+        );
+        assert!(d["book"].get("$defs").is_none());
     }
 
     fn conversation() -> Vec<ChatMessage> {
@@ -508,7 +671,9 @@ mod tests {
                 arguments: json!({"x": 1}),
             }],
             "abc",
+            false,
         );
+        assert!(j[0].get("index").is_none());
         assert_eq!(j[0]["function"]["arguments"], "{\"x\":1}");
         assert_eq!(j[0]["type"], "function");
     }

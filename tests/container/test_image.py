@@ -76,11 +76,12 @@ class Container:
         self.name = f"liftoff-test-{uuid.uuid4().hex[:8]}"
         subprocess.run(BUILDAH + ["from", "--pull-never", "--name", self.name, image], check=True,
                        capture_output=True)
-        args = BUILDAH + ["run", "--isolation", "chroot", "--network", "host"]
+        args = BUILDAH + ["run", "--isolation", "chroot", "--network", "host",
+                          "-e", f"LIFTOFF_TEST_CONTAINER={self.name}"]
         for k, v in env.items():
             args += ["-e", f"{k}={v}"]
-        for host, inside in mounts:
-            args += ["-v", f"{host}:{inside}:ro"]
+        self.mounts = [a for host, inside in mounts for a in ("-v", f"{host}:{inside}:ro")]
+        args += self.mounts
         self.log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(args + [self.name, "--"] + list(command), stdout=self.log,
                                      stderr=subprocess.STDOUT)
@@ -90,15 +91,23 @@ class Container:
         return self.log.read().decode(errors="replace")
 
     def run(self, env, *command):
-        args = BUILDAH + ["run", "--isolation", "chroot", "--network", "host"]
+        """Another process in the container (as `docker exec` runs one), with its mounts."""
+        args = BUILDAH + ["run", "--isolation", "chroot", "--network", "host"] + self.mounts
         for k, v in env.items():
             args += ["-e", f"{k}={v}"]
         return subprocess.run(args + [self.name, "--"] + list(command), capture_output=True, text=True, timeout=60)
 
     def close(self):
+        # Killing `buildah run` leaves the container's processes running: kill them by the
+        # marker in their environment.
+        for pid in pids_with("", f"LIFTOFF_TEST_CONTAINER={self.name}"):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
         if self.proc.poll() is None:
             self.proc.kill()
-            self.proc.wait(timeout=30)
+        self.proc.wait(timeout=30)
         subprocess.run(BUILDAH + ["rm", self.name], capture_output=True)
 
 
@@ -207,7 +216,10 @@ def test_env_only_tp2_stream_health_dashboard_and_sigterm(image):
         check_dashboard(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text)
         # SIGTERM: the server drains and stops, and its workers with it.
         os.kill(server[0], signal.SIGTERM)
-        c.proc.wait(timeout=40)
+        try:
+            c.proc.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("still running 40 s after SIGTERM: " + c.output()[-3000:])
         deadline = time.time() + 10
         while any(alive(p) for p in server + workers) and time.time() < deadline:
             time.sleep(0.1)
@@ -235,6 +247,9 @@ def test_manifest_mount_hf_token_and_image_config(image):
             r = httpx.post(f"http://127.0.0.1:{port}/generate", timeout=60,
                            json={"text": "Hello", "consumer_group": "mounted", "max_new_tokens": 4})
             assert r.status_code == 200 and "text" in r.json(), r.text
+            # The HEALTHCHECK finds the manifest's port by itself (no TAKEOFF_PORT here).
+            health = c.run({}, "liftoff", "health")
+            assert health.returncode == 0, health.stderr
             # The entrypoint's mapping, seen by the program it starts.
             env = c.run({"HF_TOKEN": "hf_test_token", "LIFTOFF_BIN": "printenv"}, "docker-entrypoint.sh",
                         "TAKEOFF_ACCESS_TOKEN", "TAKEOFF_CONFIG_FILE")

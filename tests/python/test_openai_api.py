@@ -186,6 +186,14 @@ def test_echo_prompt_logprobs_match_transformers(server):
         chunks = list(c.completions.create(model="tiny-f32", prompt=full, echo=True, logprobs=5, max_tokens=0,
                                            stream=True, extra_body={"return_tokens_as_token_ids": True}))
         assert chunks[0].choices[0].logprobs.token_logprobs == lp.token_logprobs
+        # Streamed with generated tokens: the prompt once, then the tokens.
+        whole = c.completions.create(model="tiny-f32", prompt=full, echo=True, max_tokens=3, temperature=0,
+                                     logprobs=1, extra_body={"return_tokens_as_token_ids": True})
+        parts = list(c.completions.create(model="tiny-f32", prompt=full, echo=True, max_tokens=3, temperature=0,
+                                          logprobs=1, stream=True,
+                                          extra_body={"return_tokens_as_token_ids": True}))
+        assert "".join(p.choices[0].text for p in parts) == whole.choices[0].text
+        assert sum(len(p.choices[0].logprobs.tokens) for p in parts) == len(whole.choices[0].logprobs.tokens)
         # Parallel samples echo the same prompt log-probabilities (computed once).
         two = c.completions.create(model="tiny-f32", prompt=full, echo=True, logprobs=5, max_tokens=1, n=2,
                                    extra_body={"return_tokens_as_token_ids": True})
@@ -256,6 +264,18 @@ def test_tool_calls_required_named_auto_and_results(server):
         json.loads(msg.tool_calls[0].function.arguments)
     else:
         assert msg.content and auto.choices[0].finish_reason in ("stop", "length")
+    # auto with a strict function: text, or a call whose arguments validate (enforced by the
+    # grammar, whichever the model picks; steered towards a call by the bias on "{").
+    strict = json.loads(json.dumps(WEATHER))
+    strict["function"]["strict"] = True
+    for bias in ({}, {"107": 8}):
+        out = c.chat.completions.create(model="primary", messages=ask, tools=[strict], max_tokens=80,
+                                        temperature=0, logit_bias=bias)
+        msg = out.choices[0].message
+        if msg.tool_calls:
+            check_weather_args(msg.tool_calls[0].function.arguments)
+        else:
+            assert not msg.content.lstrip().startswith("{"), msg.content
     # The call and its result fed back: the model answers in text.
     turn = ask + [{"role": "assistant", "content": None, "tool_calls": [
         {"id": call.id, "type": "function", "function": {"name": "get_weather", "arguments": call.function.arguments}}]},

@@ -100,7 +100,13 @@ async fn submit_samples(
     if n == 1 {
         return Ok(vec![first]);
     }
-    first.peek().await;
+    // A prompt shorter than a block has nothing to share: no reason to wait.
+    if ids.len() >= lease.service().info.block_size {
+        first.peek().await;
+        if let Some(e) = first.peeked_error() {
+            return Err(e);
+        }
+    }
     let mut out = vec![first];
     for i in 1..n {
         let p = SamplingParams {
@@ -118,9 +124,17 @@ pub async fn completions(
     State(state): State<Arc<AppState>>,
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
+    // Everything that can be checked without the model, before a reader is (re)loaded for it.
+    request::refuse_unsupported(&req.other)?;
+    request::check_stream_options(&req.sampling)?;
+    if req.logprobs.is_some_and(|n| n > MAX_LOGPROBS) {
+        return Err(ApiError::invalid(
+            "logprobs",
+            format!("logprobs: at most {MAX_LOGPROBS}"),
+        ));
+    }
     let lease = state.lease(req.sampling.model.as_deref(), "model").await?;
     let service = lease.service().clone();
-    request::refuse_unsupported(&req.other)?;
     let one = "prompt must be one string or one list of token ids (batches: send several requests)";
     let (ids, text) = match req.prompt {
         PromptInput::One(p) => (service.prompt_ids(&p, false, None, "prompt")?, Some(p)),
@@ -134,19 +148,10 @@ pub async fn completions(
             return Err(ApiError::invalid("prompt", one))
         }
     };
-    let lp = match req.logprobs {
-        Some(n) if n > MAX_LOGPROBS => {
-            return Err(ApiError::invalid(
-                "logprobs",
-                format!("logprobs: at most {MAX_LOGPROBS}, got {n}"),
-            ))
-        }
-        Some(n) => Some(LogprobsRequest {
-            top: n,
-            as_ids: req.sampling.return_tokens_as_token_ids.unwrap_or(false),
-        }),
-        None => None,
-    };
+    let lp = req.logprobs.map(|n| LogprobsRequest {
+        top: n,
+        as_ids: req.sampling.return_tokens_as_token_ids.unwrap_or(false),
+    });
     let mut echo = req.echo.unwrap_or(false).then(|| Echo {
         text: text.unwrap_or_else(|| service.tokenizer.decode(&ids, false).unwrap_or_default()),
         ids: ids.clone(),
@@ -188,24 +193,14 @@ pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
     ApiJson(req): ApiJson<ChatRequest>,
 ) -> Result<Response, ApiError> {
-    let lease = state.lease(req.sampling.model.as_deref(), "model").await?;
-    let service = lease.service().clone();
+    // Everything that can be checked without the model, before a reader is (re)loaded for it.
     request::refuse_unsupported(&req.other)?;
+    request::check_stream_options(&req.sampling)?;
     if req.messages.is_empty() {
         return Err(ApiError::invalid("messages", "messages must not be empty"));
     }
     let tools = tools::parse(req.tools, req.tool_choice, req.parallel_tool_calls)?;
     let messages = to_chat(req.messages)?;
-    let template = service
-        .tokenizer
-        .template()
-        .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
-    let text = tools::render(template, messages, tools.as_ref())?;
-    let ids = service
-        .tokenizer
-        .encode(&text, false)
-        .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
-    service.check_prompt_len(ids.len(), "messages")?;
     let top = req.top_logprobs.unwrap_or(0);
     if top > MAX_LOGPROBS {
         return Err(ApiError::invalid(
@@ -226,6 +221,18 @@ pub async fn chat_completions(
         }
         _ => None,
     };
+    let lease = state.lease(req.sampling.model.as_deref(), "model").await?;
+    let service = lease.service().clone();
+    let template = service
+        .tokenizer
+        .template()
+        .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+    let text = tools::render(template, messages, tools.as_ref())?;
+    let ids = service
+        .tokenizer
+        .encode(&text, false)
+        .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+    service.check_prompt_len(ids.len(), "messages")?;
     let (requested, field) = request::requested_tokens(&req.sampling);
     let max_new = service.max_new_tokens(ids.len(), requested, field)?;
     let n = request::samples(&service, &req.sampling)?;
@@ -341,7 +348,7 @@ fn chat_choice(job: &Job, index: usize, c: &Completion) -> Value {
     let (message, finish) = match calls {
         Some(calls) => (
             json!({"role": "assistant", "content": Value::Null,
-                   "tool_calls": tools::calls_json(&calls, &format!("{}_{index}", job.id))}),
+                   "tool_calls": tools::calls_json(&calls, &format!("{}_{index}", job.id), false)}),
             Some("tool_calls"),
         ),
         None => (

@@ -122,6 +122,17 @@ pub fn refuse_unsupported(other: &BTreeMap<String, Value>) -> Result<(), ApiErro
     Ok(())
 }
 
+/// `stream_options` only with `stream: true` (as vLLM answers).
+pub fn check_stream_options(f: &SamplingFields) -> Result<(), ApiError> {
+    if f.stream_options.is_some() && f.stream != Some(true) {
+        return Err(ApiError::invalid(
+            "stream_options",
+            "stream_options needs stream: true",
+        ));
+    }
+    Ok(())
+}
+
 /// `n`: 1 unless given; at most [`MAX_N`] and the model's batch size.
 pub fn samples(service: &ModelService, f: &SamplingFields) -> Result<usize, ApiError> {
     let n = f.n.unwrap_or(1);
@@ -187,7 +198,11 @@ pub fn params(
         presence_penalty: f.presence_penalty.unwrap_or(0.0),
         logit_bias: logit_bias(service, f)?,
         no_repeat_ngram_size: 0,
-        min_new_tokens: f.min_tokens.unwrap_or(0).min(max_new),
+        // An explicit max_tokens below min_tokens is an error; a default one is not.
+        min_new_tokens: match requested_tokens(f).0 {
+            Some(_) => f.min_tokens.unwrap_or(0),
+            None => f.min_tokens.unwrap_or(0).min(max_new),
+        },
         max_new_tokens: max_new,
         stop: match &f.stop {
             None => Vec::new(),

@@ -30,6 +30,10 @@ enum Item {
     Done(usize, usize, usize, usize),
 }
 
+/// How the tool-call forms `tools::parse_calls` reads begin (Llama 3 JSON, Mistral's list,
+/// Hermes/Qwen's tags).
+const CALL_STARTS: &[&str] = &["{", "[", "<|python_tag|>", "<tool_call>"];
+
 /// A chat answer's tool-call state.
 enum Calls {
     /// Plain content.
@@ -91,6 +95,7 @@ impl Sample {
                     }
                     self.offset = e.text.len();
                 }
+                self.first = false;
                 if is_token {
                     if let Some(r) = &r {
                         r.push_events(&mut lps, &[&ev], self.offset);
@@ -116,8 +121,13 @@ impl Sample {
                 None => return out,
             },
         };
+        let generated = if job.hide_token {
+            0
+        } else {
+            ev.generated_tokens
+        };
         if every {
-            chunk["usage"] = usage(ev.prompt_tokens, ev.generated_tokens, ev.cached_tokens);
+            chunk["usage"] = usage(ev.prompt_tokens, generated, ev.cached_tokens);
         }
         out.push(Item::Chunk(chunk));
         if finish.is_some() {
@@ -155,9 +165,9 @@ impl Sample {
             }
             if matches!(self.calls, Calls::Undecided) {
                 let start = self.held_text.trim_start();
-                if start.starts_with('{') || start.starts_with("<|python_tag|>") {
+                if CALL_STARTS.iter().any(|m| start.starts_with(m)) {
                     self.calls = Calls::Held;
-                } else if !start.is_empty() {
+                } else if !start.is_empty() && !CALL_STARTS.iter().any(|m| m.starts_with(start)) {
                     self.calls = Calls::Off;
                 }
             }
@@ -173,6 +183,7 @@ impl Sample {
                     tool_calls = Some(tools::calls_json(
                         &calls,
                         &format!("{}_{}", job.id, self.index),
+                        true,
                     ));
                     finish = Some("tool_calls");
                     text.clear();
@@ -228,45 +239,59 @@ pub fn sse(job: Arc<Job>, streams: Vec<TokenStream>, usage_opts: Usage) -> Respo
         .flat_map(stream::iter)
         .boxed()
     });
-    // (samples still running, usage so far, ended)
-    let merged = stream::select_all(per_sample).scan(
-        (n, 0usize, 0usize, 0usize, false),
-        move |(left, prompt, generated, cached, ended), item| {
-            if *ended {
-                return futures::future::ready(None);
+    // Ends as soon as every sample is done or one failed, without waiting on the others.
+    struct Merge {
+        left: usize,
+        prompt: usize,
+        generated: usize,
+        cached: usize,
+        ended: bool,
+    }
+    let start = Merge {
+        left: n,
+        prompt: 0,
+        generated: 0,
+        cached: 0,
+        ended: false,
+    };
+    let merged = stream::unfold(
+        (stream::select_all(per_sample), start, job),
+        move |(mut items, mut m, job)| async move {
+            if m.ended {
+                return None;
             }
             let mut events = Vec::new();
-            match item {
+            match items.next().await? {
                 Item::Chunk(c) => events.push(Event::default().data(c.to_string())),
                 Item::Error(body) => {
                     events.push(Event::default().data(body));
                     events.push(Event::default().data("[DONE]"));
-                    *ended = true;
+                    m.ended = true;
                 }
                 Item::Done(index, p, g, c) => {
-                    *left -= 1;
-                    *prompt = p;
-                    *generated += g;
+                    m.left -= 1;
+                    m.prompt = p;
+                    m.generated += g;
                     // The first sample's: the others share its prompt by design.
                     if index == 0 {
-                        *cached = c;
+                        m.cached = c;
                     }
-                    if *left == 0 {
+                    if m.left == 0 {
                         if usage_opts.last {
                             let object = match job.kind {
                                 Kind::Completion => "text_completion",
                                 Kind::Chat => "chat.completion.chunk",
                             };
                             let u = json!({"id": job.id, "object": object, "created": now(), "model": job.model,
-                                           "choices": [], "usage": usage(*prompt, *generated, *cached)});
+                                           "choices": [], "usage": usage(m.prompt, m.generated, m.cached)});
                             events.push(Event::default().data(u.to_string()));
                         }
                         events.push(Event::default().data("[DONE]"));
-                        *ended = true;
+                        m.ended = true;
                     }
                 }
             }
-            futures::future::ready(Some(events))
+            Some((events, (items, m, job)))
         },
     );
     let events =
