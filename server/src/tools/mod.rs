@@ -1,12 +1,10 @@
-//! Tool calling on `/v1/chat/completions`: OpenAI's `tools` and `tool_choice`, the tools put
-//! before the model (by its chat template when it has a tool section, otherwise in a system
-//! message), the model's calls read back in Llama 3's JSON form (`{"name": ..., "parameters":
-//! {...}}`, optionally after `<|python_tag|>`, several separated by `;`), and `required` or a
-//! named function enforced with the constrained decoder so the arguments always validate.
+//! Tool calling on `/v1/chat/completions`: OpenAI's `tools` and `tool_choice` read here, with
+//! the constraint that `required`, a named function or a `strict` function puts on the output
+//! (so the arguments always validate); the tools put before the model in [`render`], the
+//! model's calls read back in [`calls`].
 
 use crate::error::ApiError;
 use liftoff_engine::constraint::{Constraint, JSON_WHITESPACE};
-use liftoff_engine::tokenizer::{ChatMessage, ChatTemplate};
 use serde_json::{json, Map, Value};
 
 /// What `tool_choice` asks for.
@@ -43,13 +41,11 @@ pub struct Tools {
     pub parallel: bool,
 }
 
-/// A call read from the model's output.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ToolCall {
-    pub name: String,
-    /// The arguments, a JSON object.
-    pub arguments: Value,
-}
+mod calls;
+mod render;
+
+pub use calls::{calls_json, parse_calls, ToolCall};
+pub use render::render;
 
 fn bad(field: &str, msg: impl Into<String>) -> ApiError {
     ApiError::invalid(field, msg)
@@ -321,170 +317,11 @@ fn rewrite_refs(v: &mut Value, name: &str) {
     }
 }
 
-/// Reads the tool calls in `text`, and nothing else: Llama 3's JSON objects `{"name": ...,
-/// "parameters": {...}}` (`arguments` is accepted for `parameters`, also as a JSON string),
-/// optionally after `<|python_tag|>`, separated by `;` or whitespace; Hermes/Qwen's
-/// `<tool_call>{...}</tool_call>` blocks; Mistral's `[TOOL_CALLS][{...}, ...]` lists.
-pub fn parse_calls(text: &str) -> Option<Vec<ToolCall>> {
-    let mut rest = text.trim();
-    for prefix in ["<|python_tag|>", "[TOOL_CALLS]"] {
-        rest = rest.strip_prefix(prefix).unwrap_or(rest).trim_start();
-    }
-    let mut calls = Vec::new();
-    while !rest.is_empty() {
-        let wrapped = rest.strip_prefix("<tool_call>");
-        let body = wrapped.unwrap_or(rest).trim_start();
-        let mut it = serde_json::Deserializer::from_str(body).into_iter::<Value>();
-        let v = it.next()?.ok()?;
-        let mut after = body[it.byte_offset()..].trim_start();
-        if wrapped.is_some() {
-            after = after.strip_prefix("</tool_call>")?.trim_start();
-        }
-        rest = after.strip_prefix(';').unwrap_or(after).trim_start();
-        let items = match v {
-            Value::Array(a) => a,
-            v => vec![v],
-        };
-        for item in items {
-            calls.push(call_of(&item)?);
-        }
-    }
-    (!calls.is_empty()).then_some(calls)
-}
-
-/// One call object.
-fn call_of(v: &Value) -> Option<ToolCall> {
-    let obj = v.as_object()?;
-    let name = obj.get("name")?.as_str()?.to_string();
-    let arguments = match obj.get("parameters").or_else(|| obj.get("arguments")) {
-        Some(a @ Value::Object(_)) => a.clone(),
-        // Some models write the arguments as a JSON string.
-        Some(Value::String(s)) => match serde_json::from_str::<Value>(s).ok()? {
-            a @ Value::Object(_) => a,
-            _ => return None,
-        },
-        None => Value::Object(Map::new()),
-        Some(_) => return None,
-    };
-    if obj
-        .keys()
-        .any(|k| !["name", "parameters", "arguments"].contains(&k.as_str()))
-    {
-        return None;
-    }
-    Some(ToolCall { name, arguments })
-}
-
-/// The instructions given to a model whose template has no tool section, in Llama 3's JSON
-/// tool-calling form.
-fn system_prompt(tools: &Tools) -> String {
-    let mut s = String::from(
-        "You can call functions. To call one, answer with only a JSON object of the form \
-         {\"name\": function name, \"parameters\": object of argument names and values}, \
-         and nothing else. Do not use variables.\n\nThe functions:\n",
-    );
-    for t in tools.raw.as_array().into_iter().flatten() {
-        s.push_str(&t.to_string());
-        s.push('\n');
-    }
-    s
-}
-
-/// An assistant message's `tool_calls` as the JSON text the model writes.
-fn calls_as_text(calls: &Value) -> String {
-    calls
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|c| {
-            let f = c.get("function")?;
-            Some(
-                json!({"name": f.get("name")?, "parameters": arguments_object(f.get("arguments"))})
-                    .to_string(),
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("; ")
-}
-
-/// Arguments as an object (requests carry them as a JSON string).
-fn arguments_object(a: Option<&Value>) -> Value {
-    match a {
-        Some(Value::String(s)) => serde_json::from_str(s).unwrap_or(Value::String(s.clone())),
-        Some(v) => v.clone(),
-        None => Value::Object(Map::new()),
-    }
-}
-
-/// The prompt for `messages` with `tools`: the template's tool section when it has one,
-/// otherwise a system message with the instructions and the tools; earlier calls and tool
-/// results are rendered as the template expects them (or as text).
-pub fn render(
-    template: &ChatTemplate,
-    mut messages: Vec<ChatMessage>,
-    tools: Option<&Tools>,
-) -> Result<String, ApiError> {
-    let err = |e: liftoff_engine::error::EngineError| ApiError::invalid("messages", e.to_string());
-    let active = tools.filter(|t| t.active());
-    if template.supports_tools() {
-        for m in &mut messages {
-            // Templates read each call's arguments as an object.
-            if let Some(Value::Array(calls)) = &mut m.tool_calls {
-                for c in calls.iter_mut() {
-                    if let Some(f) = c.get_mut("function") {
-                        let args = arguments_object(f.get("arguments"));
-                        f["arguments"] = args;
-                    }
-                }
-            }
-        }
-        return template
-            .render(&messages, true, active.map(|t| &t.raw))
-            .map_err(err);
-    }
-    for m in &mut messages {
-        if let Some(calls) = m.tool_calls.take() {
-            let text = calls_as_text(&calls);
-            m.content = if m.content.is_empty() {
-                text
-            } else {
-                format!("{}\n{text}", m.content)
-            };
-        }
-        m.tool_call_id = None;
-    }
-    if let Some(t) = active {
-        let prompt = system_prompt(t);
-        match messages.first_mut() {
-            Some(m) if m.role == "system" => m.content = format!("{}\n\n{prompt}", m.content),
-            _ => messages.insert(0, ChatMessage::new("system", prompt)),
-        }
-    }
-    template.render(&messages, true, None).map_err(err)
-}
-
-/// OpenAI's `tool_calls` list for `calls` (with each call's `index` in a streamed delta); ids
-/// are unique per response.
-pub fn calls_json(calls: &[ToolCall], id_prefix: &str, streamed: bool) -> Value {
-    calls
-        .iter()
-        .enumerate()
-        .map(|(i, c)| {
-            let mut v = json!({"id": format!("call_{id_prefix}_{i}"), "type": "function",
-                   "function": {"name": c.name, "arguments": c.arguments.to_string()}});
-            if streamed {
-                v["index"] = json!(i);
-            }
-            v
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn weather() -> Value {
+    pub(super) fn weather() -> Value {
         json!([{"type": "function", "function": {"name": "get_weather",
             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}])
     }
@@ -515,46 +352,6 @@ mod tests {
         );
         assert!(parse(None, Some(json!("required")), None).is_err());
         assert!(parse(None, Some(json!("none")), None).unwrap().is_none());
-    }
-
-    #[test]
-    fn reads_llama3_json_calls() {
-        let c = parse_calls(r#" {"name": "f", "parameters": {"a": 1}} "#).unwrap();
-        assert_eq!(
-            c,
-            vec![ToolCall {
-                name: "f".into(),
-                arguments: json!({"a": 1})
-            }]
-        );
-        let c = parse_calls(r#"<|python_tag|>{"name": "f", "arguments": "{\"a\": 2}"}; {"name": "g", "parameters": {}}"#).unwrap();
-        assert_eq!(c.len(), 2);
-        assert_eq!(c[0].arguments, json!({"a": 2}));
-        assert_eq!(c[1].name, "g");
-        assert!(parse_calls("The weather is fine.").is_none());
-        let hermes = "<tool_call>\n{\"name\": \"f\", \"arguments\": {\"a\": 1}}\n</tool_call>\n<tool_call>{\"name\": \"g\", \"arguments\": {}}</tool_call>";
-        let c = parse_calls(hermes).unwrap();
-        assert_eq!((c[0].name.as_str(), c[1].name.as_str()), ("f", "g"));
-        assert_eq!(c[0].arguments, json!({"a": 1}));
-        assert!(
-            parse_calls("<tool_call>{\"name\": \"f\"}").is_none(),
-            "unclosed"
-        );
-        let mistral =
-            r#"[TOOL_CALLS][{"name": "f", "arguments": {"a": 3}}, {"name": "g", "arguments": {}}]"#;
-        let c = parse_calls(mistral).unwrap();
-        assert_eq!(c.len(), 2);
-        assert_eq!(c[0].arguments, json!({"a": 3}));
-        assert!(parse_calls(r#"{"name": "f", "parameters": {}} and then text"#).is_none());
-        assert!(parse_calls(r#"{"city": "Paris"}"#).is_none());
-        assert!(parse_calls(r#"{"name": "f", "parameters": [1]}"#).is_none());
-        let t = parse(Some(weather()), None, None).unwrap().unwrap();
-        assert!(t
-            .parse_calls(r#"{"name": "other", "parameters": {}}"#)
-            .is_none());
-        assert!(t
-            .parse_calls(r#"{"name": "get_weather", "parameters": {"city": "Oslo"}}"#)
-            .is_some());
     }
 
     #[test]
@@ -608,73 +405,5 @@ mod tests {
             "#/$defs/book__Person"
         );
         assert!(d["book"].get("$defs").is_none());
-    }
-
-    fn conversation() -> Vec<ChatMessage> {
-        let mut call = ChatMessage::new("assistant", "");
-        call.tool_calls = Some(json!([{"id": "c0", "type": "function",
-            "function": {"name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}}]));
-        let mut result = ChatMessage::new("tool", "{\"sky\": \"sunny\"}");
-        result.tool_call_id = Some("c0".into());
-        vec![ChatMessage::new("user", "Weather in Oslo?"), call, result]
-    }
-
-    #[test]
-    fn a_template_with_a_tool_section_gets_tools_and_calls_as_objects() {
-        // In the manner of Llama 3.1's: tools as JSON, a call's arguments read as an object,
-        // tool results under their own role.
-        let src = "{% if tools %}TOOLS{% for t in tools %} {{ t.function.name }}{% endfor %}\n{% endif %}\
-            {% for m in messages %}{% if m.tool_calls %}CALL {{ m.tool_calls[0].function.name }} \
-            city={{ m.tool_calls[0].function.arguments.city }}\n{% else %}{{ m.role }}: {{ m.content }}\n\
-            {% endif %}{% endfor %}";
-        let template = ChatTemplate::new(src, "", "").unwrap();
-        assert!(template.supports_tools());
-        let tools = parse(Some(weather()), None, None).unwrap().unwrap();
-        let out = render(&template, conversation(), Some(&tools)).unwrap();
-        assert_eq!(
-            out,
-            "TOOLS get_weather\nuser: Weather in Oslo?\nCALL get_weather city=Oslo\ntool: {\"sky\": \"sunny\"}\n"
-        );
-        // tool_choice none: the tools are not shown.
-        let none = parse(Some(weather()), Some(json!("none")), None)
-            .unwrap()
-            .unwrap();
-        let out = render(&template, conversation(), Some(&none)).unwrap();
-        assert!(!out.contains("TOOLS"), "{out}");
-    }
-
-    #[test]
-    fn a_template_without_one_gets_the_tools_in_a_system_message() {
-        let src = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}";
-        let template = ChatTemplate::new(src, "", "").unwrap();
-        assert!(!template.supports_tools());
-        let tools = parse(Some(weather()), None, None).unwrap().unwrap();
-        let out = render(&template, conversation(), Some(&tools)).unwrap();
-        assert!(out.starts_with("<system>You can call functions."), "{out}");
-        assert!(out.contains("\"name\":\"get_weather\""), "{out}");
-        assert!(out.ends_with(
-            "<user>Weather in Oslo?<assistant>{\"name\":\"get_weather\",\"parameters\":{\"city\":\"Oslo\"}}<tool>{\"sky\": \"sunny\"}"
-        ), "{out}");
-    }
-
-    #[test]
-    fn earlier_calls_render_as_text_without_a_tool_section() {
-        let calls = json!([{"id": "c0", "type": "function",
-            "function": {"name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}}]);
-        assert_eq!(
-            calls_as_text(&calls),
-            r#"{"name":"get_weather","parameters":{"city":"Oslo"}}"#
-        );
-        let j = calls_json(
-            &[ToolCall {
-                name: "f".into(),
-                arguments: json!({"x": 1}),
-            }],
-            "abc",
-            false,
-        );
-        assert!(j[0].get("index").is_none());
-        assert_eq!(j[0]["function"]["arguments"], "{\"x\":1}");
-        assert_eq!(j[0]["type"], "function");
     }
 }
