@@ -148,9 +148,6 @@ pub fn sample(logits: Tensor, specs: &[RowSampling]) -> Result<Vec<SampledToken>
         {
             bail!("sample: row {r} names token {t}, outside the vocabulary of {vocab}");
         }
-        if let Some(&(t, v)) = s.adjust.iter().find(|a| !a.1.is_finite()) {
-            bail!("sample: row {r} adjusts token {t} by {v}, not a finite number");
-        }
         let mut s = s.clone();
         for list in [&mut s.penalized, &mut s.banned] {
             list.sort_unstable();
@@ -159,6 +156,7 @@ pub fn sample(logits: Tensor, specs: &[RowSampling]) -> Result<Vec<SampledToken>
         if s.repetition_penalty == 1.0 {
             s.penalized.clear();
         }
+        // A non-finite value stays non-finite in its token's sum (never 0, so never dropped).
         s.adjust = merge_adjustments(&s.adjust);
         if let Some(&(t, v)) = s.adjust.iter().find(|a| !a.1.is_finite()) {
             bail!("sample: row {r} adjusts token {t} by {v} in all, not a finite number");

@@ -6,6 +6,19 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+/// Whether a request value asks for nothing: null, or an empty string, list or object (what
+/// clients send for a field they leave unset, and may pass where the field is unsupported).
+pub fn asks_nothing(v: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match v {
+        Value::Null => true,
+        Value::Object(m) => m.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        Value::String(s) => s.is_empty(),
+        _ => false,
+    }
+}
+
 /// An error answered to a client.
 #[derive(Debug, Clone)]
 pub struct ApiError {

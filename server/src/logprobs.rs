@@ -64,20 +64,14 @@ impl Renderer<'_> {
     }
 
     /// Appends the prompt's tokens (`echo`): the first has no log-probability (`null`), each
-    /// later one its own and its position's alternatives. Returns where the prompt's text
-    /// ends.
-    pub fn push_prompt(
-        &self,
-        c: &mut CompletionLogprobs,
-        prompt: &[u32],
-        rows: &[PromptLogprob],
-    ) -> usize {
+    /// later one its own and its position's alternatives.
+    pub fn push_prompt(&self, c: &mut CompletionLogprobs, prompt: &[u32], rows: &[PromptLogprob]) {
         let mut offset = 0;
-        for (i, &id) in prompt.iter().enumerate() {
+        for (id, row) in prompt_rows(prompt, rows) {
             let token = self.token(id);
             // Offsets count the prompt's text (special tokens such as BOS add none).
             let len = self.tokenizer.decode(&[id], true).map_or(0, |t| t.len());
-            match i.checked_sub(1).and_then(|r| rows.get(r)) {
+            match row {
                 Some(row) => {
                     let lp = Self::number(row.logprob);
                     let mut top: Map<String, Value> = self.top(&row.top).collect();
@@ -88,7 +82,6 @@ impl Renderer<'_> {
             }
             offset += len;
         }
-        offset
     }
 
     fn entry(&self, token: String, lp: f64) -> Value {
@@ -114,6 +107,18 @@ impl Renderer<'_> {
             .collect();
         json!({"content": content})
     }
+}
+
+/// Each prompt token with its log-probability row (`rows[i]` is token `i + 1`'s; the first
+/// token has none).
+pub fn prompt_rows<'a>(
+    prompt: &'a [u32],
+    rows: &'a [PromptLogprob],
+) -> impl Iterator<Item = (u32, Option<&'a PromptLogprob>)> + 'a {
+    prompt
+        .iter()
+        .enumerate()
+        .map(move |(i, &id)| (id, i.checked_sub(1).and_then(|r| rows.get(r))))
 }
 
 /// The legacy completions log-probabilities, built up token by token.

@@ -3,7 +3,7 @@
 //! `assistant` (with `tool_calls`), `tool` (with `tool_call_id`), and `name`. What the server
 //! cannot render yet (images, audio, files) is a 400 naming the field, never dropped.
 
-use crate::error::ApiError;
+use crate::error::{asks_nothing, ApiError};
 use liftoff_engine::tokenizer::ChatMessage;
 use serde::Deserialize;
 use serde_json::Value;
@@ -63,14 +63,7 @@ pub fn to_chat(messages: Vec<RequestMessage>) -> Result<Vec<ChatMessage>, ApiErr
             }
             .to_string();
             for (key, v) in &m.other {
-                let empty = match v {
-                    Value::Null => true,
-                    Value::Array(a) => a.is_empty(),
-                    Value::Object(o) => o.is_empty(),
-                    Value::String(t) => t.is_empty(),
-                    _ => false,
-                };
-                if !empty {
+                if !asks_nothing(v) {
                     return Err(ApiError::invalid(
                         &at(key),
                         format!("messages[{i}].{key} is not supported"),

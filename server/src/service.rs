@@ -264,11 +264,13 @@ impl TokenStream {
         }
     }
 
-    /// The prompt's log-probabilities carried by the event [`peek`](Self::peek) read ahead.
-    pub fn peeked_prompt_logprobs(&self) -> Option<&Vec<PromptLogprob>> {
-        match &self.pending {
-            Some(Some(Ok(ev))) => ev.prompt_logprobs.as_ref(),
-            _ => None,
+    /// The prompt's log-probabilities, when the request asked for them: the first event
+    /// carries them (it is read ahead and kept for [`next`](Self::next), without them).
+    pub async fn prompt_logprobs(&mut self) -> Vec<PromptLogprob> {
+        self.peek().await;
+        match &mut self.pending {
+            Some(Some(Ok(ev))) => ev.prompt_logprobs.take().unwrap_or_default(),
+            _ => Vec::new(),
         }
     }
 

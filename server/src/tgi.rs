@@ -5,6 +5,7 @@
 //! `{"index", "token", "generated_text", "details"}`.
 
 use crate::error::ApiError;
+use crate::logprobs::prompt_rows;
 use crate::service::{ModelService, TokenStream};
 use crate::{structured, AppState};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -115,6 +116,13 @@ fn prepare(service: &ModelService, req: &TgiRequest, stream: bool) -> Result<Pre
         || p.top_k.is_some()
         || p.top_p.is_some();
     let top_n = p.top_n_tokens.unwrap_or(0);
+    let prefill = p.decoder_input_details.unwrap_or(false);
+    if prefill && stream {
+        return Err(refuse(
+            "decoder_input_details",
+            "not supported when streaming tokens (as in TGI)",
+        ));
+    }
     let constraint = match &p.grammar {
         Some(g) => structured::check(service, structured::tgi_grammar(g)?)?,
         None => None,
@@ -133,6 +141,7 @@ fn prepare(service: &ModelService, req: &TgiRequest, stream: bool) -> Result<Pre
         seed: p.seed,
         logprobs: top_n,
         token_logprobs: true,
+        prompt_logprobs: prefill.then_some(0),
         constraint,
         ..SamplingParams::default()
     };
@@ -148,17 +157,6 @@ fn prepare(service: &ModelService, req: &TgiRequest, stream: bool) -> Result<Pre
             ],
         )
     })?;
-    let prefill = p.decoder_input_details.unwrap_or(false);
-    if prefill && stream {
-        return Err(refuse(
-            "decoder_input_details",
-            "not supported when streaming tokens (as in TGI)",
-        ));
-    }
-    let mut params = params;
-    if prefill {
-        params.prompt_logprobs = Some(0);
-    }
     Ok(Prepared {
         ids,
         params,
@@ -216,19 +214,12 @@ pub async fn generate(
         return Ok(events(tokens, service, p.prefix, p.top_n, seed));
     }
     let prefill: Vec<Value> = if p.prefill {
-        tokens.peek().await;
-        let rows = tokens.peeked_prompt_logprobs().cloned().unwrap_or_default();
-        prompt
-            .iter()
-            .enumerate()
-            .map(|(i, &id)| {
+        let rows = tokens.prompt_logprobs().await;
+        prompt_rows(&prompt, &rows)
+            .map(|(id, row)| {
                 let text = service.tokenizer.decode(&[id], false).unwrap_or_default();
                 // The first token has no log-probability (nothing before it).
-                let lp = i
-                    .checked_sub(1)
-                    .and_then(|r| rows.get(r))
-                    .map(|r| r.logprob);
-                json!({"id": id, "text": text, "logprob": lp})
+                json!({"id": id, "text": text, "logprob": row.map(|r| r.logprob)})
             })
             .collect()
     } else {

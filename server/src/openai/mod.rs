@@ -168,12 +168,7 @@ pub async fn completions(
     }
     let mut streams = submit_samples(&lease, ids, params, n, &state.metrics).await?;
     if let (Some(e), Some(_)) = (&mut echo, lp) {
-        // The first sample's first event carries them.
-        streams[0].peek().await;
-        e.rows = streams[0]
-            .peeked_prompt_logprobs()
-            .cloned()
-            .unwrap_or_default();
+        e.rows = streams[0].prompt_logprobs().await;
     }
     let job = Job {
         kind: Kind::Completion,
@@ -325,6 +320,7 @@ fn completion_choice(job: &Job, index: usize, c: &Completion) -> Value {
         let offset = match &job.echo {
             Some(e) => {
                 r.push_prompt(&mut lps, &e.ids, &e.rows);
+                // Generated tokens start where the echoed text ends.
                 e.text.len()
             }
             None => 0,

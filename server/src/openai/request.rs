@@ -1,6 +1,6 @@
 //! The OpenAI request bodies and the sampling parameters they ask for.
 
-use crate::error::ApiError;
+use crate::error::{asks_nothing, ApiError};
 use crate::logprobs::LogprobsRequest;
 use crate::messages::RequestMessage;
 use crate::service::ModelService;
@@ -105,14 +105,7 @@ const INERT_FIELDS: &[&str] = &["user", "metadata", "store", "service_tier"];
 /// silently ignored; a null or empty value (`"functions": []`) asks for nothing and passes.
 pub fn refuse_unsupported(other: &BTreeMap<String, Value>) -> Result<(), ApiError> {
     for (name, value) in other {
-        let empty = match value {
-            Value::Null => true,
-            Value::Object(m) => m.is_empty(),
-            Value::Array(a) => a.is_empty(),
-            Value::String(s) => s.is_empty(),
-            _ => false,
-        };
-        if !empty && !INERT_FIELDS.contains(&name.as_str()) {
+        if !asks_nothing(value) && !INERT_FIELDS.contains(&name.as_str()) {
             return Err(ApiError::invalid(
                 name,
                 format!("{name} is not supported by this server"),

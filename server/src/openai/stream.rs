@@ -82,6 +82,12 @@ impl Sample {
         // A request ended before any token (out of memory) carries none.
         let is_token = ev.generated_tokens > self.generated && !job.hide_token;
         self.generated = ev.generated_tokens;
+        let generated = if job.hide_token {
+            0
+        } else {
+            ev.generated_tokens
+        };
+        let (prompt, cached) = (ev.prompt_tokens, ev.cached_tokens);
         let mut out = Vec::new();
         let mut chunk = match job.kind {
             Kind::Completion => {
@@ -116,32 +122,17 @@ impl Sample {
                 json!({"id": job.id, "object": "text_completion", "created": now(), "model": job.model,
                        "choices": [{"index": self.index, "text": text, "logprobs": logprobs, "finish_reason": finish}]})
             }
-            Kind::Chat => match self.chat(job, ev.clone(), is_token, finish) {
+            Kind::Chat => match self.chat(job, ev, is_token, finish) {
                 Some(c) => c,
                 None => return out,
             },
         };
-        let generated = if job.hide_token {
-            0
-        } else {
-            ev.generated_tokens
-        };
         if every {
-            chunk["usage"] = usage(ev.prompt_tokens, generated, ev.cached_tokens);
+            chunk["usage"] = usage(prompt, generated, cached);
         }
         out.push(Item::Chunk(chunk));
         if finish.is_some() {
-            let generated = if job.hide_token {
-                0
-            } else {
-                ev.generated_tokens
-            };
-            out.push(Item::Done(
-                self.index,
-                ev.prompt_tokens,
-                generated,
-                ev.cached_tokens,
-            ));
+            out.push(Item::Done(self.index, prompt, generated, cached));
         }
         out
     }
@@ -150,18 +141,19 @@ impl Sample {
     fn chat(
         &mut self,
         job: &Job,
-        ev: TokenEvent,
+        mut ev: TokenEvent,
         is_token: bool,
         finish: Option<&'static str>,
     ) -> Option<Value> {
         let mut events: Vec<TokenEvent> = Vec::new();
-        let mut text = ev.text.clone();
+        // The chat renderer reads the events' ids and log-probabilities, not their text.
+        let mut text = std::mem::take(&mut ev.text);
         let mut tool_calls = None;
         let mut finish = finish;
         if !matches!(self.calls, Calls::Off) {
-            self.held_text.push_str(&ev.text);
+            self.held_text.push_str(&text);
             if is_token {
-                self.held.push(ev.clone());
+                self.held.push(ev);
             }
             if matches!(self.calls, Calls::Undecided) {
                 let start = self.held_text.trim_start();
