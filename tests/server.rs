@@ -710,3 +710,79 @@ async fn usage_reports_cached_tokens_and_streams_it_per_chunk() {
         assert_eq!(c["usage"]["completion_tokens"], i + 1, "{c}");
     }
 }
+
+/// Bad input on the fields this server added for OpenAI and TGI clients: each a 400 naming
+/// the field.
+#[tokio::test]
+async fn bad_sampling_tool_and_stream_fields_are_400s_naming_them() {
+    let s = Server::start(&[]).await;
+    let chat = |extra: Value| {
+        let mut body = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body
+    };
+    for (path, body, param) in [
+        (
+            "/v1/chat/completions",
+            chat(json!({"stream_options": {"include_usage": true}})),
+            "stream_options",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(json!({"frequency_penalty": 2.5})),
+            "frequency_penalty",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(json!({"presence_penalty": -3.0})),
+            "presence_penalty",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(json!({"logit_bias": {"5": 101.0}})),
+            "logit_bias",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(json!({"logit_bias": {"x": 1.0}})),
+            "logit_bias.x",
+        ),
+        ("/v1/chat/completions", chat(json!({"n": 0})), "n"),
+        (
+            "/v1/chat/completions",
+            chat(json!({"tools": "get_weather"})),
+            "tools",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(json!({"tool_choice": "required"})),
+            "tool_choice",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "Hi", "audio": {"id": "a"}}], "max_tokens": 2}),
+            "messages[0].audio",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "tool", "content": "{}"}], "max_tokens": 2}),
+            "messages[0].tool_call_id",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "Hi", "max_tokens": 2, "echo": true, "logprobs": 21}),
+            "logprobs",
+        ),
+        (
+            "/generate_stream",
+            json!({"inputs": "Hi", "parameters": {"decoder_input_details": true}}),
+            "parameters.decoder_input_details",
+        ),
+    ] {
+        let (st, v) = s.post(path, body.clone()).await;
+        assert_eq!(st, 400, "{body}: {v}");
+        assert_eq!(v["error"]["param"], param, "{body}: {v}");
+    }
+}
