@@ -7,11 +7,14 @@
 //! weights stream from memory once per step for the whole batch.
 
 use super::activation::BlockQ8;
+#[cfg(target_arch = "x86_64")]
+use super::amx;
 use super::isa::Isa;
 use super::microkernel::{tile, MAX_ACTS};
 use super::packed::{PackedMatrix, PANEL};
 use liftoff_kernels::DisjointOut;
 use rayon::prelude::*;
+use std::ops::Range;
 
 /// Activation rows per cache block.
 pub const ACT_CHUNK: usize = 64;
@@ -24,6 +27,15 @@ pub fn gemm(w: &PackedMatrix, acts: &[BlockQ8], m: usize, isa: Isa) -> Vec<f32> 
     if m == 0 || n == 0 {
         return out;
     }
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Amx && amx::worth_it(m) {
+        // SAFETY: `Isa::Amx` is only chosen when `amx::tiles::usable()`; each task's tiles
+        // are configured and released on its own thread.
+        amx::gemm_into(w, acts, m, &mut out, || unsafe {
+            amx::tiles::Amx::configure()
+        });
+        return out;
+    }
     let panels = w.panels();
     let tasks = rayon::current_num_threads().clamp(1, panels);
     let per_task = panels.div_ceil(tasks);
@@ -33,46 +45,57 @@ pub fn gemm(w: &PackedMatrix, acts: &[BlockQ8], m: usize, isa: Isa) -> Vec<f32> 
         for a0 in (0..m).step_by(ACT_CHUNK) {
             let a_end = (a0 + ACT_CHUNK).min(m);
             for p in range.clone() {
-                let panel = w.panel(p);
                 let col = p * PANEL;
                 let cols = PANEL.min(n - col);
-                let row = |a: usize| &acts[a * nb..(a + 1) * nb];
-                let store = |a: usize, vals: &[f32; PANEL]| {
+                panel_rows(isa, w, p, acts, a0..a_end, |a, vals| {
                     // SAFETY: `a < m` and `col + cols <= n`, so the write is inside `out`; no
                     // other task owns panel `p`'s columns.
                     unsafe {
                         std::ptr::copy_nonoverlapping(vals.as_ptr(), ptr.at(a * n + col), cols)
                     }
-                };
-                let mut a = a0;
-                while a + MAX_ACTS <= a_end {
-                    let r = tile::<4>(
-                        isa,
-                        w.kind(),
-                        panel,
-                        nb,
-                        [row(a), row(a + 1), row(a + 2), row(a + 3)],
-                    );
-                    r.iter().enumerate().for_each(|(j, v)| store(a + j, v));
-                    a += MAX_ACTS;
-                }
-                match a_end - a {
-                    3 => {
-                        let r =
-                            tile::<3>(isa, w.kind(), panel, nb, [row(a), row(a + 1), row(a + 2)]);
-                        r.iter().enumerate().for_each(|(j, v)| store(a + j, v));
-                    }
-                    2 => {
-                        let r = tile::<2>(isa, w.kind(), panel, nb, [row(a), row(a + 1)]);
-                        r.iter().enumerate().for_each(|(j, v)| store(a + j, v));
-                    }
-                    1 => store(a, &tile::<1>(isa, w.kind(), panel, nb, [row(a)])[0]),
-                    _ => {}
-                }
+                });
             }
         }
     });
     out
+}
+
+/// Activation rows `rows` against panel `p` in tiles of up to [`MAX_ACTS`] rows;
+/// `store(a, values)` gets row `a`'s [`PANEL`] outputs.
+pub(super) fn panel_rows(
+    isa: Isa,
+    w: &PackedMatrix,
+    p: usize,
+    acts: &[BlockQ8],
+    rows: Range<usize>,
+    store: impl Fn(usize, &[f32; PANEL]),
+) {
+    let (panel, nb, kind) = (w.panel(p), w.blocks_per_row(), w.kind());
+    let row = |a: usize| &acts[a * nb..(a + 1) * nb];
+    let mut a = rows.start;
+    while a + MAX_ACTS <= rows.end {
+        let r = tile::<4>(
+            isa,
+            kind,
+            panel,
+            nb,
+            [row(a), row(a + 1), row(a + 2), row(a + 3)],
+        );
+        r.iter().enumerate().for_each(|(j, v)| store(a + j, v));
+        a += MAX_ACTS;
+    }
+    match rows.end - a {
+        3 => {
+            let r = tile::<3>(isa, kind, panel, nb, [row(a), row(a + 1), row(a + 2)]);
+            r.iter().enumerate().for_each(|(j, v)| store(a + j, v));
+        }
+        2 => {
+            let r = tile::<2>(isa, kind, panel, nb, [row(a), row(a + 1)]);
+            r.iter().enumerate().for_each(|(j, v)| store(a + j, v));
+        }
+        1 => store(a, &tile::<1>(isa, kind, panel, nb, [row(a)])[0]),
+        _ => {}
+    }
 }
 
 #[cfg(test)]
@@ -184,11 +207,28 @@ mod tests {
     }
 
     fn check(kind: WeightKind, n: usize, k: usize, m: usize, fill: Fill, isa: Isa, seed: u64) {
+        check_with(kind, n, k, m, fill, isa.name(), seed, |w, acts, m| {
+            gemm(w, acts, m, isa)
+        })
+    }
+
+    /// `run`'s output against the reference, for a generated matrix and activations.
+    #[allow(clippy::too_many_arguments)]
+    fn check_with(
+        kind: WeightKind,
+        n: usize,
+        k: usize,
+        m: usize,
+        fill: Fill,
+        name: &str,
+        seed: u64,
+        run: impl Fn(&PackedMatrix, &[BlockQ8], usize) -> Vec<f32>,
+    ) {
         let mut rng = Rng(seed);
         let ggml = ggml_matrix(kind, n, k, fill, &mut rng);
         let packed = PackedMatrix::pack(kind, &ggml, n, k);
         let acts = quantize_rows(&activations(m, k, fill, &mut rng), k);
-        let out = gemm(&packed, &acts, m, isa);
+        let out = run(&packed, &acts, m);
         let (nb, gb) = (k / QK, kind.ggml_block_bytes());
         let mut nonzero = 0;
         for a in 0..m {
@@ -201,8 +241,7 @@ mod tests {
                 let got = out[a * n + r];
                 assert!(
                     want.to_bits() == got.to_bits() || (want.is_nan() && got.is_nan()),
-                    "{kind:?} {} {fill:?} n={n} k={k} m={m}: out[{a}][{r}] = {got:e}, reference {want:e}",
-                    isa.name()
+                    "{kind:?} {name} {fill:?} n={n} k={k} m={m}: out[{a}][{r}] = {got:e}, reference {want:e}"
                 );
                 nonzero += (got != 0.0) as usize;
             }
@@ -213,6 +252,19 @@ mod tests {
             "{kind:?} {fill:?}: only {nonzero} nonzero outputs"
         );
     }
+
+    /// Shapes: one panel, odd rows, odd panel counts (a pair with one panel), and activation
+    /// row counts below, at and around whole AMX tiles and chunks.
+    const SHAPES: [(usize, usize, usize); 8] = [
+        (8, 32, 1),
+        (13, 64, 3),
+        (40, 96, 5),
+        (130, 256, 7),
+        (64, 576, 70),
+        (24, 64, 16),
+        (130, 128, 37),
+        (17, 64, 131),
+    ];
 
     /// Every family this CPU has, against the reference; prints the ones it lacks.
     fn for_each_isa(f: impl Fn(Isa)) {
@@ -232,14 +284,7 @@ mod tests {
     fn every_kernel_equals_the_reference_bit_for_bit() {
         for_each_isa(|isa| {
             for kind in [WeightKind::Q4_1, WeightKind::Q8_0] {
-                let shapes = [
-                    (8, 32, 1),
-                    (13, 64, 3),
-                    (40, 96, 5),
-                    (130, 256, 7),
-                    (64, 576, 70),
-                ];
-                for (i, &(n, k, m)) in shapes.iter().enumerate() {
+                for (i, &(n, k, m)) in SHAPES.iter().enumerate() {
                     for fill in [
                         Fill::Random,
                         Fill::Extreme,
@@ -251,6 +296,44 @@ mod tests {
                 }
             }
         });
+    }
+
+    /// The AMX GEMM's layouts (B tiles from panel pairs, activation tiles read in place, the
+    /// scaling of each block's sums) on a model of the tile instructions, so that they are
+    /// checked on CPUs without AMX; the hardware runs in the test above where the CPU has it.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn amx_layouts_on_the_instruction_model() {
+        use super::super::amx::{gemm_into, tiles::Model};
+        if !Isa::Avx512Vnni.available() {
+            println!("skipped: the AMX GEMM on the instruction model (this CPU lacks AVX-512)");
+            return;
+        }
+        for kind in [WeightKind::Q4_1, WeightKind::Q8_0] {
+            for (i, &(n, k, m)) in SHAPES.iter().enumerate() {
+                for fill in [
+                    Fill::Random,
+                    Fill::Extreme,
+                    Fill::ZeroScales,
+                    Fill::EqualRows,
+                ] {
+                    check_with(
+                        kind,
+                        n,
+                        k,
+                        m,
+                        fill,
+                        "amx model",
+                        7 + i as u64,
+                        |w, acts, m| {
+                            let mut out = vec![0f32; m * w.n()];
+                            gemm_into(w, acts, m, &mut out, Model::new);
+                            out
+                        },
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -9,11 +9,14 @@ pub enum Isa {
     Avx2,
     /// AVX-512 VNNI on 256-bit vectors (`vpdpbusd`): 4-way int8 products summed in 32 bits.
     Avx512Vnni,
+    /// AMX int8 tiles (`tdpbssd`/`tdpbsud`) for whole tiles of 16 activation rows, AVX-512
+    /// VNNI for the rest.
+    Amx,
 }
 
 impl Isa {
     /// Every family, slowest first.
-    pub const ALL: [Isa; 3] = [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni];
+    pub const ALL: [Isa; 4] = [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni, Isa::Amx];
 
     /// The name used by `LIFTOFF_CPU_KERNELS` and in logs.
     pub fn name(self) -> &'static str {
@@ -21,6 +24,7 @@ impl Isa {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2",
             Isa::Avx512Vnni => "avx512vnni",
+            Isa::Amx => "amx",
         }
     }
 
@@ -31,15 +35,16 @@ impl Isa {
             let avx2 = is_x86_feature_detected!("avx2")
                 && is_x86_feature_detected!("fma")
                 && is_x86_feature_detected!("f16c");
+            let vnni = avx2
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512vnni");
             match self {
                 Isa::Scalar => true,
                 Isa::Avx2 => avx2,
-                Isa::Avx512Vnni => {
-                    avx2 && is_x86_feature_detected!("avx512f")
-                        && is_x86_feature_detected!("avx512bw")
-                        && is_x86_feature_detected!("avx512vl")
-                        && is_x86_feature_detected!("avx512vnni")
-                }
+                Isa::Avx512Vnni => vnni,
+                Isa::Amx => vnni && super::amx::tiles::usable(),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]

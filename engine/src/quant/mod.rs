@@ -6,10 +6,11 @@
 //! 8 rows ([`packed`]), quantizes the activations once per matmul ([`activation`]) and runs
 //! register-blocked micro-kernels (8 weight rows x 4 activation rows, [`microkernel`]) split
 //! over the rayon pool by output rows ([`gemm`]). The instruction set is chosen at run time
-//! ([`Isa`]: AVX-512 VNNI, AVX2, or portable Rust); all of them equal the integer reference
+//! ([`Isa`]: AMX tiles, AVX-512 VNNI, AVX2, or portable Rust); all of them equal the integer reference
 //! ([`reference`]) bit for bit.
 
 pub mod activation;
+mod amx;
 pub mod gemm;
 pub mod isa;
 pub mod limits;

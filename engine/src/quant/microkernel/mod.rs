@@ -35,8 +35,13 @@ pub fn tile<const A: usize>(
             match (isa, kind) {
                 (Isa::Avx2, WeightKind::Q4_1) => return x86::q4_1_avx2::<A>(p, nb, a),
                 (Isa::Avx2, WeightKind::Q8_0) => return x86::q8_0_avx2::<A>(p, nb, a),
-                (Isa::Avx512Vnni, WeightKind::Q4_1) => return x86::q4_1_vnni::<A>(p, nb, a),
-                (Isa::Avx512Vnni, WeightKind::Q8_0) => return x86::q8_0_vnni::<A>(p, nb, a),
+                // AMX covers whole tiles of 16 rows (`amx`); fewer rows take VNNI.
+                (Isa::Avx512Vnni | Isa::Amx, WeightKind::Q4_1) => {
+                    return x86::q4_1_vnni::<A>(p, nb, a)
+                }
+                (Isa::Avx512Vnni | Isa::Amx, WeightKind::Q8_0) => {
+                    return x86::q8_0_vnni::<A>(p, nb, a)
+                }
                 (Isa::Scalar, _) => {}
             }
         }

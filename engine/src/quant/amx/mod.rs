@@ -1,0 +1,163 @@
+//! The int8 GEMM on AMX tiles (Intel Sapphire Rapids and later), for the rows of a matmul
+//! that fill whole tiles of 16 activation rows; the rest go through the AVX-512 VNNI
+//! micro-kernels. Weights keep the panel layout the other families read: each thread turns a
+//! pair of 8-row panels into B tiles (nibbles unpacked) once per chunk of activation rows and
+//! reuses them for every tile of the chunk. Equal to the integer reference bit for bit, as
+//! every family is.
+
+#[cfg(target_arch = "x86_64")]
+mod kernel;
+pub mod tiles;
+
+use super::activation::BlockQ8;
+use super::packed::PackedMatrix;
+
+/// Whether the AMX GEMM would be used for `m` activation rows: it needs a whole tile.
+pub fn worth_it(m: usize) -> bool {
+    m >= tiles::TILE
+}
+
+/// Computes `out[m, n]` (row-major) with tiles made by `new_tiles` on each task's thread.
+#[cfg(target_arch = "x86_64")]
+pub fn gemm_into<T: tiles::Tiles>(
+    w: &PackedMatrix,
+    acts: &[BlockQ8],
+    m: usize,
+    out: &mut [f32],
+    new_tiles: impl Fn() -> T + Sync,
+) {
+    use super::gemm::panel_rows;
+    use super::isa::Isa;
+    use super::packed::{WeightKind, PANEL};
+    use half::f16;
+    use kernel::{ActScales, Pair};
+    use liftoff_kernels::DisjointOut;
+    use rayon::prelude::*;
+    use tiles::{B_BYTES, TILE};
+
+    /// Activation rows per chunk: 8 tiles, a few hundred KB at most, kept in L2 while the
+    /// thread's panel pairs go by.
+    const CHUNK: usize = 128;
+
+    let (n, nb, kind) = (w.n(), w.blocks_per_row(), w.kind());
+    assert_eq!(acts.len(), m * nb, "activations do not hold {m} rows");
+    assert_eq!(out.len(), m * n);
+    assert!(Isa::Avx512Vnni.available(), "the AMX GEMM needs AVX-512");
+    let panels = w.panels();
+    let pairs = panels.div_ceil(2);
+    if m == 0 || pairs == 0 {
+        return;
+    }
+    let tasks = rayon::current_num_threads().clamp(1, pairs);
+    let per_task = pairs.div_ceil(tasks);
+    let ptr = DisjointOut::new(out);
+    let half = |b: &[u8], i: usize| f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32();
+    (0..tasks).into_par_iter().for_each(|t| {
+        let mut tiles = new_tiles();
+        let mut pair = Pair {
+            b: vec![0; nb * B_BYTES],
+            d: vec![0.0; nb * TILE],
+            m: vec![0.0; nb * TILE],
+        };
+        let (mut ad, mut as_) = (vec![0f32; CHUNK * nb], vec![0f32; CHUNK * nb]);
+        for a0 in (0..m).step_by(CHUNK) {
+            let a_end = (a0 + CHUNK).min(m);
+            let full = a0 + (a_end - a0) / TILE * TILE;
+            // Scales of tile `j`, block `b`, row `i` at `(j * nb + b) * 16 + i`.
+            for a in a0..full {
+                let (j, i) = ((a - a0) / TILE, (a - a0) % TILE);
+                for b in 0..nb {
+                    let blk = &acts[a * nb + b];
+                    ad[(j * nb + b) * TILE + i] = blk.d;
+                    as_[(j * nb + b) * TILE + i] = blk.s;
+                }
+            }
+            for q in t * per_task..((t + 1) * per_task).min(pairs) {
+                let ps = [2 * q, 2 * q + 1];
+                // The pair's B tiles: row `k` of block `b` holds bytes 4k..4k+4 of weight rows
+                // 0..8 (panel 2q) then 8..16 (panel 2q + 1, zero past the matrix).
+                for (h, &p) in ps.iter().enumerate() {
+                    let pb = kind.panel_block_bytes();
+                    for b in 0..nb {
+                        let dst = &mut pair.b[b * B_BYTES..(b + 1) * B_BYTES];
+                        let (d, mins) = (&mut pair.d[b * TILE..], &mut pair.m[b * TILE..]);
+                        if p >= panels {
+                            for k in 0..8 {
+                                dst[k * 64 + 32 * h..k * 64 + 32 * h + 32].fill(0);
+                            }
+                            d[PANEL * h..PANEL * (h + 1)].fill(0.0);
+                            mins[PANEL * h..PANEL * (h + 1)].fill(0.0);
+                            continue;
+                        }
+                        let blk = &w.panel(p)[b * pb..(b + 1) * pb];
+                        for r in 0..PANEL {
+                            match kind {
+                                WeightKind::Q4_1 => {
+                                    d[PANEL * h + r] = half(blk, 128 + 2 * r);
+                                    mins[PANEL * h + r] = half(blk, 144 + 2 * r);
+                                }
+                                WeightKind::Q8_0 => d[PANEL * h + r] = half(blk, 256 + 2 * r),
+                            }
+                        }
+                        for k in 0..8 {
+                            let row = &mut dst[k * 64 + 32 * h..k * 64 + 32 * h + 32];
+                            match kind {
+                                // Panel vector q: elements 4q.. in low nibbles, 16 + 4q.. high.
+                                WeightKind::Q4_1 => {
+                                    let v = &blk[(k % 4) * 32..(k % 4) * 32 + 32];
+                                    let shift = if k < 4 { 0 } else { 4 };
+                                    for (o, &x) in row.iter_mut().zip(v) {
+                                        *o = (x >> shift) & 0x0F;
+                                    }
+                                }
+                                WeightKind::Q8_0 => row.copy_from_slice(&blk[k * 32..k * 32 + 32]),
+                            }
+                        }
+                    }
+                }
+                let col = q * TILE;
+                let cols = TILE.min(n - col);
+                for a in (a0..full).step_by(TILE) {
+                    let j = (a - a0) / TILE;
+                    let scales = ActScales {
+                        d: &ad[j * nb * TILE..(j + 1) * nb * TILE],
+                        s: &as_[j * nb * TILE..(j + 1) * nb * TILE],
+                    };
+                    // SAFETY: AVX-512 was checked above; rows a..a + 16 exist (a + 16 <= full
+                    // <= m) and `pair`/`scales` hold `nb` blocks.
+                    let r = unsafe {
+                        kernel::tile16(
+                            &mut tiles,
+                            kind,
+                            &pair,
+                            acts[a * nb..].as_ptr(),
+                            nb,
+                            &scales,
+                        )
+                    };
+                    for (i, vals) in r.iter().enumerate() {
+                        // SAFETY: row a + i < m, columns col..col + cols < n belong to this
+                        // task's pairs only.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                vals.as_ptr(),
+                                ptr.at((a + i) * n + col),
+                                cols,
+                            )
+                        }
+                    }
+                }
+                for p in ps.into_iter().filter(|&p| p < panels) {
+                    let col = p * PANEL;
+                    let cols = PANEL.min(n - col);
+                    panel_rows(Isa::Avx512Vnni, w, p, acts, full..a_end, |a, vals| {
+                        // SAFETY: as above, for panel p's columns.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(vals.as_ptr(), ptr.at(a * n + col), cols)
+                        }
+                    });
+                }
+            }
+        }
+    });
+}
