@@ -711,8 +711,8 @@ async fn usage_reports_cached_tokens_and_streams_it_per_chunk() {
     }
 }
 
-/// Bad input on the fields this server added for OpenAI and TGI clients: each a 400 naming
-/// the field.
+/// Bad input on the fields this server added for OpenAI and TGI clients, and wrongly typed
+/// fields: each a 400 naming the field.
 #[tokio::test]
 async fn bad_sampling_tool_and_stream_fields_are_400s_naming_them() {
     let s = Server::start(&[]).await;
@@ -779,6 +779,33 @@ async fn bad_sampling_tool_and_stream_fields_are_400s_naming_them() {
             "/generate_stream",
             json!({"inputs": "Hi", "parameters": {"decoder_input_details": true}}),
             "parameters.decoder_input_details",
+        ),
+        // Wrongly typed fields, including those serde reads through `flatten`.
+        (
+            "/v1/chat/completions",
+            chat(json!({"temperature": "hot"})),
+            "temperature",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "Hi", "max_tokens": "two"}),
+            "max_tokens",
+        ),
+        ("/v1/chat/completions", chat(json!({"stop": 5})), "stop"),
+        (
+            "/v1/chat/completions",
+            chat(json!({"top_logprobs": -1})),
+            "top_logprobs",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": 5, "content": "Hi"}], "max_tokens": 2}),
+            "messages[0].role",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": {"text": "Hi"}, "max_tokens": 2}),
+            "prompt",
         ),
     ] {
         let (st, v) = s.post(path, body.clone()).await;

@@ -122,8 +122,9 @@ async fn submit_samples(
 /// `POST /v1/completions`.
 pub async fn completions(
     State(state): State<Arc<AppState>>,
-    ApiJson(req): ApiJson<CompletionRequest>,
+    ApiJson(body): ApiJson<Value>,
 ) -> Result<Response, ApiError> {
+    let req: CompletionRequest = request::parse_body(body)?;
     // Everything that can be checked without the model, before a reader is (re)loaded for it.
     request::refuse_unsupported(&req.other)?;
     request::check_stream_options(&req.sampling)?;
@@ -186,8 +187,9 @@ pub async fn completions(
 /// `POST /v1/chat/completions`.
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
-    ApiJson(req): ApiJson<ChatRequest>,
+    ApiJson(body): ApiJson<Value>,
 ) -> Result<Response, ApiError> {
+    let req: ChatRequest = request::parse_body(body)?;
     // Everything that can be checked without the model, before a reader is (re)loaded for it.
     request::refuse_unsupported(&req.other)?;
     request::check_stream_options(&req.sampling)?;

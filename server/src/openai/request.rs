@@ -98,6 +98,44 @@ pub struct ChatRequest {
     pub other: BTreeMap<String, Value>,
 }
 
+/// An OpenAI body as a `T`, or a 400 naming the field that does not fit. serde's `flatten`
+/// (the shared sampling fields, a message's other keys) hides the failing field's path, so
+/// where the whole body gives none, the sampling fields and each message are read alone.
+pub fn parse_body<T: serde::de::DeserializeOwned>(body: Value) -> Result<T, ApiError> {
+    let e = match serde_path_to_error::deserialize::<_, T>(&body) {
+        Ok(req) => return Ok(req),
+        Err(e) => e,
+    };
+    let named = |prefix: &str, e: serde_path_to_error::Error<serde_json::Error>| {
+        let path = e.path().to_string();
+        let param = match (prefix, path.as_str()) {
+            ("", p) => p.to_string(),
+            (pre, ".") => pre.to_string(),
+            (pre, p) => format!("{pre}.{p}"),
+        };
+        ApiError::invalid(&param, format!("{param}: {}", e.inner()))
+    };
+    if e.path().to_string() != "." {
+        return Err(named("", e));
+    }
+    if !body.is_object() {
+        return Err(ApiError::invalid(
+            "body",
+            format!("the body must be a JSON object: {}", e.inner()),
+        ));
+    }
+    if let Err(e) = serde_path_to_error::deserialize::<_, SamplingFields>(&body) {
+        return Err(named("", e));
+    }
+    let messages = body.get("messages").and_then(Value::as_array);
+    for (i, m) in messages.into_iter().flatten().enumerate() {
+        if let Err(e) = serde_path_to_error::deserialize::<_, RequestMessage>(m) {
+            return Err(named(&format!("messages[{i}]"), e));
+        }
+    }
+    Err(ApiError::invalid("body", e.inner().to_string()))
+}
+
 /// Fields OpenAI clients send that cannot change what is generated: accepted and unused.
 const INERT_FIELDS: &[&str] = &["user", "metadata", "store", "service_tier"];
 
