@@ -12,7 +12,11 @@ each repeated `--runs` times, medians reported, liftoff's figures also as a frac
 machine's limit. Writes docs/bench/cpu.json, the plot, and the tables between the markers in
 docs/benchmarks.md.
 
-Usage: benches/cpu.py --liftoff BIN --llama-server BIN --model GGUF [--runs 3]
+Usage: benches/cpu.py --liftoff BIN --llama-server BIN --model GGUF [--runs 3] [--isa avx2 --peer-build TEXT]
+
+With `--isa`, liftoff runs that kernel family (`LIFTOFF_CPU_KERNELS`) and the results go to a
+section, JSON and plot of their own (`benches/cpu.sh 3 avx2` pairs it with an AVX2-only
+llama.cpp, the path of CPUs without AVX-512).
 """
 import argparse, datetime, json, os, re, statistics, subprocess, sys
 
@@ -22,7 +26,11 @@ from single_stream import post, run_liftoff, run_llama, wait_health  # shared wi
 # (30 x (576x960 qkv + 576x576 o + 576x3072 gate/up + 1536x576 down)) and of the LM head.
 LAYER_MACS = 30 * (576 * 960 + 576 * 576 + 576 * 3072 + 1536 * 576)
 HEAD_MACS = 576 * 49152
-MARK_BEGIN, MARK_END = "<!-- benches/cpu.py: begin -->", "<!-- benches/cpu.py: end -->"
+
+
+def markers(isa):
+    tag = f"benches/cpu.py {isa}" if isa else "benches/cpu.py"
+    return f"<!-- {tag}: begin -->", f"<!-- {tag}: end -->"
 
 TEXT = (
     "The history of computing is a story of abstraction. Early machines were programmed by rewiring "
@@ -85,7 +93,7 @@ def single_stream(a, prompt, new_tokens):
     return rows
 
 
-def serving(a, out_dir):
+def serving(a, out_dir, sfx=""):
     levels = [1, 4, 16, 32]
     runs = {"liftoff": [], "llama.cpp": []}
     for i in range(a.runs):
@@ -94,7 +102,7 @@ def serving(a, out_dir):
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             wait_health(f"http://127.0.0.1:{a.port}/health", srv)
-            path = f"{out_dir}/cpu_serving_liftoff_{i}.json"
+            path = f"{out_dir}/cpu_serving{sfx}_liftoff_{i}.json"
             subprocess.run([a.liftoff, "bench", "run", "--url", f"http://127.0.0.1:{a.port}", "--label", "liftoff",
                             "--concurrency", ",".join(map(str, levels)), "--out", path], check=True)
             runs["liftoff"].append(json.load(open(path)))
@@ -104,7 +112,7 @@ def serving(a, out_dir):
         for parallel, lv in ((16, [c for c in levels if c <= 16]), (32, [32])):
             srv = llama_server(a.llama_server, a.model, parallel, a.port + 2, a.threads)
             try:
-                path = f"{out_dir}/cpu_serving_llamacpp_{i}_p{parallel}.json"
+                path = f"{out_dir}/cpu_serving{sfx}_llamacpp_{i}_p{parallel}.json"
                 subprocess.run([a.liftoff, "bench", "run", "--url", f"http://127.0.0.1:{a.port + 2}",
                                 "--label", "llama.cpp llama-server", "--concurrency", ",".join(map(str, lv)),
                                 "--out", path], check=True)
@@ -113,7 +121,7 @@ def serving(a, out_dir):
                 stop(srv)
         merged = dict(parts[0])
         merged["levels"] = [l for p in parts for l in p["levels"]]
-        json.dump(merged, open(f"{out_dir}/cpu_serving_llamacpp_{i}.json", "w"), indent=1)
+        json.dump(merged, open(f"{out_dir}/cpu_serving{sfx}_llamacpp_{i}.json", "w"), indent=1)
         runs["llama.cpp"].append(merged)
     return levels, runs
 
@@ -139,19 +147,28 @@ def main():
     ap.add_argument("--port", type=int, default=18300)
     ap.add_argument("--out-dir", default="docs/bench")
     ap.add_argument("--doc", default="docs/benchmarks.md")
+    ap.add_argument("--isa", help="liftoff's kernel family (LIFTOFF_CPU_KERNELS); results get a section of their own")
+    ap.add_argument("--peer-build", default="built for this CPU (native), without AMX",
+                    help="how llama.cpp was built, for the table's heading")
     a = ap.parse_args()
     os.makedirs(a.out_dir, exist_ok=True)
+    if a.isa:
+        os.environ["LIFTOFF_CPU_KERNELS"] = a.isa
+    sfx = f"_{a.isa}" if a.isa else ""
+    MARK_BEGIN, MARK_END = markers(a.isa)
 
     limits = json.loads(subprocess.run([a.liftoff, "bench", "limits"], capture_output=True, text=True, check=True).stdout)
+    if a.isa and limits["detected_isa"] != a.isa:
+        raise SystemExit(f"liftoff runs `{limits['detected_isa']}`, not `{a.isa}`: this CPU lacks it")
     srv = llama_server(a.llama_server, a.model, 1, a.port, a.threads)
     try:
         prompt = prompt_of(a.port, 512)
     finally:
         stop(srv)
     single = single_stream(a, prompt, 128)
-    levels, serve = serving(a, a.out_dir)
-    subprocess.run([a.liftoff, "bench", "plot", f"{a.out_dir}/cpu_serving_liftoff_0.json",
-                    f"{a.out_dir}/cpu_serving_llamacpp_0.json", "--out", f"{a.out_dir}/cpu_serving.png"], check=True)
+    levels, serve = serving(a, a.out_dir, sfx)
+    subprocess.run([a.liftoff, "bench", "plot", f"{a.out_dir}/cpu_serving{sfx}_liftoff_0.json",
+                    f"{a.out_dir}/cpu_serving{sfx}_llamacpp_0.json", "--out", f"{a.out_dir}/cpu_serving{sfx}.png"], check=True)
 
     bw = limits["read_bandwidth_bytes_per_s"]
     isa = limits["detected_isa"]
@@ -162,15 +179,16 @@ def main():
     sv = {e: {c: level_medians(rs, c) for c in levels} for e, rs in serve.items()}
     result = {"date": datetime.date.today().isoformat(), "limits": limits, "model_bytes": model_bytes,
               "single_stream_runs": single, "single_stream": s, "serving": sv, "runs": a.runs}
-    json.dump(result, open(f"{a.out_dir}/cpu.json", "w"), indent=1)
+    json.dump(result, open(f"{a.out_dir}/cpu{sfx}.json", "w"), indent=1)
 
     lo, lc = s["liftoff"], s["llama.cpp"]
     out = []
     w = out.append
     w(MARK_BEGIN)
     w(f"Measured {result['date']} by `benches/cpu.sh` on **{limits['cpu']}**, {limits['threads']} threads, "
-      f"flags {', '.join(limits['flags'])}; liftoff's kernels: `{isa}`. Median of {a.runs} runs, liftoff and "
-      f"llama.cpp alternated in one session on an idle machine. Raw data: `docs/bench/cpu.json`.")
+      f"flags {', '.join(limits['flags'])}; liftoff's kernels: `{isa}`{' (forced)' if a.isa else ''}; llama.cpp "
+      f"{a.peer_build}. Median of {a.runs} runs, liftoff and "
+      f"llama.cpp alternated in one session on an idle machine. Raw data: `docs/bench/cpu{sfx}.json`.")
     w("")
     w("**The machine's limits** (`liftoff bench limits`):")
     w("")
@@ -211,14 +229,15 @@ def main():
           f"{L['itl_p50']:.1f} / {L['itl_p99']:.1f} | {L['itl_p99'] / L['itl_p50']:.2f} | {C['itl_p50']:.1f} / {C['itl_p99']:.1f} | "
           f"{L['ttft_p50']:.0f} / {C['ttft_p50']:.0f} | {100 * L['output_tok_s'] / bound:.0f} % | {L['failed']} / {C['failed']} |")
     w("")
-    w("![liftoff and llama-server against concurrency](bench/cpu_serving.png)")
+    w(f"![liftoff and llama-server against concurrency](bench/cpu_serving{sfx}.png)")
     w(MARK_END)
     section = "\n".join(out)
     doc = open(a.doc).read()
     if MARK_BEGIN in doc:
         doc = re.sub(re.escape(MARK_BEGIN) + ".*?" + re.escape(MARK_END), lambda _: section, doc, flags=re.S)
     else:
-        doc += "\n## CPU speed against llama.cpp (benches/cpu.sh)\n\n" + section + "\n"
+        title = f" on the `{a.isa}` path" if a.isa else ""
+        doc += f"\n## CPU speed against llama.cpp{title} (benches/cpu.sh)\n\n" + section + "\n"
     open(a.doc, "w").write(doc)
     print(section)
 

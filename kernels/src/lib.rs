@@ -16,6 +16,7 @@ pub mod check;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod disjoint;
+pub mod elementwise;
 mod layout;
 pub mod reference;
 mod rotary;

@@ -29,6 +29,20 @@ fn for_rows(out: &mut [f32], row: usize, f: impl Fn(usize, &mut [f32]) + Sync + 
     }
 }
 
+/// `sum(x^2)` in 8 interleaved partial sums (vectorised; a fixed order, so the same row always
+/// gives the same bits), then the tail.
+fn sum_of_squares(r: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = r.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (a, x) in acc.iter_mut().zip(c) {
+            *a += x * x;
+        }
+    }
+    tail.iter().fold(acc.iter().sum::<f32>(), |s, x| s + x * x)
+}
+
 /// `x / rms(x) * weight` over the last dimension.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> candle_core::Result<Option<Tensor>> {
     let dim = weight.elem_count();
@@ -39,7 +53,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> candle_core::Result<Op
         with_f32(weight, |w| {
             let mut v = xs.to_vec();
             for_rows(&mut v, dim, |_, r| {
-                let ms = r.iter().map(|a| a * a).sum::<f32>() / dim as f32;
+                let ms = sum_of_squares(r) / dim as f32;
                 let inv = 1.0 / (ms + eps).sqrt();
                 for (a, g) in r.iter_mut().zip(w) {
                     *a = *a * inv * g;
@@ -67,9 +81,7 @@ pub fn silu_mul_halves(gu: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let mut out = vec![0f32; rows * half];
         for_rows(&mut out, half, |i, r| {
             let (g, u) = v[i * width..(i + 1) * width].split_at(half);
-            for ((o, a), b) in r.iter_mut().zip(g).zip(u) {
-                *o = a / (1.0 + (-a).exp()) * b;
-            }
+            liftoff_kernels::elementwise::silu_mul(g, u, r);
         });
         out
     });

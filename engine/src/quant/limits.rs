@@ -95,12 +95,12 @@ mod x86 {
     use super::Isa;
     use std::arch::x86_64::*;
 
-    /// Runs `iters` rounds of 8 independent dot-product instructions (AMX: `iters / 64` rounds
+    /// Runs `iters` rounds of 8 independent dot-product instructions (AMX: `iters / 16` rounds
     /// of 4 tile products); returns the multiply-adds done.
     pub unsafe fn peak_loop(isa: Isa, iters: u64) -> u64 {
         match isa {
             // A tdpbssd does 16384 multiply-adds in about 16 cycles: fewer rounds.
-            Isa::Amx => crate::quant::amx::tiles::peak_loop(iters / 64),
+            Isa::Amx => crate::quant::amx::tiles::peak_loop(iters / 16),
             Isa::Avx512Vnni => vnni(iters),
             Isa::Avx2 => avx2(iters),
             Isa::Scalar => 0,

@@ -4,6 +4,7 @@
 //! lone row).
 
 use super::kernels::Elem;
+use crate::elementwise::x86::exp;
 use std::arch::x86_64::*;
 
 /// Whether this CPU has the family's instructions.
@@ -350,72 +351,4 @@ unsafe fn hmax(v: __m256) -> f32 {
     let h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     let h = _mm_max_ps(h, _mm_movehl_ps(h, h));
     _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)))
-}
-
-/// `e^x` for `x <= 0` (scores minus their maximum), within 2 ulp of the true value down to
-/// `x = -87` and flushed towards 0 below; NaN stays NaN. Cephes' `expf`: `x = n ln 2 + r`,
-/// `|r| <= ln 2 / 2`, a degree-6 polynomial in `r`, times `2^n`.
-#[inline(always)]
-pub(super) unsafe fn exp(x: __m256) -> __m256 {
-    // `max(lo, x)` returns `x` when it is NaN, so NaN is kept.
-    let x = _mm256_max_ps(_mm256_set1_ps(-87.0), x);
-    let x = _mm256_min_ps(_mm256_set1_ps(88.0), x);
-    let n = _mm256_round_ps(
-        _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
-        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
-    );
-    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
-    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
-    let mut y = _mm256_set1_ps(1.987_569_2e-4);
-    for c in [1.398_2e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5] {
-        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
-    }
-    let y = _mm256_fmadd_ps(
-        y,
-        _mm256_mul_ps(r, r),
-        _mm256_add_ps(r, _mm256_set1_ps(1.0)),
-    );
-    let pow2n = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
-        _mm256_cvtps_epi32(n),
-        _mm256_set1_epi32(127),
-    )));
-    _mm256_mul_ps(y, pow2n)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The polynomial `exp` against the standard library over the softmax range, with its
-    /// ends, and NaN.
-    #[test]
-    fn exp_is_within_two_ulp() {
-        if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
-            eprintln!("skipped: this CPU has no AVX2/FMA");
-            return;
-        }
-        let mut xs: Vec<f32> = (0..=200_000)
-            .map(|i| -87.0 * i as f32 / 200_000.0)
-            .collect();
-        xs.extend([0.0, -0.0, -1e-30, -86.99, f32::MIN_POSITIVE]);
-        for chunk in xs.chunks(8) {
-            let mut buf = [0f32; 8];
-            buf[..chunk.len()].copy_from_slice(chunk);
-            // SAFETY: AVX2 and FMA detected above.
-            unsafe { _mm256_storeu_ps(buf.as_mut_ptr(), exp(_mm256_loadu_ps(buf.as_ptr()))) };
-            for (&x, &y) in chunk.iter().zip(&buf) {
-                let want = x.exp();
-                let ulp = (want.to_bits() as i64 - y.to_bits() as i64).abs();
-                assert!(
-                    y.is_finite() && ulp <= 2,
-                    "exp({x}) = {y}, want {want} ({ulp} ulp)"
-                );
-            }
-        }
-        let mut buf = [f32::NAN, -1.0, 0.0, f32::NAN, -5.0, -0.5, f32::NAN, -2.0];
-        // SAFETY: as above.
-        unsafe { _mm256_storeu_ps(buf.as_mut_ptr(), exp(_mm256_loadu_ps(buf.as_ptr()))) };
-        assert!(buf[0].is_nan() && buf[3].is_nan() && buf[6].is_nan());
-        assert!(buf[1].is_finite() && buf[2] == 1.0);
-    }
 }
