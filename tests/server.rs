@@ -412,6 +412,58 @@ async fn metrics_parse_as_prometheus_text() {
     assert!(s.metric("liftoff_step_time_seconds_total").await > 0.0);
     assert_eq!(s.metric("liftoff_generation_tokens_total").await, 3.0);
     assert_eq!(s.metric("liftoff_replica_healthy").await, 1.0);
+    assert!(
+        !scrape
+            .samples
+            .iter()
+            .any(|x| x.metric == "liftoff_forward_part_seconds_total"),
+        "the forward pass is profiled only with --profile"
+    );
+}
+
+/// `serve --profile` puts the forward pass's parts on `/metrics`: every part is there, the
+/// parts a generation runs through took time, and together they fit in the step time.
+#[tokio::test]
+async fn profile_breaks_the_step_time_down_by_part() {
+    let s = Server::start(&["--profile"]).await;
+    let (st, _) = s
+        .post(
+            "/generate",
+            json!({"text": "Hello there", "max_new_tokens": 4}),
+        )
+        .await;
+    assert_eq!(st, 200);
+    s.wait_metric("liftoff_num_requests_running", 0.0).await;
+    let scrape = s.scrape().await;
+    let parts: Vec<(String, f64)> = scrape
+        .samples
+        .iter()
+        .filter(|x| x.metric == "liftoff_forward_part_seconds_total")
+        .map(|x| match x.value {
+            prometheus_parse::Value::Counter(v) => (x.labels["part"].to_string(), v),
+            ref other => panic!("not a counter: {other:?}"),
+        })
+        .collect();
+    assert_eq!(parts.len(), 12, "{parts:?}");
+    for name in [
+        "qkv projection",
+        "attention",
+        "gate/up projection",
+        "lm head",
+        "sampling",
+    ] {
+        let v = parts.iter().find(|p| p.0 == name).map(|p| p.1);
+        assert!(
+            matches!(v, Some(v) if v > 0.0),
+            "{name}: {v:?} in {parts:?}"
+        );
+    }
+    let sum: f64 = parts.iter().map(|p| p.1).sum();
+    let step = s.metric("liftoff_step_time_seconds_total").await;
+    assert!(
+        sum.is_finite() && sum <= step,
+        "parts {sum} s, steps {step} s"
+    );
 }
 
 /// `--api-key` (a list) guards the inference port and `--management-api-key` the management

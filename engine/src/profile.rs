@@ -1,6 +1,8 @@
 //! Where a step's time goes: wall time per part of the forward pass, summed over steps, for
-//! `liftoff generate --profile`. Off unless [`enable`]d; then each part is timed on the thread
-//! that runs the forward (parallel work inside a part counts once, as wall time).
+//! `liftoff generate --profile` and `liftoff serve --profile` (on `/metrics`). Off unless
+//! [`enable`]d; then each part is timed on the thread that runs the forward (parallel work
+//! inside a part counts once, as wall time). The totals are the process's: forwards run in
+//! worker processes are not in them.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
@@ -63,6 +65,11 @@ static NANOS: [AtomicU64; 12] = [const { AtomicU64::new(0) }; 12];
 /// Starts recording.
 pub fn enable() {
     ENABLED.store(true, Ordering::Relaxed);
+}
+
+/// Whether recording is on.
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
 }
 
 /// Runs `f`, adding its wall time to `part` when recording.

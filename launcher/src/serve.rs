@@ -134,6 +134,11 @@ pub struct ServeArgs {
     /// with 503.
     #[arg(long, env = "TAKEOFF_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
     pub drain_timeout_secs: u64,
+    /// Time each part of the forward pass and show the totals on /metrics
+    /// (`liftoff_forward_part_seconds_total{part}`); forwards in worker processes (tensor
+    /// parallel > 1, --isolate-workers, CUDA) are not counted. A server-wide setting.
+    #[arg(long, env = "TAKEOFF_PROFILE")]
+    pub profile: bool,
     /// A Takeoff manifest (YAML: takeoff.server_config, takeoff.readers_config).
     #[arg(long, env = "TAKEOFF_CONFIG_FILE")]
     pub config_file: Option<PathBuf>,
@@ -149,6 +154,9 @@ pub fn run(readers: Vec<ServeArgs>, log_level: &str) -> Result<()> {
         body_size_limit_bytes: first.body_size_limit_bytes,
     };
     let loader = Arc::new(Loader::new(&first, &readers, log_level)?);
+    if first.profile {
+        liftoff_engine::profile::enable();
+    }
     // Readers that may share a device size their KV cache from page_cache_size or a default.
     let shared = readers.len() > 1 || first.models_memory_mib.is_some();
     let what = |i: usize, args: &ServeArgs| {

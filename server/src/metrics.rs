@@ -230,6 +230,7 @@ impl Metrics {
         let mut families = self.registry.gather();
         families.extend(replica_families(replicas));
         families.extend(reader_families(readers));
+        families.extend(profile_family());
         let mut buf = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&families, &mut buf) {
             tracing::error!("encoding metrics: {e}");
@@ -394,6 +395,31 @@ fn replica_families(replicas: &[ReplicaSnapshot]) -> Vec<MetricFamily> {
             f
         })
         .collect()
+}
+
+/// `liftoff_forward_part_seconds_total{part}` when the forward pass is profiled
+/// (`serve --profile`): wall time per part, summed over the steps of this process's groups.
+fn profile_family() -> Option<MetricFamily> {
+    use liftoff_engine::profile;
+    if !profile::enabled() {
+        return None;
+    }
+    let mut f = MetricFamily::default();
+    f.set_name("liftoff_forward_part_seconds_total".to_string());
+    f.set_help(
+        "Wall time per part of the forward pass, over the steps of in-process groups (serve --profile)"
+            .to_string(),
+    );
+    f.set_field_type(MetricType::COUNTER);
+    for (part, secs) in profile::totals() {
+        let mut m = Metric::default();
+        m.set_label(vec![label("part", part.name())]);
+        let mut c = Counter::default();
+        c.set_value(secs);
+        m.set_counter(c);
+        f.mut_metric().push(m);
+    }
+    Some(f)
 }
 
 /// The per-reader gauges: footprint, requests in flight, and one `liftoff_reader_state`

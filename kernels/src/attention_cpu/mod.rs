@@ -496,37 +496,54 @@ mod tests {
         check(&k16, &v16, shape, &data, &q_of, &layout);
     }
 
-    /// Every family this CPU can run (the portable one always) against the reference: the
-    /// dispatch picks one, so the others would otherwise go untested here.
+    /// Every family this CPU can run (the portable one always) against the reference, for
+    /// GQA groups of 1 to 5 query heads, head dims with and without a tail past the vectors: the dispatch picks one, so the others would otherwise
+    /// go untested here.
     #[test]
     fn every_family_matches_the_reference() {
-        let case = AttentionCase::mixed(&[(1, 90), (70, 70), (1, 200), (20, 60)], 6, 2, 72, 16);
-        let data = random_case(&case, 11);
-        let want =
-            crate::reference::naive_attention(&data.q, &data.k, &data.v, &data.layout, case.shape);
-        let mut got = vec![(
-            "plain",
-            attention_with::<Plain, f32>(&data.q, &data.k, &data.v, &data.layout, case.shape),
-        )];
-        #[cfg(target_arch = "x86_64")]
-        if x86::available() {
-            got.push((
-                "avx2",
-                attention_with::<x86::Avx2, f32>(
-                    &data.q,
-                    &data.k,
-                    &data.v,
-                    &data.layout,
-                    case.shape,
-                ),
-            ));
-        } else {
-            eprintln!("skipped the AVX2 family: this CPU lacks AVX2, FMA or F16C");
-        }
-        for (name, got) in got {
-            assert_eq!(got.len(), want.len());
-            for (a, b) in got.iter().zip(&want) {
-                assert!((a - b).abs() <= 1e-4, "{name}: {a} vs {b}");
+        for (heads, kv_heads, d) in [(6, 2, 72), (6, 2, 64), (8, 2, 64), (4, 4, 72), (5, 1, 64)] {
+            let case = AttentionCase::mixed(
+                &[(1, 90), (70, 70), (1, 200), (20, 60)],
+                heads,
+                kv_heads,
+                d,
+                16,
+            );
+            let data = random_case(&case, 11);
+            let want = crate::reference::naive_attention(
+                &data.q,
+                &data.k,
+                &data.v,
+                &data.layout,
+                case.shape,
+            );
+            let mut got = vec![(
+                "plain",
+                attention_with::<Plain, f32>(&data.q, &data.k, &data.v, &data.layout, case.shape),
+            )];
+            #[cfg(target_arch = "x86_64")]
+            if x86::available() {
+                got.push((
+                    "avx2",
+                    attention_with::<x86::Avx2, f32>(
+                        &data.q,
+                        &data.k,
+                        &data.v,
+                        &data.layout,
+                        case.shape,
+                    ),
+                ));
+            } else {
+                eprintln!("skipped the AVX2 family: this CPU lacks AVX2, FMA or F16C");
+            }
+            for (name, got) in got {
+                assert_eq!(got.len(), want.len());
+                for (a, b) in got.iter().zip(&want) {
+                    assert!(
+                        (a - b).abs() <= 1e-4,
+                        "{name}, {heads} heads / {kv_heads}: {a} vs {b}"
+                    );
+                }
             }
         }
     }
