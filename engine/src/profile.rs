@@ -75,7 +75,7 @@ pub fn enabled() -> bool {
 /// Runs `f`, adding its wall time to `part` when recording.
 #[inline]
 pub fn time<R>(part: Part, f: impl FnOnce() -> R) -> R {
-    if !ENABLED.load(Ordering::Relaxed) {
+    if !enabled() {
         return f();
     }
     let t = Instant::now();

@@ -266,6 +266,14 @@ mod tests {
         (17, 64, 131),
     ];
 
+    /// Every kind of generated input.
+    const FILLS: [Fill; 4] = [
+        Fill::Random,
+        Fill::Extreme,
+        Fill::ZeroScales,
+        Fill::EqualRows,
+    ];
+
     /// Every family this CPU has, against the reference; prints the ones it lacks.
     fn for_each_isa(f: impl Fn(Isa)) {
         for isa in Isa::ALL {
@@ -285,12 +293,7 @@ mod tests {
         for_each_isa(|isa| {
             for kind in [WeightKind::Q4_1, WeightKind::Q8_0] {
                 for (i, &(n, k, m)) in SHAPES.iter().enumerate() {
-                    for fill in [
-                        Fill::Random,
-                        Fill::Extreme,
-                        Fill::ZeroScales,
-                        Fill::EqualRows,
-                    ] {
+                    for fill in FILLS {
                         check(kind, n, k, m, fill, isa, 7 + i as u64);
                     }
                 }
@@ -311,12 +314,7 @@ mod tests {
         }
         for kind in [WeightKind::Q4_1, WeightKind::Q8_0] {
             for (i, &(n, k, m)) in SHAPES.iter().enumerate() {
-                for fill in [
-                    Fill::Random,
-                    Fill::Extreme,
-                    Fill::ZeroScales,
-                    Fill::EqualRows,
-                ] {
+                for fill in FILLS {
                     check_with(
                         kind,
                         n,

@@ -7,8 +7,9 @@
 #![allow(clippy::needless_range_loop)] // accumulators are indexed by activation row
 
 use super::super::activation::BlockQ8;
-use super::super::packed::WeightKind;
+use super::super::packed::{PackedMatrix, WeightKind, PANEL};
 use super::tiles::{Tiles, B_BYTES, TILE};
+use half::f16;
 use std::arch::x86_64::*;
 
 /// A pair of panels prepared for the tiles: per block, the B tile and the 16 rows' scales
@@ -17,6 +18,65 @@ pub struct Pair {
     pub b: Vec<u8>,
     pub d: Vec<f32>,
     pub m: Vec<f32>,
+}
+
+impl Pair {
+    /// Buffers for `nb` blocks.
+    pub fn new(nb: usize) -> Self {
+        Self {
+            b: vec![0; nb * B_BYTES],
+            d: vec![0.0; nb * TILE],
+            m: vec![0.0; nb * TILE],
+        }
+    }
+
+    /// Panels `2q` and `2q + 1` of `w` (the second zero past the matrix): row `k` of block
+    /// `b`'s B tile holds bytes `4k..4k+4` of weight rows 0..8, then of rows 8..16.
+    pub fn load(&mut self, w: &PackedMatrix, q: usize) {
+        let (kind, nb, panels) = (w.kind(), w.blocks_per_row(), w.panels());
+        let pb = kind.panel_block_bytes();
+        let half =
+            |b: &[u8], i: usize| f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32();
+        for (h, p) in [2 * q, 2 * q + 1].into_iter().enumerate() {
+            let lanes = PANEL * h..PANEL * (h + 1);
+            for b in 0..nb {
+                let dst = &mut self.b[b * B_BYTES..(b + 1) * B_BYTES];
+                let (d, mins) = (&mut self.d[b * TILE..], &mut self.m[b * TILE..]);
+                if p >= panels {
+                    for k in 0..8 {
+                        dst[k * 64 + 32 * h..k * 64 + 32 * h + 32].fill(0);
+                    }
+                    d[lanes.clone()].fill(0.0);
+                    mins[lanes.clone()].fill(0.0);
+                    continue;
+                }
+                let blk = &w.panel(p)[b * pb..(b + 1) * pb];
+                for r in 0..PANEL {
+                    match kind {
+                        WeightKind::Q4_1 => {
+                            d[PANEL * h + r] = half(blk, 128 + 2 * r);
+                            mins[PANEL * h + r] = half(blk, 144 + 2 * r);
+                        }
+                        WeightKind::Q8_0 => d[PANEL * h + r] = half(blk, 256 + 2 * r),
+                    }
+                }
+                for k in 0..8 {
+                    let row = &mut dst[k * 64 + 32 * h..k * 64 + 32 * h + 32];
+                    match kind {
+                        // Panel vector q: elements 4q.. in low nibbles, 16 + 4q.. high.
+                        WeightKind::Q4_1 => {
+                            let v = &blk[(k % 4) * 32..(k % 4) * 32 + 32];
+                            let shift = if k < 4 { 0 } else { 4 };
+                            for (o, &x) in row.iter_mut().zip(v) {
+                                *o = (x >> shift) & 0x0F;
+                            }
+                        }
+                        WeightKind::Q8_0 => row.copy_from_slice(&blk[k * 32..k * 32 + 32]),
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// One tile's activation scales per block: `d[b * 16 + i]` and `s[b * 16 + i]` of row `i`.

@@ -28,12 +28,11 @@ pub fn gemm_into<T: tiles::Tiles>(
 ) {
     use super::gemm::panel_rows;
     use super::isa::Isa;
-    use super::packed::{WeightKind, PANEL};
-    use half::f16;
+    use super::packed::PANEL;
     use kernel::{ActScales, Pair};
     use liftoff_kernels::DisjointOut;
     use rayon::prelude::*;
-    use tiles::{B_BYTES, TILE};
+    use tiles::TILE;
 
     /// Activation rows per chunk: 8 tiles, a few hundred KB at most, kept in L2 while the
     /// thread's panel pairs go by.
@@ -51,14 +50,9 @@ pub fn gemm_into<T: tiles::Tiles>(
     let tasks = rayon::current_num_threads().clamp(1, pairs);
     let per_task = pairs.div_ceil(tasks);
     let ptr = DisjointOut::new(out);
-    let half = |b: &[u8], i: usize| f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32();
     (0..tasks).into_par_iter().for_each(|t| {
         let mut tiles = new_tiles();
-        let mut pair = Pair {
-            b: vec![0; nb * B_BYTES],
-            d: vec![0.0; nb * TILE],
-            m: vec![0.0; nb * TILE],
-        };
+        let mut pair = Pair::new(nb);
         let (mut ad, mut as_) = (vec![0f32; CHUNK * nb], vec![0f32; CHUNK * nb]);
         for a0 in (0..m).step_by(CHUNK) {
             let a_end = (a0 + CHUNK).min(m);
@@ -73,48 +67,7 @@ pub fn gemm_into<T: tiles::Tiles>(
                 }
             }
             for q in t * per_task..((t + 1) * per_task).min(pairs) {
-                let ps = [2 * q, 2 * q + 1];
-                // The pair's B tiles: row `k` of block `b` holds bytes 4k..4k+4 of weight rows
-                // 0..8 (panel 2q) then 8..16 (panel 2q + 1, zero past the matrix).
-                for (h, &p) in ps.iter().enumerate() {
-                    let pb = kind.panel_block_bytes();
-                    for b in 0..nb {
-                        let dst = &mut pair.b[b * B_BYTES..(b + 1) * B_BYTES];
-                        let (d, mins) = (&mut pair.d[b * TILE..], &mut pair.m[b * TILE..]);
-                        if p >= panels {
-                            for k in 0..8 {
-                                dst[k * 64 + 32 * h..k * 64 + 32 * h + 32].fill(0);
-                            }
-                            d[PANEL * h..PANEL * (h + 1)].fill(0.0);
-                            mins[PANEL * h..PANEL * (h + 1)].fill(0.0);
-                            continue;
-                        }
-                        let blk = &w.panel(p)[b * pb..(b + 1) * pb];
-                        for r in 0..PANEL {
-                            match kind {
-                                WeightKind::Q4_1 => {
-                                    d[PANEL * h + r] = half(blk, 128 + 2 * r);
-                                    mins[PANEL * h + r] = half(blk, 144 + 2 * r);
-                                }
-                                WeightKind::Q8_0 => d[PANEL * h + r] = half(blk, 256 + 2 * r),
-                            }
-                        }
-                        for k in 0..8 {
-                            let row = &mut dst[k * 64 + 32 * h..k * 64 + 32 * h + 32];
-                            match kind {
-                                // Panel vector q: elements 4q.. in low nibbles, 16 + 4q.. high.
-                                WeightKind::Q4_1 => {
-                                    let v = &blk[(k % 4) * 32..(k % 4) * 32 + 32];
-                                    let shift = if k < 4 { 0 } else { 4 };
-                                    for (o, &x) in row.iter_mut().zip(v) {
-                                        *o = (x >> shift) & 0x0F;
-                                    }
-                                }
-                                WeightKind::Q8_0 => row.copy_from_slice(&blk[k * 32..k * 32 + 32]),
-                            }
-                        }
-                    }
-                }
+                pair.load(w, q);
                 let col = q * TILE;
                 let cols = TILE.min(n - col);
                 for a in (a0..full).step_by(TILE) {
@@ -147,7 +100,7 @@ pub fn gemm_into<T: tiles::Tiles>(
                         }
                     }
                 }
-                for p in ps.into_iter().filter(|&p| p < panels) {
+                for p in [2 * q, 2 * q + 1].into_iter().filter(|&p| p < panels) {
                     let col = p * PANEL;
                     let cols = PANEL.min(n - col);
                     panel_rows(Isa::Avx512Vnni, w, p, acts, full..a_end, |a, vals| {
