@@ -8,7 +8,9 @@
 //! [`QUERY_TILE`] queries): it goes over the key blocks, reading each block's keys and values
 //! once from the cache (the block stays in L1) for all its rows, the query heads that share
 //! the KV head in pairs of rows sharing each load. A decode task is (sequence, KV head, key
-//! block), so a single long sequence spreads over every thread; its partials are merged after.
+//! block), so a single long sequence spreads over every thread, its partials merged after;
+//! when enough sequences decode to keep every thread busy, a task is a whole sequence, which
+//! merges its blocks as it goes (the same operations in the same order) and writes its rows.
 
 mod kernels;
 #[cfg(target_arch = "x86_64")]
@@ -30,6 +32,9 @@ const KEY_BLOCK: usize = 64;
 /// Query-key pairs below which one call runs on the calling thread.
 const SEQUENTIAL_WORK: usize = 2048;
 
+/// Decoding sequences per thread from which a decode task is a whole sequence.
+const WHOLE_SEQUENCES_PER_THREAD: usize = 4;
+
 /// A unit of work.
 #[derive(Debug, Clone, Copy)]
 enum Task {
@@ -44,6 +49,9 @@ enum Task {
     /// One key block of a decoding sequence for every head (the block's rows of all KV
     /// heads are contiguous in the cache); writes partials.
     Decode { seq: usize, block: usize },
+    /// Every key block of a decoding sequence for every head, merged in the task; writes the
+    /// output rows.
+    DecodeSequence { seq: usize },
 }
 
 /// A row's softmax so far: max `m`, sum of exponentials `l` and `o = sum p v`.
@@ -79,6 +87,8 @@ struct Call<'a, E> {
     scale: f32,
     /// For each decoding sequence, where its partials start in the partials buffer.
     partial_base: Vec<usize>,
+    /// Whether decode tasks are whole sequences (no partials to merge after).
+    whole_decodes: bool,
 }
 
 impl<E> Call<'_, E> {
@@ -147,13 +157,20 @@ fn attention_with<K: Kernels, E: Elem>(
         shape,
         scale: 1.0 / (d as f32).sqrt(),
         partial_base: vec![0; l.num_seqs()],
+        whole_decodes: false,
     };
+    let decoding = (0..l.num_seqs())
+        .filter(|&s| call.query_range(s).1 == 1)
+        .count();
+    call.whole_decodes = decoding >= WHOLE_SEQUENCES_PER_THREAD * rayon::current_num_threads();
     let mut tasks = Vec::new();
     let (mut partials_len, mut work) = (0, 0);
     for seq in 0..l.num_seqs() {
         let (_, qlen) = call.query_range(seq);
         let ctx = l.context_lens[seq] as usize;
-        if qlen == 1 {
+        if qlen == 1 && call.whole_decodes {
+            tasks.push(Task::DecodeSequence { seq });
+        } else if qlen == 1 {
             let blocks = ctx.div_ceil(KEY_BLOCK);
             call.partial_base[seq] = partials_len;
             partials_len += heads * blocks * call.partial_len();
@@ -186,6 +203,7 @@ fn attention_with<K: Kernels, E: Elem>(
                 end,
             } => prompt_tile::<K, E>(&call, seq, kv_head, first..end, sc, out_ptr),
             Task::Decode { seq, block } => decode_block::<K, E>(&call, seq, block, sc, part_ptr),
+            Task::DecodeSequence { seq } => decode_sequence::<K, E>(&call, seq, sc, out_ptr),
         })
     };
     if work < SEQUENTIAL_WORK {
@@ -207,6 +225,7 @@ fn task_work<E>(c: &Call<E>, t: &Task) -> usize {
             (end - first) * (c.l.context_lens[seq] as usize - qlen + end) * c.group()
         }
         Task::Decode { .. } => KEY_BLOCK * c.shape.heads,
+        Task::DecodeSequence { seq } => c.l.context_lens[seq] as usize * c.shape.heads,
     }
 }
 
@@ -338,6 +357,47 @@ fn prompt_tile<K: Kernels, E: Elem>(
     (sc.q, sc.acc, sc.offsets) = (q, acc, offsets);
 }
 
+/// Every key block of a decoding sequence for every head, each block's partials merged into
+/// the running softmax as [`merge_decodes`] merges them, then the output rows.
+fn decode_sequence<K: Kernels, E: Elem>(
+    c: &Call<E>,
+    seq: usize,
+    sc: &mut Scratch,
+    out: DisjointOut,
+) {
+    let (heads, d) = (c.shape.heads, c.shape.head_dim);
+    let (start, _) = c.query_range(seq);
+    let ctx = c.l.context_lens[seq] as usize;
+    let (mut acc, mut offsets) = (std::mem::take(&mut sc.acc), std::mem::take(&mut sc.offsets));
+    acc.clear();
+    acc.resize(heads * (d + 2), 0.0);
+    let (run_m, rest) = acc.split_at_mut(heads);
+    let (run_l, run_o) = rest.split_at_mut(heads);
+    let q = &c.q[start * heads * d..(start + 1) * heads * d];
+    for block in 0..ctx.div_ceil(KEY_BLOCK) {
+        let from = block * KEY_BLOCK;
+        c.offsets(seq, from, (from + KEY_BLOCK).min(ctx), &mut offsets);
+        prefetch_block(c, &offsets);
+        block_partials::<K, E>(c, q, 0, c.shape.kv_heads, &offsets, sc);
+        for h in 0..heads {
+            let run = Running {
+                m: &mut run_m[h],
+                l: &mut run_l[h],
+                o: &mut run_o[h * d..(h + 1) * d],
+            };
+            merge::<K>(run, block == 0, sc.m[h], sc.l[h], &sc.o[h * d..(h + 1) * d]);
+        }
+    }
+    for h in 0..heads {
+        for (e, &x) in run_o[h * d..(h + 1) * d].iter().enumerate() {
+            // SAFETY: the sequence's one row belongs to this task only, inside the
+            // `[tokens, heads, d]` output.
+            unsafe { *out.at((start * heads + h) * d + e) = x / run_l[h] };
+        }
+    }
+    (sc.acc, sc.offsets) = (acc, offsets);
+}
+
 /// One key block of a decoding sequence for every head: partials `(m, l, o)` at
 /// `partial_base[seq] + ((head * blocks) + block) * (d + 2)`.
 fn decode_block<K: Kernels, E: Elem>(
@@ -354,6 +414,7 @@ fn decode_block<K: Kernels, E: Elem>(
     let mut offsets = std::mem::take(&mut sc.offsets);
     let from = block * KEY_BLOCK;
     c.offsets(seq, from, (from + KEY_BLOCK).min(ctx), &mut offsets);
+    prefetch_block(c, &offsets);
     let q = &c.q[start * heads * d..(start + 1) * heads * d];
     block_partials::<K, E>(c, q, 0, c.shape.kv_heads, &offsets, sc);
     for head in 0..heads {
@@ -369,13 +430,42 @@ fn decode_block<K: Kernels, E: Elem>(
     sc.offsets = offsets;
 }
 
+/// Asks for the keys and values of every KV head at `offsets` to be brought into L2. A decode
+/// task's keys and values are cold (the step's weights went through the caches since the
+/// layer last ran), and its loops read them head by head, a few lines per position at a
+/// stride, which keeps too few misses in flight (see `examples/decode_attention.rs`).
+fn prefetch_block<E>(c: &Call<E>, offsets: &[usize]) {
+    let len = c.shape.kv_heads * c.shape.head_dim;
+    #[cfg(target_arch = "x86_64")]
+    for cache in [c.k, c.v] {
+        prefetch_rows(cache, offsets, len);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (offsets, len);
+}
+
+#[cfg(target_arch = "x86_64")]
+fn prefetch_rows<E>(cache: &[E], offsets: &[usize], len: usize) {
+    for &off in offsets {
+        let row = &cache[off..off + len];
+        let bytes = std::mem::size_of_val(row);
+        let p = row.as_ptr() as *const i8;
+        for b in (0..bytes).step_by(64) {
+            // SAFETY: a prefetch reads nothing; the address is inside `row`.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(p.add(b))
+            };
+        }
+    }
+}
+
 /// Merges each decoding row's block partials in block order into its output row.
 fn merge_decodes<K: Kernels, E: Elem>(c: &Call<E>, partials: &[f32], out: &mut [f32]) {
     let (heads, d, pl) = (c.shape.heads, c.shape.head_dim, c.partial_len());
     let (mut m, mut l, mut o) = (0f32, 0f32, vec![0f32; d]);
     for seq in 0..c.l.num_seqs() {
         let (start, qlen) = c.query_range(seq);
-        if qlen != 1 {
+        if qlen != 1 || c.whole_decodes {
             continue;
         }
         let blocks = (c.l.context_lens[seq] as usize).div_ceil(KEY_BLOCK);
@@ -494,6 +584,62 @@ mod tests {
             data.v.iter().map(|&x| half::f16::from_f32(x)).collect(),
         );
         check(&k16, &v16, shape, &data, &q_of, &layout);
+    }
+
+    /// With enough decoding sequences a task is a whole sequence; each row has the same bits
+    /// as when its blocks are separate tasks merged after (the sequence alone), and matches the
+    /// reference.
+    #[test]
+    fn whole_sequence_decodes_equal_split_ones() {
+        let shape = AttentionShape {
+            heads: 6,
+            kv_heads: 2,
+            head_dim: 64,
+        };
+        let contexts = [5, 64, 65, 130, 200, 1, 90, 129, 300];
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        assert!(contexts.len() >= WHOLE_SEQUENCES_PER_THREAD * 2);
+        let case = AttentionCase::decode(&contexts, shape.heads, shape.kv_heads, 64, 16);
+        let data = random_case(&case, 21);
+        let l = &data.layout;
+        let row = shape.heads * shape.head_dim;
+        let k16: Vec<half::f16> = data.k.iter().map(|&x| half::f16::from_f32(x)).collect();
+        let v16: Vec<half::f16> = data.v.iter().map(|&x| half::f16::from_f32(x)).collect();
+        let all = pool.install(|| attention_cpu(&data.q, &k16, &v16, l, shape));
+        let want = crate::reference::naive_attention(
+            &data.q,
+            &k16.iter().map(|x| x.to_f32()).collect::<Vec<_>>(),
+            &v16.iter().map(|x| x.to_f32()).collect::<Vec<_>>(),
+            l,
+            shape,
+        );
+        for (a, b) in all.iter().zip(&want) {
+            assert!(
+                (a - b).abs() <= 1e-4,
+                "whole-sequence decode {a} vs reference {b}"
+            );
+        }
+        for (seq, &ctx) in contexts.iter().enumerate() {
+            let alone = HostLayout {
+                block_size: 16,
+                num_tokens: 1,
+                max_blocks: l.max_blocks,
+                block_tables: l.block_table(seq).to_vec(),
+                query_starts: vec![0, 1],
+                context_lens: vec![ctx as u32],
+                ..Default::default()
+            };
+            let q = rows_of(&data.q, l, seq, row);
+            let split = pool.install(|| attention_cpu(&q, &k16, &v16, &alone, shape));
+            assert_eq!(
+                split,
+                rows_of(&all, l, seq, row),
+                "sequence {seq} ({ctx} keys)"
+            );
+        }
     }
 
     /// Every family this CPU can run (the portable one always) against the reference, for
