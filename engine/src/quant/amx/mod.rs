@@ -26,7 +26,7 @@ pub fn gemm_into<T: tiles::Tiles>(
     out: &mut [f32],
     new_tiles: impl Fn() -> T + Sync,
 ) {
-    use super::gemm::panel_rows;
+    use super::gemm::{panel_rows, store_row};
     use super::isa::Isa;
     use super::packed::PANEL;
     use kernel::{ActScales, Pair};
@@ -91,13 +91,7 @@ pub fn gemm_into<T: tiles::Tiles>(
                     for (i, vals) in r.iter().enumerate() {
                         // SAFETY: row a + i < m, columns col..col + cols < n belong to this
                         // task's pairs only.
-                        unsafe {
-                            std::ptr::copy_nonoverlapping(
-                                vals.as_ptr(),
-                                ptr.at((a + i) * n + col),
-                                cols,
-                            )
-                        }
+                        unsafe { store_row(ptr.at((a + i) * n + col), vals, cols) }
                     }
                 }
                 for p in [2 * q, 2 * q + 1].into_iter().filter(|&p| p < panels) {
@@ -105,9 +99,7 @@ pub fn gemm_into<T: tiles::Tiles>(
                     let cols = PANEL.min(n - col);
                     panel_rows(Isa::Avx512Vnni, w, p, acts, full..a_end, |a, vals| {
                         // SAFETY: as above, for panel p's columns.
-                        unsafe {
-                            std::ptr::copy_nonoverlapping(vals.as_ptr(), ptr.at(a * n + col), cols)
-                        }
+                        unsafe { store_row(ptr.at(a * n + col), vals, cols) }
                     });
                 }
             }

