@@ -209,15 +209,20 @@ pub fn rotary(
             &sin[p as usize * half..][..half],
         );
         for head in x[t * heads * d..(t + 1) * heads * d].chunks_exact_mut(d) {
-            for j in 0..half {
-                let (a, b) = if interleaved {
-                    (2 * j, 2 * j + 1)
-                } else {
-                    (j, j + half)
-                };
-                let (x1, x2) = (head[a], head[b]);
-                head[a] = x1 * c[j] - x2 * s[j];
-                head[b] = x2 * c[j] + x1 * s[j];
+            if interleaved {
+                for (pair, (&c, &s)) in head.chunks_exact_mut(2).zip(c.iter().zip(s)) {
+                    let (x1, x2) = (pair[0], pair[1]);
+                    pair[0] = x1 * c - x2 * s;
+                    pair[1] = x2 * c + x1 * s;
+                }
+            } else {
+                // Halves as separate slices, so the loop vectorises (the same operations).
+                let (lo, hi) = head.split_at_mut(half);
+                for (((x1, x2), &c), &s) in lo.iter_mut().zip(hi.iter_mut()).zip(c).zip(s) {
+                    let (a, b) = (*x1, *x2);
+                    *x1 = a * c - b * s;
+                    *x2 = b * c + a * s;
+                }
             }
         }
     }
