@@ -61,6 +61,48 @@ struct Running<'a> {
     o: &'a mut [f32],
 }
 
+/// The running softmax of a task's rows, in a reused buffer: maxes, sums, then `d` values of
+/// `o` per row.
+struct RunningRows<'a> {
+    m: &'a mut [f32],
+    l: &'a mut [f32],
+    o: &'a mut [f32],
+    d: usize,
+}
+
+impl<'a> RunningRows<'a> {
+    fn new(buf: &'a mut Vec<f32>, rows: usize, d: usize) -> Self {
+        buf.clear();
+        buf.resize(rows * (d + 2), 0.0);
+        let (m, rest) = buf.split_at_mut(rows);
+        let (l, o) = rest.split_at_mut(rows);
+        Self { m, l, o, d }
+    }
+
+    /// Folds the block partials [`block_partials`] left in `sc` (its rows in order) into rows
+    /// `r0..`; the first block is taken as is.
+    fn fold<K: Kernels>(&mut self, r0: usize, first: bool, sc: &Scratch) {
+        let d = self.d;
+        for (h, (&m, &l)) in sc.m.iter().zip(&sc.l).enumerate() {
+            let r = r0 + h;
+            let run = Running {
+                m: &mut self.m[r],
+                l: &mut self.l[r],
+                o: &mut self.o[r * d..(r + 1) * d],
+            };
+            merge::<K>(run, first, m, l, &sc.o[h * d..(h + 1) * d]);
+        }
+    }
+
+    /// Row `r`'s output values, `o / l`.
+    fn output(&self, r: usize) -> impl Iterator<Item = f32> + '_ {
+        let l = self.l[r];
+        self.o[r * self.d..(r + 1) * self.d]
+            .iter()
+            .map(move |&x| x / l)
+    }
+}
+
 /// Per-thread buffers, reused across tasks and calls.
 #[derive(Default)]
 struct Scratch {
@@ -315,10 +357,7 @@ fn prompt_tile<K: Kernels, E: Elem>(
         let off = ((start + t) * heads + kv_head * group) * d;
         q.extend_from_slice(&c.q[off..off + group * d]);
     }
-    acc.clear();
-    acc.resize(rows * (d + 2), 0.0);
-    let (run_m, rest) = acc.split_at_mut(rows);
-    let (run_l, run_o) = rest.split_at_mut(rows);
+    let mut run = RunningRows::new(&mut acc, rows, d);
     let last_keys = p0 + tile.end;
     for block in 0..last_keys.div_ceil(KEY_BLOCK) {
         let from = block * KEY_BLOCK;
@@ -332,25 +371,16 @@ fn prompt_tile<K: Kernels, E: Elem>(
             let r0 = t * group;
             let q = &q[r0 * d..(r0 + group) * d];
             block_partials::<K, E>(c, q, kv_head, 1, &offsets[..n], sc);
-            for h in 0..group {
-                let r = r0 + h;
-                let run = Running {
-                    m: &mut run_m[r],
-                    l: &mut run_l[r],
-                    o: &mut run_o[r * d..(r + 1) * d],
-                };
-                merge::<K>(run, block == 0, sc.m[h], sc.l[h], &sc.o[h * d..(h + 1) * d]);
-            }
+            run.fold::<K>(r0, block == 0, sc);
         }
     }
     for t in 0..tokens {
         let off = ((start + tile.start + t) * heads + kv_head * group) * d;
         for h in 0..group {
-            let r = t * group + h;
-            for (e, &x) in run_o[r * d..(r + 1) * d].iter().enumerate() {
+            for (e, x) in run.output(t * group + h).enumerate() {
                 // SAFETY: rows (start + tile.start + t, kv_head's query heads) belong to this
                 // task only, and lie inside the `[tokens, heads, d]` output.
-                unsafe { *out.at(off + h * d + e) = x / run_l[r] };
+                unsafe { *out.at(off + h * d + e) = x };
             }
         }
     }
@@ -369,30 +399,20 @@ fn decode_sequence<K: Kernels, E: Elem>(
     let (start, _) = c.query_range(seq);
     let ctx = c.l.context_lens[seq] as usize;
     let (mut acc, mut offsets) = (std::mem::take(&mut sc.acc), std::mem::take(&mut sc.offsets));
-    acc.clear();
-    acc.resize(heads * (d + 2), 0.0);
-    let (run_m, rest) = acc.split_at_mut(heads);
-    let (run_l, run_o) = rest.split_at_mut(heads);
+    let mut run = RunningRows::new(&mut acc, heads, d);
     let q = &c.q[start * heads * d..(start + 1) * heads * d];
     for block in 0..ctx.div_ceil(KEY_BLOCK) {
         let from = block * KEY_BLOCK;
         c.offsets(seq, from, (from + KEY_BLOCK).min(ctx), &mut offsets);
         prefetch_block(c, &offsets);
         block_partials::<K, E>(c, q, 0, c.shape.kv_heads, &offsets, sc);
-        for h in 0..heads {
-            let run = Running {
-                m: &mut run_m[h],
-                l: &mut run_l[h],
-                o: &mut run_o[h * d..(h + 1) * d],
-            };
-            merge::<K>(run, block == 0, sc.m[h], sc.l[h], &sc.o[h * d..(h + 1) * d]);
-        }
+        run.fold::<K>(0, block == 0, sc);
     }
     for h in 0..heads {
-        for (e, &x) in run_o[h * d..(h + 1) * d].iter().enumerate() {
+        for (e, x) in run.output(h).enumerate() {
             // SAFETY: the sequence's one row belongs to this task only, inside the
             // `[tokens, heads, d]` output.
-            unsafe { *out.at((start * heads + h) * d + e) = x / run_l[h] };
+            unsafe { *out.at((start * heads + h) * d + e) = x };
         }
     }
     (sc.acc, sc.offsets) = (acc, offsets);
