@@ -59,7 +59,10 @@ pub fn gemm(w: &PackedMatrix, acts: &[BlockQ8], m: usize, isa: Isa) -> Vec<f32> 
 }
 
 /// Writes `vals[..cols]` to `dst`; a whole row of `W` values as one fixed-size copy, since a
-/// `memcpy` call per tile row (hundreds of thousands per step) costs more than the copy.
+/// `memcpy` call per tile row (hundreds of thousands per step) costs more than the copy. The
+/// partial row (a matrix's last panel) is a function of its own: inlined, its variable-length
+/// copy equals the whole-row copy when `cols == W`, and the compiler merged the two into one
+/// `memcpy` call for every row.
 ///
 /// # Safety
 /// `cols <= W` values are writable at `dst`.
@@ -68,8 +71,18 @@ pub(super) unsafe fn store_row<const W: usize>(dst: *mut f32, vals: &[f32; W], c
     if cols == W {
         dst.cast::<[f32; W]>().write_unaligned(*vals)
     } else {
-        std::ptr::copy_nonoverlapping(vals.as_ptr(), dst, cols.min(W))
+        store_partial_row(dst, vals, cols)
     }
+}
+
+/// [`store_row`]'s partial row.
+///
+/// # Safety
+/// As [`store_row`].
+#[cold]
+#[inline(never)]
+unsafe fn store_partial_row<const W: usize>(dst: *mut f32, vals: &[f32; W], cols: usize) {
+    std::ptr::copy_nonoverlapping(vals.as_ptr(), dst, cols.min(W))
 }
 
 /// Activation rows `rows` against panel `p` in tiles of up to [`MAX_ACTS`] rows;
