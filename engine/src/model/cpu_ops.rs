@@ -1,5 +1,6 @@
 //! Element-wise steps of the forward pass (RMS norm, SiLU(gate) * up, residual add) for f32
-//! CPU tensors, fused into one pass each. candle runs each of these as one or two parallel
+//! and bf16 CPU tensors, fused into one pass each (bf16 widened to f32, computed in f32 and
+//! rounded once at the end). candle runs each of these as one or two parallel
 //! regions; at decode sizes (a few rows of 576 values) waking the pool costs more than the
 //! work, so small inputs run on the calling thread and large ones split rows over rayon.
 //! Other dtypes and devices return `None` and the caller uses candle.
@@ -10,12 +11,30 @@ use rayon::prelude::*;
 /// Below this many values an op runs on the calling thread.
 const PARALLEL_FROM: usize = 1 << 15;
 
-/// Runs `f` on the values of a contiguous f32 CPU tensor, in place; `None` for anything else.
+/// Runs `f` on the values of a contiguous f32 or bf16 CPU tensor as f32 (in place for f32,
+/// widened exactly for bf16); `None` for anything else.
 fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
-    if t.dtype() != DType::F32 || !t.device().is_cpu() || !t.is_contiguous() {
+    if !matches!(t.dtype(), DType::F32 | DType::BF16) || !t.device().is_cpu() || !t.is_contiguous()
+    {
         return None;
     }
+    let wide;
+    let t = if t.dtype() == DType::F32 {
+        t
+    } else {
+        wide = t.to_dtype(DType::F32).ok()?;
+        &wide
+    };
     liftoff_kernels::with_cpu_f32(t, "input", f).ok()
+}
+
+/// `v` as a tensor of `like`'s dtype, shape `shape`.
+fn output(
+    v: Vec<f32>,
+    shape: impl Into<candle_core::Shape>,
+    like: &Tensor,
+) -> candle_core::Result<Tensor> {
+    Tensor::from_vec(v, shape, like.device())?.to_dtype(like.dtype())
 }
 
 /// Applies `f` to every `row`-long chunk of `out` with its index.
@@ -63,7 +82,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> candle_core::Result<Op
         })
     });
     match out.flatten() {
-        Some(v) => Ok(Some(Tensor::from_vec(v, x.shape(), x.device())?)),
+        Some(v) => Ok(Some(output(v, x.shape(), x)?)),
         None => Ok(None),
     }
 }
@@ -86,14 +105,14 @@ pub fn silu_mul_halves(gu: &Tensor) -> candle_core::Result<Option<Tensor>> {
         out
     });
     match out {
-        Some(v) => Ok(Some(Tensor::from_vec(v, (rows, half), gu.device())?)),
+        Some(v) => Ok(Some(output(v, (rows, half), gu)?)),
         None => Ok(None),
     }
 }
 
 /// `a + b`, same shapes.
 pub fn add(a: &Tensor, b: &Tensor) -> candle_core::Result<Option<Tensor>> {
-    if a.dims() != b.dims() {
+    if a.dims() != b.dims() || a.dtype() != b.dtype() {
         return Ok(None);
     }
     let row = *a.dims().last().unwrap_or(&1).max(&1);
@@ -109,7 +128,7 @@ pub fn add(a: &Tensor, b: &Tensor) -> candle_core::Result<Option<Tensor>> {
         })
     });
     match out.flatten() {
-        Some(v) => Ok(Some(Tensor::from_vec(v, a.shape(), a.device())?)),
+        Some(v) => Ok(Some(output(v, a.shape(), a)?)),
         None => Ok(None),
     }
 }
@@ -129,32 +148,54 @@ mod tests {
     }
 
     fn close(a: &Tensor, b: &Tensor, tol: f32) {
-        let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let f = |t: &Tensor| {
+            let t = t.flatten_all().unwrap().to_dtype(DType::F32).unwrap();
+            t.to_vec1::<f32>().unwrap()
+        };
+        let (a, b) = (f(a), f(b));
         assert_eq!(a.len(), b.len());
         for (x, y) in a.iter().zip(&b) {
-            assert!(x.is_finite() && (x - y).abs() <= tol, "{x} vs candle {y}");
+            assert!(
+                x.is_finite() && y.is_finite() && (x - y).abs() <= tol * y.abs().max(1.0),
+                "{x} vs candle {y}"
+            );
         }
     }
 
     /// Against candle's ops (independent implementations), below and above the parallel size.
+    /// In bf16 the reference is candle's f32 op on the same (widened) inputs: ours rounds that
+    /// once, so it is within half a bf16 step (2^-8 relative) of it.
     #[test]
     fn match_candle() {
-        for rows in [1, 3, 200] {
-            let (x, y) = (t(rows, 576, 1), t(rows, 576, 7));
-            let w = t(1, 576, 3).squeeze(0).unwrap();
-            close(
-                &rms_norm(&x, &w, 1e-5).unwrap().unwrap(),
-                &candle_nn::ops::rms_norm(&x, &w, 1e-5).unwrap(),
-                1e-5,
-            );
-            let want = (candle_nn::ops::silu(&x).unwrap() * &y).unwrap();
-            let fused = Tensor::cat(&[&x, &y], 1).unwrap();
-            close(&silu_mul_halves(&fused).unwrap().unwrap(), &want, 1e-5);
-            close(&add(&x, &y).unwrap().unwrap(), &(&x + &y).unwrap(), 0.0);
+        for dtype in [DType::F32, DType::BF16] {
+            let tol = if dtype == DType::F32 {
+                1e-5
+            } else {
+                1e-5 + 1.0 / 256.0
+            };
+            for rows in [1, 3, 200] {
+                let (x, y) = (t(rows, 576, 1), t(rows, 576, 7));
+                let w = t(1, 576, 3).squeeze(0).unwrap();
+                let r = |t: &Tensor| t.to_dtype(dtype).unwrap();
+                // The reference's inputs: rounded to `dtype` and widened back.
+                let f = |t: &Tensor| r(t).to_dtype(DType::F32).unwrap();
+                let got = rms_norm(&r(&x), &r(&w), 1e-5).unwrap().unwrap();
+                assert_eq!(got.dtype(), dtype);
+                close(
+                    &got,
+                    &candle_nn::ops::rms_norm(&f(&x), &f(&w), 1e-5).unwrap(),
+                    tol,
+                );
+                let want = (candle_nn::ops::silu(&f(&x)).unwrap() * f(&y)).unwrap();
+                let fused = Tensor::cat(&[r(&x), r(&y)], 1).unwrap();
+                close(&silu_mul_halves(&fused).unwrap().unwrap(), &want, tol);
+                // One rounding of the same sum: candle's bits.
+                let sum = add(&r(&x), &r(&y)).unwrap().unwrap();
+                close(&sum, &(r(&x) + r(&y)).unwrap(), 0.0);
+            }
         }
-        // Not f32: candle's turn.
-        let h = t(2, 64, 1).to_dtype(DType::BF16).unwrap();
+        // Neither f32 nor bf16: candle's turn.
+        let h = t(2, 64, 1).to_dtype(DType::F16).unwrap();
         assert!(add(&h, &h).unwrap().is_none());
     }
 }
