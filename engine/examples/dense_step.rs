@@ -4,7 +4,10 @@
 //! as the engine runs them. Prints the weights' read rate per step and its fraction of the
 //! read bandwidth (`liftoff bench limits`' loop) measured just before.
 //!
-//! `cargo run --release -p liftoff-engine --example dense_step [f32|bf16] [ROWS] [STEPS]`
+//! `--hot` reuses layer 0's matrices and a small LM head (8192 rows), so that the weights stay
+//! in cache and the step measures the kernel's arithmetic and per-call costs instead.
+//!
+//! `cargo run --release -p liftoff-engine --example dense_step [f32|bf16] [ROWS] [STEPS] [--hot]`
 
 use candle_core::{DType, Device, Tensor};
 use liftoff_engine::gemv::try_matmul_t;
@@ -19,6 +22,7 @@ fn main() -> candle_core::Result<()> {
     };
     let rows: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1);
     let steps: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(20);
+    let hot = args.iter().any(|a| a == "--hot");
     let cpu = Device::Cpu;
     let matrix = |n: usize, k: usize, seed: usize| -> candle_core::Result<Tensor> {
         let v: Vec<f32> = (0..n * k)
@@ -26,13 +30,21 @@ fn main() -> candle_core::Result<()> {
             .collect();
         Tensor::from_vec(v, (n, k), &cpu)?.to_dtype(dtype)
     };
-    let mut mats = Vec::new();
+    let mut mats: Vec<Tensor> = Vec::new();
     for l in 0..30 {
-        for (n, k) in [(960, 576), (576, 576), (3072, 576), (576, 1536)] {
-            mats.push(matrix(n, k, l)?);
+        for (i, (n, k)) in [(960, 576), (576, 576), (3072, 576), (576, 1536)]
+            .into_iter()
+            .enumerate()
+        {
+            let m = if hot && l > 0 {
+                mats[i].clone()
+            } else {
+                matrix(n, k, l)?
+            };
+            mats.push(m);
         }
     }
-    mats.push(matrix(49152, 576, 0)?);
+    mats.push(matrix(if hot { 8192 } else { 49152 }, 576, 0)?);
     let bytes: usize = mats
         .iter()
         .map(|m| m.elem_count() * dtype.size_in_bytes())

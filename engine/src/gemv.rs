@@ -498,13 +498,28 @@ mod tests {
         let w = Tensor::zeros((4, 32), DType::F32, &Device::Cpu).unwrap();
         let x = Tensor::zeros((MAX_ROWS + 1, 32), DType::F32, &Device::Cpu).unwrap();
         assert!(try_matmul_t(&x, &w).unwrap().is_none());
-        // The public entry point rounds to the activations' dtype.
+        // The public entry point: bf16 activations give the f32 result on the same (widened)
+        // values rounded as candle rounds, for contiguous and strided inputs alike.
         let w = weights(5, 40, true);
         let x = Tensor::from_vec(random(2 * 40, 3), (2, 40), &Device::Cpu).unwrap();
-        let y = try_matmul_t(&x.to_dtype(DType::BF16).unwrap(), &w)
+        let xb = x.to_dtype(DType::BF16).unwrap();
+        let wide = try_matmul_t(&xb.to_dtype(DType::F32).unwrap(), &w)
             .unwrap()
             .unwrap();
-        assert_eq!((y.dims2().unwrap(), y.dtype()), ((2, 5), DType::BF16));
+        let want = wide.to_dtype(DType::BF16).unwrap();
+        let strided = Tensor::cat(&[&xb, &xb], 1)
+            .unwrap()
+            .narrow(1, 40, 40)
+            .unwrap();
+        for x in [&xb, &strided] {
+            let y = try_matmul_t(x, &w).unwrap().unwrap();
+            assert_eq!((y.dims2().unwrap(), y.dtype()), ((2, 5), DType::BF16));
+            let bits = |t: &Tensor| {
+                let v = t.flatten_all().unwrap().to_vec1::<bf16>().unwrap();
+                v.iter().map(|h| h.to_bits()).collect::<Vec<_>>()
+            };
+            assert_eq!(bits(&y), bits(&want));
+        }
     }
 
     /// A result does not depend on the batch it was computed in: the same bits for an
