@@ -37,13 +37,30 @@ pub fn assert_one_line_error(out: &Output, needle: &str) {
     );
 }
 
-/// A loopback port nobody listens on.
+/// A loopback port nobody listens on, different on every call in this process, taken from the
+/// 12 000 ports below the kernel's ephemeral range. A port from `bind(0)` comes from that range,
+/// where every outgoing connection also takes its local port, so a running test's HTTP client
+/// could take it between this call and the server's bind ("Address already in use").
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const SPAN: u32 = 12_000;
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    let low = ephemeral.saturating_sub(SPAN).max(1024);
+    let span = ephemeral.saturating_sub(low).max(1);
+    // Processes (test binaries) run one after another; a different start per process anyway.
+    let start = std::process::id().wrapping_mul(7919) % span;
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (low + (start + n) % span) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {low}..{}", low + span);
 }
 
 /// A running `liftoff serve`, killed on drop.

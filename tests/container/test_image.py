@@ -12,8 +12,8 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -26,12 +26,8 @@ MODEL = os.path.join(ROOT, "tests", "fixtures", "models", "tiny-llama2-f32")
 IMAGE = "liftoff-cpu:test"
 BUILDAH = ["buildah", "--storage-driver", "vfs"]
 DASHBOARD = os.path.join(ROOT, "deploy", "grafana", "dashboards", "liftoff.json")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from ports import free_port  # noqa: E402
 
 
 def why_not_buildah():

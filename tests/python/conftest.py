@@ -1,7 +1,7 @@
 """Shared by the client tests: one `liftoff serve` of the default model for the whole session,
 with the test checkpoints under its `--model-root`."""
 import os
-import socket
+import sys
 import subprocess
 import time
 import urllib.request
@@ -10,12 +10,10 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "models")
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from ports import free_port  # noqa: E402
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
