@@ -132,8 +132,18 @@ trait Vector: Copy {
     unsafe fn fma(a: Self, b: Self, c: Self) -> Self;
     /// The lanes' sum, in a fixed order.
     unsafe fn sum(self) -> f32;
-    /// Asks for the cache line at `p` (any address: it is never read).
-    unsafe fn prefetch(p: *const u8);
+}
+
+/// Asks for the cache line at `p` to be brought into L1 (any address: it is never read).
+#[inline(always)]
+fn prefetch(p: *const u8) {
+    // SAFETY: a prefetch reads nothing and cannot fault; SSE is part of x86_64.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }
 
 /// A weight element: widens to f32, alone or a vector at a time.
@@ -241,7 +251,7 @@ unsafe fn tile<V: Vector, W: Lane, const R: usize, const A: usize>(
     w: [*const W; R],
     x: [*const f32; A],
     k: usize,
-    prefetch: bool,
+    fetch_next: bool,
 ) -> [[f32; R]; A] {
     let mut acc = [[V::zero(); R]; A];
     let whole = k / V::LANES * V::LANES;
@@ -251,7 +261,7 @@ unsafe fn tile<V: Vector, W: Lane, const R: usize, const A: usize>(
     // prefetcher (`examples/dense_step.rs`, bf16, one row: 8 GB/s against 11-12 GB/s for a
     // row at a time and 12-14.5 GB/s with it, on a 15-17 GB/s Zen 3).
     let next = w[0].wrapping_add(R * k) as *const u8;
-    let ahead = if prefetch {
+    let ahead = if fetch_next {
         R * V::LANES * std::mem::size_of::<W>()
     } else {
         0
@@ -260,7 +270,7 @@ unsafe fn tile<V: Vector, W: Lane, const R: usize, const A: usize>(
     while i < whole {
         let mut off = 0;
         while off < ahead {
-            V::prefetch(next.wrapping_add(i * R * std::mem::size_of::<W>() + off));
+            prefetch(next.wrapping_add(i * R * std::mem::size_of::<W>() + off));
             off += 64;
         }
         let mut wv = [V::zero(); R];
@@ -323,8 +333,6 @@ impl Vector for Portable {
         let v = self.0;
         ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]))
     }
-    #[inline(always)]
-    unsafe fn prefetch(_: *const u8) {}
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -367,10 +375,6 @@ mod x86 {
             let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
             _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
         }
-        #[inline(always)]
-        unsafe fn prefetch(p: *const u8) {
-            _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
-        }
     }
 
     /// AVX-512F: 16 lanes.
@@ -401,10 +405,6 @@ mod x86 {
         #[inline(always)]
         unsafe fn sum(self) -> f32 {
             _mm512_reduce_add_ps(self.0)
-        }
-        #[inline(always)]
-        unsafe fn prefetch(p: *const u8) {
-            _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
         }
     }
 }
