@@ -409,7 +409,7 @@ impl Llama {
     /// Runs the batch; returns, on rank 0, the logits (`[rows, vocab]`, f32) of the rows
     /// [`BatchInput::logits_rows`] names, and `None` on the other ranks.
     pub fn forward(&self, batch: &BatchInput, cache: &KvCache) -> Result<Option<Tensor>> {
-        self.pool.install(|| self.forward_in_pool(batch, cache))
+        super::warm_threads::install(&self.pool, || self.forward_in_pool(batch, cache))
     }
 
     /// No logits rows: an empty matrix on rank 0.

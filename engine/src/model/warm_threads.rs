@@ -1,0 +1,101 @@
+//! A forward pass with the compute pool's other threads kept awake.
+//!
+//! A decode step is ~120 matmuls, each split over the pool, with short serial steps between
+//! them (norms, rotary, attention of one sequence). An idle rayon worker goes to sleep after
+//! a few tens of microseconds, and waking it for the next matmul costs as much again: in
+//! `examples/dense_step.rs`, 100 us of serial work between the matmuls made each one 25-31 us
+//! slower, 20 us of it 1.4 us. So, as llama.cpp's thread pool does within a graph, the other
+//! workers poll for work until the pass ends, yielding the core to the OS between polls, and
+//! sleep only between passes.
+
+use rayon::{ThreadPool, Yield};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// How long the pass waits for its helpers to start before it runs without the late ones.
+const START_WAIT: Duration = Duration::from_millis(2);
+
+/// Runs `f` on `pool` while its other workers poll for work instead of sleeping.
+pub fn install<R: Send>(pool: &ThreadPool, f: impl FnOnce() -> R + Send) -> R {
+    let helpers = pool.current_num_threads().saturating_sub(1);
+    if helpers == 0 {
+        return pool.install(f);
+    }
+    let (done, started) = (AtomicBool::new(false), AtomicUsize::new(0));
+    pool.scope(|s| {
+        for _ in 0..helpers {
+            s.spawn(|_| {
+                // A helper that starts after the pass gave up waiting, or ended, leaves at
+                // once: it may be running inside the pass's own wait for a stolen job.
+                if done.load(Ordering::Acquire) {
+                    return;
+                }
+                started.fetch_add(1, Ordering::AcqRel);
+                // Poll only once every helper runs on a worker of its own; before that, a
+                // poll could take another helper off the queue and nest it.
+                while started.load(Ordering::Acquire) < helpers && !done.load(Ordering::Acquire) {
+                    std::thread::yield_now();
+                }
+                while !done.load(Ordering::Acquire) {
+                    if rayon::yield_now() != Some(Yield::Executed) {
+                        std::thread::yield_now();
+                    }
+                }
+            });
+        }
+        // The helpers sit on this worker's queue until the others take them; this thread must
+        // not run one itself (it would poll until the pass it is holding up ends), so it
+        // waits without looking for rayon work.
+        let t = Instant::now();
+        while started.load(Ordering::Acquire) < helpers && t.elapsed() < START_WAIT {
+            std::thread::yield_now();
+        }
+        if started.load(Ordering::Acquire) < helpers {
+            // Late helpers must not start polling inside the pass.
+            done.store(true, Ordering::Release);
+        }
+        let _end = EndOnDrop(&done);
+        f()
+    })
+}
+
+/// Ends the pass when dropped, also when `f` panics (the helpers would poll forever and the
+/// scope would wait for them).
+struct EndOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for EndOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rayon::prelude::*;
+
+    /// The pass's parallel work runs and returns, with 1 to 4 threads, many times (a helper
+    /// left polling or a pass waiting on itself would hang the test).
+    #[test]
+    fn passes_complete_with_any_pool_size() {
+        for threads in 1..=4 {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            for i in 0..200u64 {
+                let sum: u64 = install(&pool, || {
+                    (0..1000u64).into_par_iter().map(|x| x * i).sum::<u64>()
+                        + rayon::join(|| 1, || 2).1
+                });
+                assert_eq!(sum, 499_500 * i + 2, "{threads} threads, pass {i}");
+            }
+            // A panicking pass ends its helpers and reaches the caller.
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                install(&pool, || -> u32 { panic!("in the pass") })
+            }));
+            assert!(r.is_err(), "{threads} threads");
+            assert_eq!(install(&pool, || 7), 7);
+        }
+    }
+}
