@@ -7,18 +7,43 @@
 //! slower, 20 us of it 1.4 us. So, as llama.cpp's thread pool does within a graph, the other
 //! workers poll for work until the pass ends, yielding the core to the OS between polls, and
 //! sleep only between passes.
+//!
+//! Only while the passes in flight in this process use no more threads than there are cores:
+//! several models served at once, each with a pool as large as the machine, would otherwise
+//! poll on the cores the others compute on. Their helpers leave when that happens, and those
+//! passes run as before.
 
 use rayon::{ThreadPool, Yield};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// How long the pass waits for its helpers to start before it runs without the late ones.
 const START_WAIT: Duration = Duration::from_millis(2);
 
+/// Threads of the passes in flight in this process.
+static BUSY_THREADS: AtomicUsize = AtomicUsize::new(0);
+
+/// The cores this process may use.
+fn cores() -> usize {
+    static CORES: OnceLock<usize> = OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// Whether the passes in flight leave their helpers a core each.
+fn room() -> bool {
+    BUSY_THREADS.load(Ordering::Acquire) <= cores()
+}
+
 /// Runs `f` on `pool` while its other workers poll for work instead of sleeping.
 pub fn install<R: Send>(pool: &ThreadPool, f: impl FnOnce() -> R + Send) -> R {
-    let helpers = pool.current_num_threads().saturating_sub(1);
+    let threads = pool.current_num_threads();
+    let helpers = threads.saturating_sub(1);
     if helpers == 0 {
+        return pool.install(f);
+    }
+    let _busy = Busy::claim(threads);
+    if !room() {
         return pool.install(f);
     }
     let (done, started) = (AtomicBool::new(false), AtomicUsize::new(0));
@@ -36,7 +61,7 @@ pub fn install<R: Send>(pool: &ThreadPool, f: impl FnOnce() -> R + Send) -> R {
                 while started.load(Ordering::Acquire) < helpers && !done.load(Ordering::Acquire) {
                     std::thread::yield_now();
                 }
-                while !done.load(Ordering::Acquire) {
+                while !done.load(Ordering::Acquire) && room() {
                     if rayon::yield_now() != Some(Yield::Executed) {
                         std::thread::yield_now();
                     }
@@ -57,6 +82,22 @@ pub fn install<R: Send>(pool: &ThreadPool, f: impl FnOnce() -> R + Send) -> R {
         let _end = EndOnDrop(&done);
         f()
     })
+}
+
+/// A pass's threads, counted in [`BUSY_THREADS`] while it is alive.
+struct Busy(usize);
+
+impl Busy {
+    fn claim(threads: usize) -> Self {
+        BUSY_THREADS.fetch_add(threads, Ordering::AcqRel);
+        Busy(threads)
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        BUSY_THREADS.fetch_sub(self.0, Ordering::AcqRel);
+    }
 }
 
 /// Ends the pass when dropped, also when `f` panics (the helpers would poll forever and the
@@ -97,5 +138,29 @@ mod tests {
             assert!(r.is_err(), "{threads} threads");
             assert_eq!(install(&pool, || 7), 7);
         }
+    }
+
+    /// Passes of several pools at once, more threads than cores in all: each completes (the
+    /// helpers leave or never start).
+    #[test]
+    fn concurrent_pools_complete() {
+        let pools: Vec<ThreadPool> = (0..3)
+            .map(|_| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(cores() + 1)
+                    .build()
+                    .unwrap()
+            })
+            .collect();
+        std::thread::scope(|s| {
+            for (p, pool) in pools.iter().enumerate() {
+                s.spawn(move || {
+                    for i in 0..100u64 {
+                        let v: u64 = install(pool, || (0..100u64).into_par_iter().sum::<u64>() + i);
+                        assert_eq!(v, 4950 + i, "pool {p}, pass {i}");
+                    }
+                });
+            }
+        });
     }
 }
