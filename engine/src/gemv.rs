@@ -81,17 +81,34 @@ enum Simd {
     Avx512,
 }
 
-fn simd_level() -> Simd {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx512f") {
-            return Simd::Avx512;
-        }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            return Simd::Avx2;
+impl Simd {
+    /// Every level this build has, best first.
+    const ALL: &'static [Simd] = &[
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx512,
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx2,
+        Simd::Portable,
+    ];
+
+    /// Whether this CPU has the level's instructions.
+    fn available(self) -> bool {
+        match self {
+            Simd::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512 => Simd::Avx2.available() && is_x86_feature_detected!("avx512f"),
         }
     }
-    Simd::Portable
+}
+
+fn simd_level() -> Simd {
+    Simd::ALL
+        .iter()
+        .copied()
+        .find(|s| s.available())
+        .unwrap_or(Simd::Portable)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -414,24 +431,15 @@ mod tests {
     use super::*;
     use crate::quant::tests::random;
 
-    /// Every level this build has, with whether this CPU runs it (the skipped ones printed).
+    /// Every level this build has that this CPU runs (the skipped ones printed).
     fn levels() -> Vec<Simd> {
-        #[allow(unused_mut)]
-        let mut all = vec![(Simd::Portable, true)];
-        #[cfg(target_arch = "x86_64")]
-        {
-            let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
-            all.push((Simd::Avx2, avx2));
-            all.push((Simd::Avx512, avx2 && is_x86_feature_detected!("avx512f")));
+        for s in Simd::ALL.iter().filter(|s| !s.available()) {
+            println!("gemv: {s:?} skipped, not on this CPU");
         }
-        for (s, ok) in &all {
-            if !ok {
-                println!("gemv: {s:?} skipped, not on this CPU");
-            }
-        }
-        all.into_iter()
-            .filter(|(_, ok)| *ok)
-            .map(|(s, _)| s)
+        Simd::ALL
+            .iter()
+            .copied()
+            .filter(|s| s.available())
             .collect()
     }
 
