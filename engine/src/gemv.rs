@@ -11,6 +11,7 @@
 //! it falls in (rows at the end of the matrix, an odd activation row, the batch size), so a
 //! row's result does not depend on the batch it was computed with.
 
+use crate::quant::Isa;
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 use half::bf16;
 use liftoff_kernels::DisjointOut;
@@ -62,8 +63,6 @@ fn rows_times<W: Lane>(simd: Simd, w: &[W], xs: &[f32], m: usize, n: usize, k: u
         unsafe {
             match simd {
                 #[cfg(target_arch = "x86_64")]
-                Simd::Avx512 => task_avx512(w, xs, m, n, k, rows, ptr),
-                #[cfg(target_arch = "x86_64")]
                 Simd::Avx2 => task_avx2(w, xs, m, n, k, rows, ptr),
                 Simd::Portable => task::<Portable, W>(w, xs, m, n, k, rows, ptr),
             }
@@ -77,15 +76,11 @@ enum Simd {
     Portable,
     #[cfg(target_arch = "x86_64")]
     Avx2,
-    #[cfg(target_arch = "x86_64")]
-    Avx512,
 }
 
 impl Simd {
     /// Every level this build has, best first.
     const ALL: &'static [Simd] = &[
-        #[cfg(target_arch = "x86_64")]
-        Simd::Avx512,
         #[cfg(target_arch = "x86_64")]
         Simd::Avx2,
         Simd::Portable,
@@ -97,32 +92,29 @@ impl Simd {
             Simd::Portable => true,
             #[cfg(target_arch = "x86_64")]
             Simd::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
-            #[cfg(target_arch = "x86_64")]
-            Simd::Avx512 => Simd::Avx2.available() && is_x86_feature_detected!("avx512f"),
         }
     }
 }
 
+/// The widest level this CPU has, unless the int8 kernels are forced to the portable ones
+/// (`LIFTOFF_CPU_KERNELS=scalar`, see [`Isa::detect`]). Chosen once.
+///
+/// There is no AVX-512 level: the weights stream from memory, and on a Zen 4 a 512-bit
+/// version of this loop read bf16 weights at 0.7x the AVX2 loop's rate
+/// (`examples/dense_step.rs bf16 1`, alternated: 13.4-17.1 against 9.6-11.2 ms per step; f32
+/// the same either way), although it was faster with the weights in cache.
 fn simd_level() -> Simd {
-    Simd::ALL
-        .iter()
-        .copied()
-        .find(|s| s.available())
-        .unwrap_or(Simd::Portable)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn task_avx512<W: Lane>(
-    w: &[W],
-    xs: &[f32],
-    m: usize,
-    n: usize,
-    k: usize,
-    rows: std::ops::Range<usize>,
-    out: DisjointOut,
-) {
-    task::<x86::Zmm, W>(w, xs, m, n, k, rows, out)
+    static LEVEL: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        if Isa::detect() == Isa::Scalar {
+            return Simd::Portable;
+        }
+        Simd::ALL
+            .iter()
+            .copied()
+            .find(|s| s.available())
+            .unwrap_or(Simd::Portable)
+    })
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -391,37 +383,6 @@ mod x86 {
             );
             let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
             _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
-        }
-    }
-
-    /// AVX-512F: 16 lanes.
-    #[derive(Clone, Copy)]
-    pub struct Zmm(__m512);
-
-    impl Vector for Zmm {
-        const LANES: usize = 16;
-        #[inline(always)]
-        unsafe fn zero() -> Self {
-            Zmm(_mm512_setzero_ps())
-        }
-        #[inline(always)]
-        unsafe fn load(p: *const f32) -> Self {
-            Zmm(_mm512_loadu_ps(p))
-        }
-        #[inline(always)]
-        unsafe fn load_bf16(p: *const bf16) -> Self {
-            let h = _mm256_loadu_si256(p as *const __m256i);
-            Zmm(_mm512_castsi512_ps(_mm512_slli_epi32::<16>(
-                _mm512_cvtepu16_epi32(h),
-            )))
-        }
-        #[inline(always)]
-        unsafe fn fma(a: Self, b: Self, c: Self) -> Self {
-            Zmm(_mm512_fmadd_ps(a.0, b.0, c.0))
-        }
-        #[inline(always)]
-        unsafe fn sum(self) -> f32 {
-            _mm512_reduce_add_ps(self.0)
         }
     }
 }
