@@ -78,8 +78,8 @@ pub struct ServeArgs {
     pub max_num_batched_tokens: usize,
     /// Longest a step that decodes may take while prompts are prefilled beside it, in
     /// milliseconds: the prefill chunk is sized from the measured step cost to fit. `auto`
-    /// keeps such a step within 1.4x of the same step without the prefill; `off` bounds chunks
-    /// by --max-num-batched-tokens only.
+    /// keeps such a step within 1.2x of a decode step of every sequence running or waiting
+    /// (the streams' pace); `off` bounds chunks by --max-num-batched-tokens only.
     #[arg(long, env = "TAKEOFF_MAX_STEP_MS", default_value = "auto")]
     pub max_step_ms: String,
     /// Longest prompt + output in tokens (default: the model's context, at most 4096).

@@ -19,6 +19,10 @@ use std::ops::Range;
 /// Activation rows per cache block.
 pub const ACT_CHUNK: usize = 64;
 
+/// Contiguous ranges of panels per pool thread: a thread that finishes its own takes over the
+/// remaining ranges of one that the OS held up, instead of waiting for it at the end.
+const TASKS_PER_THREAD: usize = 4;
+
 /// `acts` holds `m` rows of `w.blocks_per_row()` blocks; returns `[m, n]` row-major.
 pub fn gemm(w: &PackedMatrix, acts: &[BlockQ8], m: usize, isa: Isa) -> Vec<f32> {
     let (n, nb) = (w.n(), w.blocks_per_row());
@@ -37,7 +41,7 @@ pub fn gemm(w: &PackedMatrix, acts: &[BlockQ8], m: usize, isa: Isa) -> Vec<f32> 
         return out;
     }
     let panels = w.panels();
-    let tasks = rayon::current_num_threads().clamp(1, panels);
+    let tasks = (rayon::current_num_threads() * TASKS_PER_THREAD).clamp(1, panels);
     let per_task = panels.div_ceil(tasks);
     let ptr = DisjointOut::new(&mut out);
     (0..tasks).into_par_iter().for_each(|t| {

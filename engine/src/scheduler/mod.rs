@@ -361,7 +361,12 @@ impl<E: Executor> Scheduler<E> {
             .min(self.config.max_num_batched_tokens);
         let mut budget = self.config.max_num_batched_tokens;
         let mut prefill = budget - decode_rows;
-        if let Some(t) = self.cost.prefill_tokens(self.config.max_step, decode_rows) {
+        // The streams' pace: every sequence in hand decoding, within the batch limit.
+        let pace_rows = (self.running.len() + self.waiting.len()).min(self.config.max_batch_size);
+        if let Some(t) = self
+            .cost
+            .prefill_tokens(self.config.max_step, decode_rows, pace_rows)
+        {
             prefill = prefill.min(t);
         }
         let mut batch = BatchInput::default();
@@ -459,6 +464,14 @@ impl<E: Executor> Scheduler<E> {
         };
         let took = t0.elapsed();
         self.stats.record_step(batch.num_tokens(), took);
+        tracing::trace!(
+            target: "liftoff::step",
+            decode_rows,
+            tokens = batch.num_tokens(),
+            sequences = plan.len(),
+            micros = took.as_micros() as u64,
+            "step"
+        );
         if result.is_ok() {
             self.cost.observe(batch.num_tokens(), took);
         }
