@@ -3,7 +3,8 @@
 //! candle's CPU matmul packs both operands for a GEMM, which at one to a few rows leaves most
 //! of the memory bandwidth unused; decoding a dense model is a pass over its weights per step,
 //! so this kernel streams the weights once, dots them with every activation row from L1/L2,
-//! and splits the rows over the rayon pool (one task per thread). Larger batches go to candle.
+//! and splits the rows over the rayon pool (a contiguous share per thread, which the others
+//! help finish: [`for_each_chunk`]). Larger batches go to candle.
 //!
 //! A tile is [`ROWS`] weight rows against one or two activation rows: one vector accumulator
 //! per (weight row, activation row), fused multiply-adds along `k`, then one horizontal sum
@@ -14,11 +15,16 @@
 use crate::quant::Isa;
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 use half::bf16;
+use liftoff_kernels::shares::for_each_chunk;
 use liftoff_kernels::DisjointOut;
-use rayon::prelude::*;
 
 /// Most activation rows this kernel takes; more go to candle's GEMM.
 pub const MAX_ROWS: usize = 8;
+
+/// Weight bytes per chunk of rows handed to a pool thread: a few microseconds of streaming,
+/// small enough that a thread held up at a matmul's end leaves little to wait for, large
+/// enough that taking a chunk (one atomic operation) costs under 1 % of it.
+const CHUNK_BYTES: usize = 32 << 10;
 
 /// Weight rows per tile: with two activation rows, 8 accumulators, 4 weight vectors and an
 /// activation vector stay in AVX2's 16 registers.
@@ -51,15 +57,14 @@ pub fn try_matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor
 fn rows_times<W: Lane>(simd: Simd, w: &[W], xs: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
     assert!(w.len() == n * k && xs.len() == m * k);
     let mut out = vec![0f32; m * n];
-    let tasks = rayon::current_num_threads().clamp(1, n.div_ceil(ROWS).max(1));
-    // Whole tiles per task, so only the last task has a partial tile.
-    let per = n.div_ceil(tasks).next_multiple_of(ROWS);
+    // Whole tiles per chunk, so only the matrix's last chunk has a partial tile.
+    let row_bytes = (k * std::mem::size_of::<W>()).max(1);
+    let chunk = (CHUNK_BYTES / row_bytes / ROWS).max(1) * ROWS;
     let ptr = DisjointOut::new(&mut out);
-    (0..tasks).into_par_iter().for_each(|t| {
-        let rows = (t * per).min(n)..((t + 1) * per).min(n);
+    for_each_chunk(n, chunk, |rows| {
         // SAFETY: `rows` is within `n` and `w`/`xs` hold `n * k`/`m * k` elements (asserted
-        // above); this task alone writes the columns `rows` of `out`; the SIMD levels are only
-        // chosen when their features were detected at run time.
+        // above); this chunk alone writes the columns `rows` of `out`; the SIMD levels are
+        // only chosen when their features were detected at run time.
         unsafe {
             match simd {
                 #[cfg(target_arch = "x86_64")]

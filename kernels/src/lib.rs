@@ -21,6 +21,7 @@ mod layout;
 pub mod reference;
 mod rotary;
 pub mod sampling;
+pub mod shares;
 mod storage;
 
 pub use attention::{paged_attention, AttentionShape};

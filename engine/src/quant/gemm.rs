@@ -1,10 +1,11 @@
 //! The int8 GEMM driver: `out[m, n] = acts[m, k] · W[n, k]ᵀ` over a packed matrix.
 //!
-//! Work is split over the rayon pool by panels of output rows, one contiguous range per thread
-//! (one synchronisation per matmul). Each thread walks its panels once per chunk of
-//! [`ACT_CHUNK`] activation rows: the chunk (a few tens of KB) stays in L2 while a panel (a few
-//! KB) is reused from L1 by every tile of [`MAX_ACTS`] activation rows, so at decode sizes the
-//! weights stream from memory once per step for the whole batch.
+//! Work is split over the rayon pool by panels of output rows: one contiguous share per
+//! thread that the others help finish ([`for_each_chunk`]), one synchronisation per matmul.
+//! A thread walks each chunk of panels it takes once per block of [`ACT_CHUNK`] activation
+//! rows: the block (a few tens of KB) stays in L2 while a panel (a few KB) is reused from L1
+//! by every tile of [`MAX_ACTS`] activation rows, so at decode sizes the weights stream from
+//! memory once per step for the whole batch.
 
 use super::activation::BlockQ8;
 #[cfg(target_arch = "x86_64")]
@@ -12,16 +13,17 @@ use super::amx;
 use super::isa::Isa;
 use super::microkernel::{tile, MAX_ACTS};
 use super::packed::{PackedMatrix, PANEL};
+use liftoff_kernels::shares::for_each_chunk;
 use liftoff_kernels::DisjointOut;
-use rayon::prelude::*;
 use std::ops::Range;
 
 /// Activation rows per cache block.
 pub const ACT_CHUNK: usize = 64;
 
-/// Contiguous ranges of panels per pool thread: a thread that finishes its own takes over the
-/// remaining ranges of one that the OS held up, instead of waiting for it at the end.
-const TASKS_PER_THREAD: usize = 4;
+/// Weight bytes per chunk of panels at one tile of activation rows (see
+/// [`for_each_chunk`]): a thread held up at a matmul's end leaves at most a few microseconds
+/// of work, and taking a chunk (one atomic operation) costs under 1 % of it.
+const CHUNK_BYTES: usize = 32 << 10;
 
 /// `acts` holds `m` rows of `w.blocks_per_row()` blocks; returns `[m, n]` row-major.
 pub fn gemm(w: &PackedMatrix, acts: &[BlockQ8], m: usize, isa: Isa) -> Vec<f32> {
@@ -41,11 +43,12 @@ pub fn gemm(w: &PackedMatrix, acts: &[BlockQ8], m: usize, isa: Isa) -> Vec<f32> 
         return out;
     }
     let panels = w.panels();
-    let tasks = (rayon::current_num_threads() * TASKS_PER_THREAD).clamp(1, panels);
-    let per_task = panels.div_ceil(tasks);
+    // A chunk of panels is a few microseconds of work whatever the batch: about
+    // [`CHUNK_BYTES`] of weights at one tile of activation rows, fewer panels for more rows.
+    let per_panel = w.panel(0).len() * m.div_ceil(MAX_ACTS);
+    let chunk = (CHUNK_BYTES / per_panel.max(1)).max(1);
     let ptr = DisjointOut::new(&mut out);
-    (0..tasks).into_par_iter().for_each(|t| {
-        let range = t * per_task..((t + 1) * per_task).min(panels);
+    for_each_chunk(panels, chunk, |range| {
         for a0 in (0..m).step_by(ACT_CHUNK) {
             let a_end = (a0 + ACT_CHUNK).min(m);
             for p in range.clone() {
@@ -53,7 +56,7 @@ pub fn gemm(w: &PackedMatrix, acts: &[BlockQ8], m: usize, isa: Isa) -> Vec<f32> 
                 let cols = PANEL.min(n - col);
                 panel_rows(isa, w, p, acts, a0..a_end, |a, vals| {
                     // SAFETY: `a < m` and `col + cols <= n`, so the write is inside `out`; no
-                    // other task owns panel `p`'s columns.
+                    // other chunk holds panel `p`'s columns.
                     unsafe { store_row(ptr.at(a * n + col), vals, cols) }
                 });
             }
