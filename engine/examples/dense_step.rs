@@ -10,7 +10,7 @@
 //! `cargo run --release -p liftoff-engine --example dense_step [f32|bf16] [ROWS] [STEPS] [--hot]`
 
 use candle_core::{DType, Device, Tensor};
-use liftoff_engine::gemv::try_matmul_t;
+use liftoff_engine::dense::PackedDense;
 use liftoff_engine::quant::limits::read_bandwidth;
 use std::time::Instant;
 
@@ -59,6 +59,11 @@ fn main() -> candle_core::Result<()> {
         )
     };
     let (x576, x1536) = (x(576)?, x(1536)?);
+    let packed: Vec<PackedDense> = mats
+        .iter()
+        .map(|m| Ok(PackedDense::new(m)?.expect("an f32/bf16 CPU matrix")))
+        .collect::<liftoff_engine::error::Result<_>>()
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
     let pool = rayon::ThreadPoolBuilder::new()
         .build()
         .expect("a rayon pool");
@@ -67,9 +72,10 @@ fn main() -> candle_core::Result<()> {
     pool.install(|| -> candle_core::Result<()> {
         for _ in 0..steps {
             let t = Instant::now();
-            for m in &mats {
-                let xs = if m.dim(1)? == 576 { &x576 } else { &x1536 };
-                try_matmul_t(xs, m)?.expect("the kernel applies");
+            for m in &packed {
+                let xs = if m.dims().1 == 576 { &x576 } else { &x1536 };
+                m.matmul_t(xs)
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
             }
             times.push(t.elapsed().as_secs_f64());
         }

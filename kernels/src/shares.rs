@@ -24,12 +24,12 @@ impl Share {
 
     /// The next chunk from the front (the owner).
     fn take_front(&self) -> Option<u32> {
-        self.take(|f, b| (f < b).then_some((f, pack(f + 1, b))))
+        self.take(|f, b| (f < b).then(|| (f, pack(f + 1, b))))
     }
 
     /// The last chunk from the back (another thread).
     fn take_back(&self) -> Option<u32> {
-        self.take(|f, b| (f < b).then_some((b - 1, pack(f, b - 1))))
+        self.take(|f, b| (f < b).then(|| (b - 1, pack(f, b - 1))))
     }
 
     fn take(&self, step: impl Fn(u32, u32) -> Option<(u32, u64)>) -> Option<u32> {
@@ -129,6 +129,20 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A share taken from both ends gives each chunk once, also when its back reaches 0 (a
+    /// share whose owner had not started yet, emptied by another thread).
+    #[test]
+    fn a_share_hands_out_each_chunk_once() {
+        let s = Share::new(0, 1);
+        assert_eq!(
+            (s.take_back(), s.take_back(), s.take_front()),
+            (Some(0), None, None)
+        );
+        let s = Share::new(3, 6);
+        let taken = [s.take_front(), s.take_back(), s.take_front(), s.take_back()];
+        assert_eq!(taken, [Some(3), Some(5), Some(4), None]);
     }
 
     /// A held-up thread's share is finished by the others: with thread 0 sleeping on each of

@@ -2,6 +2,7 @@
 //! the vocab-parallel embedding and the LM head.
 
 use super::{shard_range, Communicator, Linear};
+use crate::dense::PackedDense;
 use crate::error::Result;
 use crate::loader::{MatrixWeight, Slice, WeightFormat, WeightSource};
 use candle_core::quantized::QTensor;
@@ -130,10 +131,12 @@ fn vocab_shard(
     Ok((range, slice))
 }
 
-/// The embedding table as stored: dense, or quantized rows dequantized on lookup.
+/// The embedding table as stored: dense, packed (f32/bf16 on the CPU, shareable with a tied
+/// LM head), or quantized rows dequantized on lookup.
 #[derive(Debug, Clone)]
 enum Table {
     Dense(Tensor),
+    Packed(Arc<PackedDense>),
     Quantized(Arc<QTensor>),
 }
 
@@ -152,6 +155,7 @@ impl VocabParallelEmbedding {
     pub fn bytes(&self) -> usize {
         match &self.table {
             Table::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            Table::Packed(p) => p.bytes(),
             Table::Quantized(q) => q.storage_size_in_bytes(),
         }
     }
@@ -165,7 +169,10 @@ impl VocabParallelEmbedding {
     ) -> Result<Self> {
         let (vocab_range, slice) = vocab_shard(src, name, comm.as_ref())?;
         let table = match src.matrix(name, &slice, format)? {
-            MatrixWeight::Dense(t) => Table::Dense(t),
+            MatrixWeight::Dense(t) => match PackedDense::new(&t)? {
+                Some(p) => Table::Packed(Arc::new(p)),
+                None => Table::Dense(t),
+            },
             MatrixWeight::Quantized(q) => Table::Quantized(Arc::new(q)),
         };
         Ok(Self {
@@ -176,10 +183,11 @@ impl VocabParallelEmbedding {
         })
     }
 
-    /// The quantized table, for an LM head tied to it.
+    /// The table as a linear layer, for an LM head tied to it.
     pub fn tied_weight(&self) -> Result<Linear> {
         match &self.table {
             Table::Dense(t) => Ok(Linear::Dense(t.clone())),
+            Table::Packed(p) => Ok(Linear::Packed(p.clone())),
             Table::Quantized(q) => Linear::from_qtensor(q.clone()),
         }
     }
@@ -188,6 +196,7 @@ impl VocabParallelEmbedding {
     pub fn forward(&self, ids: &[u32]) -> Result<Tensor> {
         let device = match &self.table {
             Table::Dense(t) => t.device().clone(),
+            Table::Packed(_) => candle_core::Device::Cpu,
             Table::Quantized(q) => q.device(),
         };
         let start = self.vocab_range.start as u32;
@@ -205,6 +214,7 @@ impl VocabParallelEmbedding {
         let idx = Tensor::new(local.as_slice(), &device)?;
         let rows = match &self.table {
             Table::Dense(t) => t.index_select(&idx, 0)?,
+            Table::Packed(p) => p.rows(&local)?,
             Table::Quantized(q) => q.embedding(&idx)?,
         }
         .to_dtype(self.dtype)?;

@@ -1,5 +1,6 @@
 //! A linear layer (`y = x Wᵀ`) over dense or quantized weights, possibly fused from several.
 
+use crate::dense::PackedDense;
 use crate::error::{EngineError, Result};
 use crate::loader::MatrixWeight;
 use crate::quant::FastQMatMul;
@@ -11,8 +12,10 @@ use std::sync::Arc;
 /// A bias-free linear layer.
 #[derive(Debug, Clone)]
 pub enum Linear {
-    /// `[out, in]` dense weight.
+    /// `[out, in]` dense weight (on a GPU, or in f16), through candle's matmul.
     Dense(Tensor),
+    /// f32/bf16 weight on the CPU, packed for streaming.
+    Packed(Arc<PackedDense>),
     /// GGML-quantized weight through candle's quantized matmul.
     Quantized(Arc<QMatMul>),
     /// Q4_1 / Q8_0 weight through liftoff's own SIMD kernels.
@@ -25,6 +28,7 @@ impl Linear {
         let dense = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
         match self {
             Self::Dense(t) => dense(t),
+            Self::Packed(p) => p.bytes(),
             Self::Quantized(q) => match q.as_ref() {
                 QMatMul::QTensor(t) => t.storage_size_in_bytes(),
                 QMatMul::Tensor(t) | QMatMul::TensorF16(t) => dense(t),
@@ -36,8 +40,16 @@ impl Linear {
     /// Wraps a loaded weight, choosing the fastest matmul for its storage.
     pub fn new(weight: MatrixWeight) -> Result<Self> {
         Ok(match weight {
-            MatrixWeight::Dense(t) => Linear::Dense(t),
+            MatrixWeight::Dense(t) => Self::from_dense(t)?,
             MatrixWeight::Quantized(q) => Self::from_qtensor(Arc::new(q))?,
+        })
+    }
+
+    /// A dense layer: packed when it is an f32/bf16 matrix on the CPU.
+    pub fn from_dense(t: Tensor) -> Result<Self> {
+        Ok(match PackedDense::new(&t)? {
+            Some(p) => Linear::Packed(Arc::new(p)),
+            None => Linear::Dense(t),
         })
     }
 
@@ -100,16 +112,14 @@ impl Linear {
                 MatrixWeight::Quantized(q) => Ok(q.dequantize(&q.device())?.to_dtype(dtype)?),
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Linear::Dense(Tensor::cat(&ts, 0)?))
+        Self::from_dense(Tensor::cat(&ts, 0)?)
     }
 
     /// `x: [tokens, in] -> [tokens, out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
-            Linear::Dense(w) => match crate::gemv::try_matmul_t(x, w)? {
-                Some(y) => y,
-                None => x.matmul(&w.t()?)?,
-            },
+            Linear::Dense(w) => x.matmul(&w.t()?)?,
+            Linear::Packed(p) => p.matmul_t(x)?,
             Linear::Quantized(q) => q.forward(x)?,
             Linear::Fast(f) => f.forward(x)?,
         })
