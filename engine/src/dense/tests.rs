@@ -98,7 +98,7 @@ fn matmul_t_keeps_the_activations_dtype() {
 }
 
 /// A result does not depend on the batch it was computed in: the same bits for an activation
-/// row alone or among others (first or second of a pair, or the odd one, in a batch that takes
+/// row alone or among others (at any place in a step of rows, or the odd one, in a batch that takes
 /// larger chunks), and for a weight row in any position of a tile, a whole tile or the padded
 /// last one.
 #[test]
