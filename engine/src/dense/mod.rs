@@ -27,7 +27,7 @@ use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 use half::bf16;
 use liftoff_kernels::shares::for_each_chunk;
 use liftoff_kernels::DisjointOut;
-use simd::{Lane, Simd};
+use simd::{Lane, Operands, Simd};
 
 /// Weight rows per tile.
 pub const TILE: usize = 4;
@@ -176,7 +176,7 @@ impl PackedDense {
             // SAFETY: `tiles` lies within the matrix's tiles and `w`/`xs` hold them and
             // `m * k` values (asserted above); this chunk alone writes the columns of its
             // tiles' rows below `n`; `simd` was detected on this CPU.
-            unsafe { simd::chunk(simd, w, xs, m, n, k, tiles, ptr) }
+            unsafe { simd::chunk(simd, Operands { w, xs, m, n, k }, tiles, ptr) }
         });
         out
     }

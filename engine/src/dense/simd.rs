@@ -68,42 +68,39 @@ impl Simd {
     }
 }
 
-/// The tiles `tiles` of the packed `w` against every activation row, a few at a time, into
-/// `out[a * n + r]` for the rows `r < n`.
+/// One matmul's operands: the packed `[n, k]` weights `w` and `m` activation rows `xs`.
+#[derive(Clone, Copy)]
+pub(super) struct Operands<'a, W> {
+    pub w: &'a [W],
+    pub xs: &'a [f32],
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+}
+
+/// The tiles `tiles` of the packed weights against every activation row, a few at a time,
+/// into `out[a * n + r]` for the rows `r < n`.
 ///
 /// # Safety
-/// `w` holds the packed tiles `tiles`, `xs` holds `m * k` values, no other thread writes these
+/// `ops.w` holds the packed tiles `tiles`, `ops.xs` holds `m * k` values, no other thread writes these
 /// rows' columns of `out` (`[m, n]`), and `simd`'s instructions exist on this CPU.
-#[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn chunk<W: Lane>(
     simd: Simd,
-    w: &[W],
-    xs: &[f32],
-    m: usize,
-    n: usize,
-    k: usize,
+    ops: Operands<W>,
     tiles: Range<usize>,
     out: DisjointOut,
 ) {
     match simd {
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx2 => chunk_avx2(w, xs, m, n, k, tiles, out),
-        Simd::Portable => chunk_at::<Portable, W>(w, xs, m, n, k, tiles, out),
+        Simd::Avx2 => chunk_avx2(ops, tiles, out),
+        Simd::Portable => chunk_at::<Portable, W>(ops, tiles, out),
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn chunk_avx2<W: Lane>(
-    w: &[W],
-    xs: &[f32],
-    m: usize,
-    n: usize,
-    k: usize,
-    tiles: Range<usize>,
-    out: DisjointOut,
-) {
-    chunk_at::<x86::Ymm, W>(w, xs, m, n, k, tiles, out)
+unsafe fn chunk_avx2<W: Lane>(ops: Operands<W>, tiles: Range<usize>, out: DisjointOut) {
+    chunk_at::<x86::Ymm, W>(ops, tiles, out)
 }
 
 /// [`chunk`] at one level, with the weights' number of activation rows per step: f32 weights
@@ -112,19 +109,11 @@ unsafe fn chunk_avx2<W: Lane>(
 /// process at 512 rows (GFLOP/s, 3 rows against 2): f32 98.7 / 111.5 against 96.4 / 100.3,
 /// bf16 77.9 / 84.1 against 95.2 / 97.5; at 16 rows f32 100.5 / 96.0 against 72.4 / 73.5.
 #[inline(always)]
-unsafe fn chunk_at<V: Vector, W: Lane>(
-    w: &[W],
-    xs: &[f32],
-    m: usize,
-    n: usize,
-    k: usize,
-    tiles: Range<usize>,
-    out: DisjointOut,
-) {
+unsafe fn chunk_at<V: Vector, W: Lane>(ops: Operands<W>, tiles: Range<usize>, out: DisjointOut) {
     if std::mem::size_of::<W>() == 4 {
-        chunk_in::<V, W, 3>(w, xs, m, n, k, tiles, out)
+        chunk_in::<V, W, 3>(ops, tiles, out)
     } else {
-        chunk_in::<V, W, 2>(w, xs, m, n, k, tiles, out)
+        chunk_in::<V, W, 2>(ops, tiles, out)
     }
 }
 
@@ -135,14 +124,11 @@ unsafe fn chunk_at<V: Vector, W: Lane>(
 /// unchanged, so each output is the same sequence of operations as without slices).
 #[inline(always)]
 unsafe fn chunk_in<V: Vector, W: Lane, const S: usize>(
-    w: &[W],
-    xs: &[f32],
-    m: usize,
-    n: usize,
-    k: usize,
+    ops: Operands<W>,
     tiles: Range<usize>,
     out: DisjointOut,
 ) {
+    let Operands { w, xs, m, n, k } = ops;
     let groups = k / GROUP;
     let group_bytes = TILE * GROUP * std::mem::size_of::<W>();
     let slice = (L1_BYTES / group_bytes).clamp(1, groups.max(1));

@@ -40,7 +40,15 @@ fn product(simd: Simd, w: &Tensor, xs: &[f32], m: usize) -> Vec<f32> {
 #[test]
 fn matches_candle_matmul() {
     for simd in levels() {
-        for (n, k) in [(7, 33), (64, 96), (130, 257), (9, 576), (1, 8), (3, 5), (6, 2061)] {
+        for (n, k) in [
+            (7, 33),
+            (64, 96),
+            (130, 257),
+            (9, 576),
+            (1, 8),
+            (3, 5),
+            (6, 2061),
+        ] {
             let tol = 1e-4 * (k as f32 / 600.0).max(1.0);
             for bf in [false, true] {
                 let w = weights(n, k, bf);
