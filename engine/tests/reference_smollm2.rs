@@ -10,7 +10,8 @@
 //!
 //! The quantized path (Q4_1 weights, activations quantized to 8 bits as llama.cpp does)
 //! cannot match exactly (MODELS.md: logits move by 0.25 to 1.1), so it is checked statistically
-//! against the same f32 reference: top-1 agreement and top-10 overlap over every position.
+//! against the same f32 reference: top-1 agreement and top-10 overlap over every position; so
+//! is the dense bf16 path.
 
 mod common;
 
@@ -106,9 +107,9 @@ fn f32_path_matches_transformers_logits_and_greedy_tokens() {
     }
 }
 
-#[test]
-fn quantized_path_agrees_statistically() {
-    let mut e = engine(DTypeChoice::Auto);
+/// Top-1 agreement and top-10 overlap with the f32 reference over every position of every
+/// case, through the scheduler as served (the top-20 log-probabilities, most likely first).
+fn agreement(e: &mut Engine) -> (f64, f64, usize) {
     let (mut positions, mut top1, mut overlap) = (0usize, 0usize, 0usize);
     for case in load_ref("smollm2_f32.json").cases {
         let full: Vec<u32> = case
@@ -117,7 +118,6 @@ fn quantized_path_agrees_statistically() {
             .chain(&case.greedy_ids)
             .copied()
             .collect();
-        // Through the scheduler, as served: the top-20 log-probabilities, most likely first.
         let rows = e.prompt_logprobs(&full, 20).unwrap();
         for (row, refs) in rows.iter().zip(&case.topk) {
             positions += 1;
@@ -134,9 +134,27 @@ fn quantized_path_agrees_statistically() {
     }
     let top1_rate = top1 as f64 / positions as f64;
     let overlap_rate = overlap as f64 / (positions * 10) as f64;
+    (top1_rate, overlap_rate, positions)
+}
+
+#[test]
+fn quantized_path_agrees_statistically() {
+    let (top1_rate, overlap_rate, positions) = agreement(&mut engine(DTypeChoice::Auto));
     println!("Q4_1 vs f32 reference: top-1 agreement {top1_rate:.3}, top-10 overlap {overlap_rate:.3} over {positions} positions");
     // The floors are what the path measured before the int8 GEMM (97.3 % and 96.7 %): a kernel
     // change may not lose accuracy.
+    assert!(top1_rate >= 0.973, "top-1 agreement {top1_rate}");
+    assert!(overlap_rate >= 0.96, "top-10 overlap {overlap_rate}");
+}
+
+/// The dense bf16 path (the weights rounded to bf16, f32 arithmetic, an f16 KV cache) against
+/// the f32 reference, statistically as the quantized path (bf16 rounding flips near-ties). It
+/// measured 97.8 % / 97.7 % with the f16 cache and 98.4 % / 97.5 % with an f32 one (one
+/// position of 183 apart), so it keeps the quantized path's floors.
+#[test]
+fn bf16_path_agrees_statistically() {
+    let (top1_rate, overlap_rate, positions) = agreement(&mut engine(DTypeChoice::Bf16));
+    println!("bf16 vs f32 reference: top-1 agreement {top1_rate:.3}, top-10 overlap {overlap_rate:.3} over {positions} positions");
     assert!(top1_rate >= 0.973, "top-1 agreement {top1_rate}");
     assert!(overlap_rate >= 0.96, "top-10 overlap {overlap_rate}");
 }

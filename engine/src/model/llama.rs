@@ -318,10 +318,12 @@ impl Llama {
         let kv_dtype = match (src.device().is_cpu(), format) {
             // Half the bytes every decode step streams (the CPU attends in f32 over f16
             // keys and values, as llama.cpp does by default); f16's rounding is far below
-            // the weights' quantization error. Dense checkpoints keep f32, so the f32 path's
+            // the quantized or bf16 weights' own (bf16 agreement with the f32 reference:
+            // 97.8 % top-1 with it, 98.4 % with an f32 cache, one position of 183; long
+            // bf16 decodes 1.07-1.18x faster). f32 checkpoints keep f32, so the f32 path's
             // greedy tokens stay those of transformers in f32.
-            (true, WeightFormat::Quantized(_)) => DType::F16,
-            (true, WeightFormat::Dense(_)) => DType::F32,
+            (true, WeightFormat::Dense(DType::F32)) => DType::F32,
+            (true, _) => DType::F16,
             (false, _) => dtype,
         };
         let pool = compute_pool(None)?;
