@@ -147,16 +147,17 @@ fn quantized_path_agrees_statistically() {
     assert!(overlap_rate >= 0.96, "top-10 overlap {overlap_rate}");
 }
 
-/// The dense bf16 path (the weights rounded to bf16, f32 arithmetic, an f16 KV cache) against
-/// the f32 reference, statistically as the quantized path (bf16 rounding flips near-ties). It
-/// measured 97.8 % / 97.7 % with the f16 cache and 98.4 % / 97.5 % with an f32 one (one
-/// position of 183 apart), so it keeps the quantized path's floors.
+/// The dense bf16 path (the weights rounded to bf16, f32 activations and arithmetic, an f16
+/// KV cache) against the f32 reference, statistically as the quantized path (bf16 weights flip
+/// near-ties). It measured 99.5 % top-1 and 99.5 % top-10 overlap (one position of 183 off);
+/// with bf16 activations it was 97.8 % / 97.7 %, which the floors of 98.5 % (two positions
+/// more) would catch.
 #[test]
 fn bf16_path_agrees_statistically() {
     let (top1_rate, overlap_rate, positions) = agreement(&mut engine(DTypeChoice::Bf16));
     println!("bf16 vs f32 reference: top-1 agreement {top1_rate:.3}, top-10 overlap {overlap_rate:.3} over {positions} positions");
-    assert!(top1_rate >= 0.973, "top-1 agreement {top1_rate}");
-    assert!(overlap_rate >= 0.96, "top-10 overlap {overlap_rate}");
+    assert!(top1_rate >= 0.985, "top-1 agreement {top1_rate}");
+    assert!(overlap_rate >= 0.985, "top-10 overlap {overlap_rate}");
 }
 
 /// The comparison helpers fail on a NaN or an infinity anywhere (f32::max would skip a NaN).

@@ -160,11 +160,12 @@ impl VocabParallelEmbedding {
         }
     }
 
-    /// Loads this rank's share of `name` (`[vocab, hidden]`).
+    /// Loads this rank's share of `name` (`[vocab, hidden]`); lookups give `dtype` rows.
     pub fn load(
         src: &dyn WeightSource,
         name: &str,
         format: WeightFormat,
+        dtype: DType,
         comm: Arc<dyn Communicator>,
     ) -> Result<Self> {
         let (vocab_range, slice) = vocab_shard(src, name, comm.as_ref())?;
@@ -178,7 +179,7 @@ impl VocabParallelEmbedding {
         Ok(Self {
             table,
             vocab_range,
-            dtype: format.activation_dtype(),
+            dtype,
             comm,
         })
     }
