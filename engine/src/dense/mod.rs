@@ -153,9 +153,9 @@ impl PackedDense {
         let whole = k / GROUP * GROUP;
         let (t, i) = (r / TILE, r % TILE);
         let within = if c < whole {
-            (c / GROUP) * TILE * GROUP + i * GROUP + c % GROUP
+            group_offset(i, c / GROUP) + c % GROUP
         } else {
-            whole * TILE + i * (k - whole) + (c - whole)
+            tail_offset(k, i) + (c - whole)
         };
         t * TILE * k + within
     }
@@ -182,6 +182,19 @@ impl PackedDense {
     }
 }
 
+/// Within a tile, where row `i`'s column group `g` starts (the layout of [`PackedDense`]).
+#[inline(always)]
+fn group_offset(i: usize, g: usize) -> usize {
+    g * TILE * GROUP + i * GROUP
+}
+
+/// Within a tile of rows of `k` values, where row `i`'s columns past the last whole group
+/// start.
+#[inline(always)]
+fn tail_offset(k: usize, i: usize) -> usize {
+    k / GROUP * GROUP * TILE + i * (k % GROUP)
+}
+
 /// Packs a row-major `[n, k]` matrix into tiles (see [`PackedDense`]).
 fn pack<W: Copy + Default>(w: &[W], n: usize, k: usize) -> Vec<W> {
     let tiles = n.div_ceil(TILE);
@@ -196,10 +209,10 @@ fn pack<W: Copy + Default>(w: &[W], n: usize, k: usize) -> Vec<W> {
             }
             let row = &w[r * k..(r + 1) * k];
             for (g, src) in row[..whole].chunks_exact(GROUP).enumerate() {
-                let at = g * TILE * GROUP + i * GROUP;
+                let at = group_offset(i, g);
                 dst[at..at + GROUP].copy_from_slice(src);
             }
-            let at = whole * TILE + i * tail;
+            let at = tail_offset(k, i);
             dst[at..at + tail].copy_from_slice(&row[whole..]);
         }
     }

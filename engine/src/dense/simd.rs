@@ -5,7 +5,7 @@
 //! past the last whole group added one by one. Every output is this same sequence of
 //! operations whatever the tile, the chunk, the activation row's partner or the batch.
 
-use super::{GROUP, TILE};
+use super::{group_offset, tail_offset, GROUP, TILE};
 use crate::quant::Isa;
 use half::bf16;
 use liftoff_kernels::DisjointOut;
@@ -251,7 +251,7 @@ unsafe fn accumulate<V: Vector, W: Lane, const A: usize>(
     const { assert!(GROUP == 8) };
     let group_bytes = TILE * GROUP * std::mem::size_of::<W>();
     for g in groups {
-        let at = w.add(g * TILE * GROUP);
+        let at = w.add(group_offset(0, g));
         if prefetch {
             let ahead = (at as *const u8).wrapping_add(PREFETCH_GROUPS * group_bytes);
             let mut off = 0;
@@ -265,7 +265,7 @@ unsafe fn accumulate<V: Vector, W: Lane, const A: usize>(
             *v = V::load(x[a].add(g * GROUP));
         }
         for i in 0..TILE {
-            let wv = W::load::<V>(at.add(i * GROUP));
+            let wv = W::load::<V>(at.add(group_offset(i, 0)));
             for a in 0..A {
                 acc[a][i] = V::fma(wv, xv[a], acc[a][i]);
             }
@@ -289,7 +289,7 @@ unsafe fn finish<V: Vector, W: Lane, const A: usize>(
     for a in 0..A {
         for i in 0..TILE {
             let mut s = acc[a][i].sum();
-            let wt = w.add(whole * TILE + i * tail);
+            let wt = w.add(tail_offset(k, i));
             for j in 0..tail {
                 s += (*wt.add(j)).f32() * *x[a].add(whole + j);
             }

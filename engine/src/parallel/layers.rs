@@ -212,11 +212,11 @@ impl VocabParallelEmbedding {
                 }
             })
             .collect();
-        let idx = Tensor::new(local.as_slice(), &device)?;
+        let idx = || Tensor::new(local.as_slice(), &device);
         let rows = match &self.table {
-            Table::Dense(t) => t.index_select(&idx, 0)?,
+            Table::Dense(t) => t.index_select(&idx()?, 0)?,
             Table::Packed(p) => p.rows(&local)?,
-            Table::Quantized(q) => q.embedding(&idx)?,
+            Table::Quantized(q) => q.embedding(&idx()?)?,
         }
         .to_dtype(self.dtype)?;
         if self.comm.world_size() == 1 {
