@@ -7,6 +7,9 @@
    llama.cpp's llama-server (its own `timings`), same GGUF, same prompt text, runs alternated;
 3. serving at concurrency 1, 4, 16, 32 with `liftoff bench run` against `liftoff serve` and
    `llama-server --parallel N` (N = 16 for concurrency up to 16, 32 for 32);
+4. dense decode (the GGUF dequantized to f32 and to bf16 at load, `generate --dtype`) against
+   the memory-bandwidth bound, the read bandwidth measured right before and right after each
+   run (this machine's readings move by tens of percent from one minute to the next);
 
 each repeated `--runs` times, medians reported, liftoff's figures also as a fraction of the
 machine's limit. Writes docs/bench/cpu.json, the plot, and the tables between the markers in
@@ -26,6 +29,10 @@ from single_stream import post, run_liftoff, run_llama, wait_health  # shared wi
 # (30 x (576x960 qkv + 576x576 o + 576x3072 gate/up + 1536x576 down)) and of the LM head.
 LAYER_MACS = 30 * (576 * 960 + 576 * 576 + 576 * 3072 + 1536 * 576)
 HEAD_MACS = 576 * 49152
+# Its weights are those multiply-adds' operands, each read once per decoded token (the tied
+# embedding counted once, as the LM head; the norms' 35 K values left out).
+DENSE_PARAMS = LAYER_MACS + HEAD_MACS
+DENSE_DTYPES = {"f32": 4, "bf16": 2}
 
 
 def markers(isa):
@@ -126,6 +133,29 @@ def serving(a, out_dir, sfx=""):
     return levels, runs
 
 
+def read_bandwidth(a):
+    out = subprocess.run([a.liftoff, "bench", "limits"], capture_output=True, text=True, check=True).stdout
+    return json.loads(out)["read_bandwidth_bytes_per_s"]
+
+
+def dense_decode(a, new_tokens=128):
+    """Per dtype and run: decode tok/s, the bandwidth readings around it and the fraction of
+    the bound (their mean over the weights' bytes per token) the decode reached."""
+    rows = {dt: [] for dt in DENSE_DTYPES}
+    for _ in range(a.runs):
+        for dt, size in DENSE_DTYPES.items():
+            before = read_bandwidth(a)
+            out = subprocess.run([a.liftoff, "generate", "--model", a.model, "--prompt", "The history of the Roman empire is",
+                                  "--temperature", "0", "--max-new-tokens", str(new_tokens), "--ignore-eos",
+                                  "--dtype", dt, "--format", "json"], capture_output=True, text=True, check=True)
+            tok_s = json.loads(out.stdout)["decode_tokens_per_s"]
+            after = read_bandwidth(a)
+            bound = (before + after) / 2 / (DENSE_PARAMS * size)
+            rows[dt].append({"decode_tok_s": tok_s, "bandwidth_before": before, "bandwidth_after": after,
+                             "bound_tok_s": bound, "fraction_of_bound": tok_s / bound})
+    return rows
+
+
 def level_medians(runs, c):
     ls = [next(l for l in r["levels"] if l["concurrency"] == c) for r in runs]
     return {
@@ -167,6 +197,7 @@ def main():
         stop(srv)
     single = single_stream(a, prompt, 128)
     levels, serve = serving(a, a.out_dir, sfx)
+    dense = dense_decode(a)
     subprocess.run([a.liftoff, "bench", "plot", f"{a.out_dir}/cpu_serving{sfx}_liftoff_0.json",
                     f"{a.out_dir}/cpu_serving{sfx}_llamacpp_0.json", "--out", f"{a.out_dir}/cpu_serving{sfx}.png"], check=True)
 
@@ -178,7 +209,8 @@ def main():
     s = {e: {k: median(r[k] for r in rs) for k in ("prompt_tokens", "prompt_tok_s", "decode_tok_s")} for e, rs in single.items()}
     sv = {e: {c: level_medians(rs, c) for c in levels} for e, rs in serve.items()}
     result = {"date": datetime.date.today().isoformat(), "limits": limits, "model_bytes": model_bytes,
-              "single_stream_runs": single, "single_stream": s, "serving": sv, "runs": a.runs}
+              "single_stream_runs": single, "single_stream": s, "serving": sv, "dense_decode_runs": dense,
+              "runs": a.runs}
     json.dump(result, open(f"{a.out_dir}/cpu{sfx}.json", "w"), indent=1)
 
     lo, lc = s["liftoff"], s["llama.cpp"]
@@ -230,6 +262,22 @@ def main():
           f"{L['ttft_p50']:.0f} / {C['ttft_p50']:.0f} | {100 * L['output_tok_s'] / bound:.0f} % | {L['failed']} / {C['failed']} |")
     w("")
     w(f"![liftoff and llama-server against concurrency](bench/cpu_serving{sfx}.png)")
+    w("")
+    w("**Dense decode against the bandwidth bound** (`liftoff generate --dtype f32|bf16` on the same GGUF, "
+      "dequantized at load; a 7-token prompt, 128 tokens decoded; the bound is the read bandwidth, "
+      "measured right before and right after each run and averaged, over the weights' bytes per token; "
+      "the KV cache's reads are not counted in it):")
+    w("")
+    w("| dtype | weights per token | decode tok/s | read bandwidth, GB/s | bound, tok/s | fraction of the bound | per run |")
+    w("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    for dt, rs in dense.items():
+        fr = [r["fraction_of_bound"] for r in rs]
+        bws = [(r["bandwidth_before"] + r["bandwidth_after"]) / 2 for r in rs]
+        w(f"| {dt} | {DENSE_PARAMS * DENSE_DTYPES[dt] / 1e6:.0f} MB | {median(r['decode_tok_s'] for r in rs):.1f} | "
+          f"{median(bws) / 1e9:.1f} (readings {min(min(r['bandwidth_before'], r['bandwidth_after']) for r in rs) / 1e9:.1f}-"
+          f"{max(max(r['bandwidth_before'], r['bandwidth_after']) for r in rs) / 1e9:.1f}) | "
+          f"{median(r['bound_tok_s'] for r in rs):.0f} | **{100 * median(fr):.0f} %** | "
+          f"{' / '.join(f'{100 * f:.0f} %' for f in fr)} |")
     w(MARK_END)
     section = "\n".join(out)
     doc = open(a.doc).read()

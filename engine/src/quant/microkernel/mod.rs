@@ -14,7 +14,8 @@ use super::packed::{WeightKind, PANEL};
 pub const MAX_ACTS: usize = 4;
 
 /// `PANEL` rows of `panel` (`nb` blocks) against `A` activation rows of at least `nb` blocks;
-/// returns `[activation][row]`.
+/// returns `[activation][row]`. `prefetch`: ask for the next panel's weights as this one's
+/// are used (the SIMD families; see `x86::prefetch_next`).
 #[inline]
 pub fn tile<const A: usize>(
     isa: Isa,
@@ -22,6 +23,7 @@ pub fn tile<const A: usize>(
     panel: &[u8],
     nb: usize,
     acts: [&[BlockQ8]; A],
+    prefetch: bool,
 ) -> [[f32; PANEL]; A] {
     assert!(panel.len() >= nb * kind.panel_block_bytes());
     assert!(acts.iter().all(|a| a.len() >= nb));
@@ -33,19 +35,19 @@ pub fn tile<const A: usize>(
         // `Isa::available` found their features on this CPU.
         unsafe {
             match (isa, kind) {
-                (Isa::Avx2, WeightKind::Q4_1) => return x86::q4_1_avx2::<A>(p, nb, a),
-                (Isa::Avx2, WeightKind::Q8_0) => return x86::q8_0_avx2::<A>(p, nb, a),
+                (Isa::Avx2, WeightKind::Q4_1) => return x86::q4_1_avx2::<A>(p, nb, a, prefetch),
+                (Isa::Avx2, WeightKind::Q8_0) => return x86::q8_0_avx2::<A>(p, nb, a, prefetch),
                 // AMX covers whole tiles of 16 rows (`amx`); fewer rows take VNNI.
                 (Isa::Avx512Vnni | Isa::Amx, WeightKind::Q4_1) => {
-                    return x86::q4_1_vnni::<A>(p, nb, a)
+                    return x86::q4_1_vnni::<A>(p, nb, a, prefetch)
                 }
                 (Isa::Avx512Vnni | Isa::Amx, WeightKind::Q8_0) => {
-                    return x86::q8_0_vnni::<A>(p, nb, a)
+                    return x86::q8_0_vnni::<A>(p, nb, a, prefetch)
                 }
                 (Isa::Scalar, _) => {}
             }
         }
     }
-    let _ = isa;
+    let _ = (isa, prefetch);
     scalar::tile(kind, panel, nb, acts)
 }

@@ -68,7 +68,8 @@ unsafe fn offset<const A: usize>(acts: [*const BlockQ8; A], b: usize) -> [*const
 /// addresses are never read). Otherwise the first tile of each panel waits for its weights
 /// from memory, which the hardware prefetcher does not fetch early enough while the other tiles
 /// compute: on a served step's matmuls (`examples/step_matmuls.rs`, 12 rows, medians of 5) the
-/// AVX2 Q4_1 projections went from 11.8 to 9.1 ms and the LM head from 4.2 to 3.5 ms.
+/// AVX2 Q4_1 projections went from 11.8 to 9.1 ms and the LM head from 4.2 to 3.5 ms. Asked
+/// for by the caller, which does not for a single activation row (`gemm::prefetch_panels`).
 #[inline(always)]
 unsafe fn prefetch_next<const BYTES: usize>(blk: *const u8, panel_bytes: usize) {
     let next = blk.wrapping_add(panel_bytes) as *const i8;
@@ -92,13 +93,16 @@ pub unsafe fn q4_1_avx2<const A: usize>(
     panel: *const u8,
     nb: usize,
     acts: [*const BlockQ8; A],
+    prefetch: bool,
 ) -> [[f32; PANEL]; A] {
     let low = _mm256_set1_epi8(0x0F);
     let ones = _mm256_set1_epi16(1);
     let mut acc = [_mm256_setzero_ps(); A];
     for b in 0..nb {
         let blk = panel.add(b * 160);
-        prefetch_next::<160>(blk, nb * 160);
+        if prefetch {
+            prefetch_next::<160>(blk, nb * 160);
+        }
         let a = offset(acts, b);
         let mut s16 = [_mm256_setzero_si256(); A];
         for q in 0..4 {
@@ -126,12 +130,15 @@ pub unsafe fn q8_0_avx2<const A: usize>(
     panel: *const u8,
     nb: usize,
     acts: [*const BlockQ8; A],
+    prefetch: bool,
 ) -> [[f32; PANEL]; A] {
     let ones = _mm256_set1_epi16(1);
     let mut acc = [_mm256_setzero_ps(); A];
     for b in 0..nb {
         let blk = panel.add(b * 272);
-        prefetch_next::<272>(blk, nb * 272);
+        if prefetch {
+            prefetch_next::<272>(blk, nb * 272);
+        }
         let a = offset(acts, b);
         let mut isum = [_mm256_setzero_si256(); A];
         for g in 0..8 {
@@ -153,12 +160,15 @@ pub unsafe fn q4_1_vnni<const A: usize>(
     panel: *const u8,
     nb: usize,
     acts: [*const BlockQ8; A],
+    prefetch: bool,
 ) -> [[f32; PANEL]; A] {
     let low = _mm256_set1_epi8(0x0F);
     let mut acc = [_mm256_setzero_ps(); A];
     for b in 0..nb {
         let blk = panel.add(b * 160);
-        prefetch_next::<160>(blk, nb * 160);
+        if prefetch {
+            prefetch_next::<160>(blk, nb * 160);
+        }
         let a = offset(acts, b);
         let mut isum = [_mm256_setzero_si256(); A];
         for q in 0..4 {
@@ -181,12 +191,15 @@ pub unsafe fn q8_0_vnni<const A: usize>(
     panel: *const u8,
     nb: usize,
     acts: [*const BlockQ8; A],
+    prefetch: bool,
 ) -> [[f32; PANEL]; A] {
     let flip = _mm256_set1_epi8(-128);
     let mut acc = [_mm256_setzero_ps(); A];
     for b in 0..nb {
         let blk = panel.add(b * 272);
-        prefetch_next::<272>(blk, nb * 272);
+        if prefetch {
+            prefetch_next::<272>(blk, nb * 272);
+        }
         let a = offset(acts, b);
         let mut isum = [_mm256_setzero_si256(); A];
         for g in 0..8 {
