@@ -158,11 +158,16 @@ def dense_decode(a, new_tokens=128):
 
 def level_medians(runs, c):
     ls = [next(l for l in r["levels"] if l["concurrency"] == c) for r in runs]
+    # The spread is a property of each run: p99 over p50 of the same run, then the median of
+    # those (a ratio of medians would pair one run's p99 with another's p50).
+    spreads = [l["itl_ms"]["p99"] / l["itl_ms"]["p50"] for l in ls]
     return {
         "output_tok_s": median(l["output_tokens_per_s"] for l in ls),
         "ttft_p50": median(l["ttft_ms"]["p50"] for l in ls),
         "itl_p50": median(l["itl_ms"]["p50"] for l in ls),
         "itl_p99": median(l["itl_ms"]["p99"] for l in ls),
+        "itl_spread": median(spreads),
+        "itl_spreads": spreads,
         "failed": sum(l["failed"] for l in ls),
     }
 
@@ -249,16 +254,18 @@ def main():
       f"{100 * lo['decode_tok_s'] / dec_bound:.0f} % of the bandwidth bound ({dec_bound:.0f} tok/s: the {model_bytes / 1e6:.0f} MB file once per token) |")
     w("")
     w("**Serving** (`liftoff bench run`: ~100-token prompts, 64 new tokens, EOS ignored; llama-server "
-      "`--parallel 16` up to concurrency 16, `--parallel 32` at 32; liftoff `--max-batch-size 32`):")
+      "`--parallel 16` up to concurrency 16, `--parallel 32` at 32; liftoff `--max-batch-size 32`; "
+      "p99/p50 is each run's own p99 over its own p50, the median of the runs first, then each run's):")
     w("")
-    w("| concurrency | liftoff tok/s | llama.cpp tok/s | ratio | liftoff ITL p50 / p99 ms | p99/p50 | llama.cpp ITL p50 / p99 ms | TTFT p50 liftoff / llama.cpp ms | liftoff vs compute bound | failed |")
+    w("| concurrency | liftoff tok/s | llama.cpp tok/s | ratio | liftoff ITL p50 / p99 ms | p99/p50 (per run) | llama.cpp ITL p50 / p99 ms | TTFT p50 liftoff / llama.cpp ms | liftoff vs compute bound | failed |")
     w("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for c in levels:
         L, C = sv["liftoff"][c], sv["llama.cpp"][c]
         # Every output token costs the layers and the LM head; prompts (~100 tokens) the layers.
         bound = peak / (LAYER_MACS + HEAD_MACS + 100 / 64 * LAYER_MACS)
         w(f"| {c} | {L['output_tok_s']:.1f} | {C['output_tok_s']:.1f} | **{L['output_tok_s'] / C['output_tok_s']:.2f}x** | "
-          f"{L['itl_p50']:.1f} / {L['itl_p99']:.1f} | {L['itl_p99'] / L['itl_p50']:.2f} | {C['itl_p50']:.1f} / {C['itl_p99']:.1f} | "
+          f"{L['itl_p50']:.1f} / {L['itl_p99']:.1f} | {L['itl_spread']:.2f} ({' / '.join(f'{x:.2f}' for x in L['itl_spreads'])}) | "
+          f"{C['itl_p50']:.1f} / {C['itl_p99']:.1f} | "
           f"{L['ttft_p50']:.0f} / {C['ttft_p50']:.0f} | {100 * L['output_tok_s'] / bound:.0f} % | {L['failed']} / {C['failed']} |")
     w("")
     w(f"![liftoff and llama-server against concurrency](bench/cpu_serving{sfx}.png)")
