@@ -291,6 +291,11 @@ async fn lists_truncation_and_bad_constraints() {
             json!({"inputs": "x", "parameters": {"bogus": 1}}),
             "parameters.bogus",
         ),
+        (
+            "/generate",
+            json!({"inputs": "x", "parameters": {"frequency_penalty": 2.5}}),
+            "parameters.frequency_penalty",
+        ),
     ] {
         let (status, v) = s.post(path, body.clone()).await;
         assert_eq!(status, 400, "{body}: {v}");
@@ -365,4 +370,84 @@ async fn tgi_matches_takeoff_and_openai() {
         .unwrap();
     assert_eq!(info["model_id"], "SmolLM2-135M-Instruct");
     assert_eq!(info["max_total_tokens"], 1024);
+}
+
+/// TGI's `frequency_penalty` lowers each token's logit by the penalty times its share of the
+/// sequence so far, prompt included. Checked on the first generated token against the raw
+/// distribution's top 20 (`top_n_tokens`) and the prompt's ids (`decoder_input_details`): the
+/// greedy choice must be the top token after subtracting `penalty * count / length`, for
+/// penalties of both signs on repetitive prompts, in at least one of which that is not the raw
+/// arg max.
+#[tokio::test]
+async fn tgi_frequency_penalty_is_relative_to_the_sequence() {
+    let s = Server::start(&["--device", "cpu"]).await;
+    // Each changes the greedy choice at one of the two signs (with the default GGUF).
+    let prompts = [
+        "one two one two one",
+        "x y x y x y x",
+        "He said: no, no, no, no",
+        "ha ha ha ha ha ha ha",
+    ];
+    let (mut checked, mut changed) = (0, 0);
+    for prompt in prompts {
+        for penalty in [2.0, -2.0] {
+            let (status, v) = s
+                .post(
+                    "/generate",
+                    json!({"inputs": prompt, "parameters": {
+                        "max_new_tokens": 1, "frequency_penalty": penalty, "details": true,
+                        "decoder_input_details": true, "top_n_tokens": 20}}),
+                )
+                .await;
+            assert_eq!(status, 200, "{v}");
+            let details = &v["details"];
+            let ids: Vec<u64> = details["prefill"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t["id"].as_u64().unwrap())
+                .collect();
+            let raw: Vec<(u64, f64)> = details["top_tokens"][0]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| (t["id"].as_u64().unwrap(), t["logprob"].as_f64().unwrap()))
+                .collect();
+            assert_eq!(raw.len(), 20, "{v}");
+            assert!(raw.iter().all(|r| r.1.is_finite()), "{raw:?}");
+            let adjusted = |(id, lp): (u64, f64)| {
+                let count = ids.iter().filter(|&&t| t == id).count() as f64;
+                lp - penalty * count / ids.len() as f64
+            };
+            let best = raw
+                .iter()
+                .copied()
+                .max_by(|a, b| adjusted(*a).total_cmp(&adjusted(*b)))
+                .unwrap();
+            // A token outside the top 20 was below the 20th raw value and rises by at most
+            // |penalty|: the best of the 20 is the arg max when it stays that far above it.
+            let twentieth = raw.iter().map(|r| r.1).fold(f64::INFINITY, f64::min);
+            if adjusted(best) < twentieth + penalty.abs() {
+                eprintln!("skipped {prompt:?} at {penalty}: the top 20 cannot settle it");
+                continue;
+            }
+            assert_eq!(
+                details["tokens"][0]["id"].as_u64(),
+                Some(best.0),
+                "{prompt:?} at {penalty}: {raw:?}"
+            );
+            let raw_best = raw
+                .iter()
+                .copied()
+                .max_by(|a, b| a.1.total_cmp(&b.1))
+                .unwrap();
+            checked += 1;
+            changed += usize::from(best.0 != raw_best.0);
+        }
+    }
+    assert!(checked >= 4, "only {checked} cases could be checked");
+    assert!(
+        changed >= 2,
+        "the penalty changed {changed} choices in {checked} cases"
+    );
 }

@@ -4,7 +4,7 @@
 use crate::error::Result;
 use crate::sampling::{
     logit_adjustments, min_new_tokens_bans, no_repeat_ngram_bans, penalized_tokens, uniform,
-    RowSampling, SampledToken, SamplingParams,
+    Penalties, RowSampling, SampledToken, SamplingParams,
 };
 use crate::stop::StopChecker;
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
@@ -136,11 +136,16 @@ impl SequenceState {
             token_logprob: p.token_logprobs,
             // Set by the scheduler for a constrained row, computed while the step runs.
             allowed: None,
-            // OpenAI's penalties count generated tokens only (the prompt is not penalised).
+            // OpenAI's penalties count generated tokens only (the prompt is not penalised),
+            // TGI's the whole sequence.
             adjust: logit_adjustments(
-                self.generated(),
-                p.frequency_penalty,
-                p.presence_penalty,
+                Penalties {
+                    generated: self.generated(),
+                    sequence: &self.tokens,
+                    frequency_penalty: p.frequency_penalty,
+                    presence_penalty: p.presence_penalty,
+                    relative_frequency_penalty: p.relative_frequency_penalty,
+                },
                 &p.logit_bias,
             ),
             force: None,

@@ -83,12 +83,6 @@ fn prepare(service: &ModelService, req: &TgiRequest, stream: bool) -> Result<Pre
     if p.typical_p.is_some() {
         return Err(refuse("typical_p", "typical sampling is not supported yet"));
     }
-    if p.frequency_penalty.is_some_and(|v| v != 0.0) {
-        return Err(refuse(
-            "frequency_penalty",
-            "not supported yet; use repetition_penalty",
-        ));
-    }
     if p.best_of.is_some_and(|n| n != 1) {
         return Err(refuse("best_of", "only best_of = 1 is supported"));
     }
@@ -136,6 +130,7 @@ fn prepare(service: &ModelService, req: &TgiRequest, stream: bool) -> Result<Pre
         top_k: p.top_k.unwrap_or(0),
         top_p: p.top_p.unwrap_or(1.0),
         repetition_penalty: p.repetition_penalty.unwrap_or(1.0),
+        relative_frequency_penalty: p.frequency_penalty.unwrap_or(0.0),
         max_new_tokens: max_new,
         stop: p.stop.clone().unwrap_or_default(),
         seed: p.seed,
@@ -153,6 +148,7 @@ fn prepare(service: &ModelService, req: &TgiRequest, stream: bool) -> Result<Pre
                 ("top_p", "parameters.top_p"),
                 ("top_k", "parameters.top_k"),
                 ("repetition_penalty", "parameters.repetition_penalty"),
+                ("relative_frequency_penalty", "parameters.frequency_penalty"),
                 ("logprobs", "parameters.top_n_tokens"),
             ],
         )

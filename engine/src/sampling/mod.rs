@@ -9,5 +9,5 @@ mod processors;
 pub use liftoff_kernels::sampling::{mask_allows, sample, uniform, RowSampling, SampledToken};
 pub use params::{ParamError, SamplingParams, MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_PENALTY};
 pub use processors::{
-    logit_adjustments, min_new_tokens_bans, no_repeat_ngram_bans, penalized_tokens,
+    logit_adjustments, min_new_tokens_bans, no_repeat_ngram_bans, penalized_tokens, Penalties,
 };

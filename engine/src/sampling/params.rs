@@ -43,6 +43,12 @@ pub struct SamplingParams {
     /// so far by this, once; 0 disables.
     #[serde(default)]
     pub presence_penalty: f32,
+    /// TGI's `frequency_penalty` (in [-2, 2]): each token of the sequence so far, prompt
+    /// included, has its logit lowered by this times its frequency there (its count over the
+    /// sequence's length), as TGI's `HeterogeneousFrequencyPenaltyLogitsProcessor` does; 0
+    /// disables.
+    #[serde(default)]
+    pub relative_frequency_penalty: f32,
     /// OpenAI's `logit_bias`: `(token, bias)` pairs (bias in [-100, 100]) added to the logits
     /// at every step.
     #[serde(default)]
@@ -70,6 +76,7 @@ impl Default for SamplingParams {
             prompt_logprobs: None,
             frequency_penalty: 0.0,
             presence_penalty: 0.0,
+            relative_frequency_penalty: 0.0,
             logit_bias: Vec::new(),
             constraint: None,
         }
@@ -88,7 +95,8 @@ pub struct ParamError {
 /// Largest `logprobs` a request may ask for.
 pub const MAX_LOGPROBS: usize = 20;
 
-/// Largest magnitude of `frequency_penalty` and `presence_penalty` (OpenAI's range).
+/// Largest magnitude of `frequency_penalty`, `presence_penalty` (OpenAI's range) and
+/// `relative_frequency_penalty` (TGI's).
 pub const MAX_PENALTY: f32 = 2.0;
 
 /// Largest magnitude of a `logit_bias` value (OpenAI's range).
@@ -149,6 +157,10 @@ impl SamplingParams {
         for (field, v) in [
             ("frequency_penalty", self.frequency_penalty),
             ("presence_penalty", self.presence_penalty),
+            (
+                "relative_frequency_penalty",
+                self.relative_frequency_penalty,
+            ),
         ] {
             if !(-MAX_PENALTY..=MAX_PENALTY).contains(&v) {
                 return bad(
@@ -231,6 +243,11 @@ mod tests {
                 ..d()
             };
             assert_eq!(field(p), want("presence_penalty"), "{v}");
+            let p = SamplingParams {
+                relative_frequency_penalty: v,
+                ..d()
+            };
+            assert_eq!(field(p), want("relative_frequency_penalty"), "{v}");
         }
         for (b, ok) in [
             (100.0, true),

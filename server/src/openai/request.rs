@@ -227,6 +227,8 @@ pub fn params(
         repetition_penalty: f.repetition_penalty.unwrap_or(1.0),
         frequency_penalty: f.frequency_penalty.unwrap_or(0.0),
         presence_penalty: f.presence_penalty.unwrap_or(0.0),
+        // TGI's penalty; OpenAI has only its own.
+        relative_frequency_penalty: 0.0,
         logit_bias: logit_bias(service, f)?,
         no_repeat_ngram_size: 0,
         // An explicit max_tokens below min_tokens is an error; a default one is not.
