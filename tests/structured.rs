@@ -283,7 +283,7 @@ async fn lists_truncation_and_bad_constraints() {
         ),
         (
             "/",
-            json!({"inputs": "x", "parameters": {"typical_p": 0.5}}),
+            json!({"inputs": "x", "parameters": {"typical_p": 1.5}}),
             "parameters.typical_p",
         ),
         (
@@ -449,5 +449,57 @@ async fn tgi_frequency_penalty_is_relative_to_the_sequence() {
     assert!(
         changed >= 2,
         "the penalty changed {changed} choices in {checked} cases"
+    );
+}
+
+/// TGI's `typical_p` (LangChain's TGI clients send 0.95 by default): after `top_k` 20 the
+/// candidates are the raw distribution's top 20 (`top_n_tokens`), renormalised; with a tiny
+/// mass only the token whose surprisal is closest to their entropy is left, whatever the
+/// seed. Checked on several prompts, in at least one of which that is not the arg max.
+#[tokio::test]
+async fn tgi_typical_p_keeps_the_token_nearest_the_entropy() {
+    let s = Server::start(&["--device", "cpu"]).await;
+    let prompts = [
+        "The capital of France is",
+        "Once upon a time",
+        "My favourite colour is",
+        "x y x y x y x",
+    ];
+    let mut not_arg_max = 0;
+    for (n, prompt) in prompts.iter().enumerate() {
+        let (status, v) = s
+            .post(
+                "/generate",
+                json!({"inputs": prompt, "parameters": {
+                    "max_new_tokens": 1, "top_k": 20, "typical_p": 0.001, "seed": n,
+                    "details": true, "top_n_tokens": 20}}),
+            )
+            .await;
+        assert_eq!(status, 200, "{v}");
+        let raw: Vec<(u64, f64)> = v["details"]["top_tokens"][0]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| (t["id"].as_u64().unwrap(), t["logprob"].as_f64().unwrap()))
+            .collect();
+        assert_eq!(raw.len(), 20, "{v}");
+        assert!(raw.iter().all(|r| r.1.is_finite()), "{raw:?}");
+        let z: f64 = raw.iter().map(|r| r.1.exp()).sum();
+        let lq: Vec<f64> = raw.iter().map(|r| r.1 - z.ln()).collect();
+        let entropy: f64 = -lq.iter().map(|l| l.exp() * l).sum::<f64>();
+        let score = |i: usize| (-lq[i] - entropy).abs();
+        let best = (0..raw.len())
+            .min_by(|&a, &b| score(a).total_cmp(&score(b)).then(raw[a].0.cmp(&raw[b].0)))
+            .unwrap();
+        assert_eq!(
+            v["details"]["tokens"][0]["id"].as_u64(),
+            Some(raw[best].0),
+            "{prompt:?}: {raw:?}"
+        );
+        not_arg_max += usize::from(best != 0);
+    }
+    assert!(
+        not_arg_max >= 1,
+        "the typical token was the arg max on every prompt"
     );
 }

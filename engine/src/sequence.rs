@@ -128,6 +128,7 @@ impl SequenceState {
             temperature: p.temperature,
             top_k: p.top_k.min(u32::MAX as usize) as u32,
             top_p: p.top_p,
+            typical_p: p.typical_p,
             repetition_penalty: p.repetition_penalty,
             penalized: penalized_tokens(&self.tokens, p.repetition_penalty),
             banned,

@@ -11,7 +11,11 @@
 //! 3. temperature 0 (or nothing left): the arg max, lowest id on ties;
 //! 4. `p_i = exp((x_i - max) / T)` restricted to the top-k tokens (the k-th largest value, ties
 //!    kept) and then the top-p nucleus of those (the largest value whose tail holds `top_p` of
-//!    their mass), as transformers' warpers do in that order;
+//!    their mass), then the locally typical set of those (`typical_p`: the tokens whose
+//!    surprisal `-ln q_i` (`q` renormalised over them) is closest to its mean, the entropy,
+//!    taken in that order until `typical_p` of their mass is held, ties kept), as transformers'
+//!    and TGI's warpers do in that order. The CUDA kernel has no typical step: a batch with a
+//!    typical row is sampled on the CPU (its logits copied there);
 //! 5. the token whose interval of the running sum over ids in increasing order holds
 //!    `u * sum(p)`, for the row's uniform draw `u` ([`uniform`] of the request's seed and step).
 //!
@@ -39,6 +43,9 @@ pub struct RowSampling {
     pub top_k: u32,
     /// 1 keeps every token.
     pub top_p: f32,
+    /// Typical sampling's mass (Meister et al., transformers' `typical_p`); 1 keeps every token.
+    #[serde(default = "one")]
+    pub typical_p: f32,
     /// 1 is none.
     pub repetition_penalty: f32,
     /// Tokens the penalty applies to (the sequence's history).
@@ -67,6 +74,10 @@ pub struct RowSampling {
     pub force: Option<u32>,
 }
 
+fn one() -> f32 {
+    1.0
+}
+
 /// Whether bitmask `words` allows token `t`.
 pub fn mask_allows(words: &[u32], t: usize) -> bool {
     words.get(t / 32).is_some_and(|w| (w >> (t % 32)) & 1 == 1)
@@ -78,9 +89,11 @@ impl RowSampling {
     pub fn is_valid(&self) -> bool {
         let temperature = self.temperature >= 0.0 && self.temperature.is_finite();
         let top_p = self.top_p > 0.0 && self.top_p <= 1.0;
+        let typical_p = self.typical_p > 0.0 && self.typical_p <= 1.0;
         let penalty = self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite();
         temperature
             && top_p
+            && typical_p
             && penalty
             && (0.0..1.0).contains(&self.uniform)
             && self.logprobs as usize <= MAX_LOGPROBS
@@ -92,6 +105,7 @@ impl RowSampling {
             temperature: 0.0,
             top_k: 0,
             top_p: 1.0,
+            typical_p: 1.0,
             repetition_penalty: 1.0,
             penalized: Vec::new(),
             banned: Vec::new(),
@@ -166,6 +180,12 @@ pub fn sample(logits: Tensor, specs: &[RowSampling]) -> Result<Vec<SampledToken>
     if rows == 0 {
         return Ok(Vec::new());
     }
+    // The CUDA kernel has no typical step (see the module's doc).
+    let logits = if clean.iter().any(|s| s.typical_p < 1.0) {
+        logits.to_device(&candle_core::Device::Cpu)?
+    } else {
+        logits
+    };
     let logits = logits.to_dtype(DType::F32)?.contiguous()?;
     let op = SampleRows {
         specs: &clean,
@@ -407,17 +427,18 @@ pub fn sample_row(x: &mut [f32], spec: &RowSampling) -> (SampledToken, f32) {
             }
         }
     }
-    let kept = |k: u32| k != ninf && k >= thresh;
-    let total: f32 = keys
-        .iter()
-        .zip(&w)
-        .filter(|(&k, _)| kept(k))
-        .map(|(_, &p)| p)
-        .sum();
+    let nucleus = |k: u32| k != ninf && k >= thresh;
+    let typical = (spec.typical_p < 1.0).then(|| {
+        let (cut, m) = typical_cut(&keys, &w, nucleus, spec.typical_p);
+        margin = margin.min(m);
+        cut
+    });
+    let kept = |i: usize| nucleus(keys[i]) && typical.as_ref().is_none_or(|c| c.keeps(w[i]));
+    let total: f32 = (0..vocab).filter(|&i| kept(i)).map(|i| w[i]).sum();
     let target = spec.uniform * total;
     let mut acc = 0f32;
-    for (i, (&k, &p)) in keys.iter().zip(&w).enumerate() {
-        if !kept(k) {
+    for (i, &p) in w.iter().enumerate() {
+        if !kept(i) {
             continue;
         }
         let before = acc;
@@ -429,6 +450,65 @@ pub fn sample_row(x: &mut [f32], spec: &RowSampling) -> (SampledToken, f32) {
     }
     // Rounding left the target a hair above the total: the arg max (always kept).
     done(arg, 0.0)
+}
+
+/// The typical set's bound: a token with weight `w` (of the nucleus, whose weights sum to
+/// `total`) is kept when its surprisal's distance to the entropy is at most `score`.
+struct TypicalCut {
+    ln_total: f32,
+    entropy: f32,
+    score: f32,
+}
+
+impl TypicalCut {
+    fn score_of(&self, w: f32) -> f32 {
+        ((self.ln_total - w.ln()) - self.entropy).abs()
+    }
+
+    fn keeps(&self, w: f32) -> bool {
+        w > 0.0 && self.score_of(w) <= self.score
+    }
+}
+
+/// transformers' `TypicalLogitsWarper` over the tokens `nucleus` keeps (weights `w`):
+/// `q_i = w_i / total`, the entropy `H = -sum q ln q`, each token's score `|-ln q_i - H|`;
+/// the tokens in increasing score (then id) until the running sum of `q` reaches `mass`
+/// (the one that reaches it included); the cut is that token's score, so ties with it stay.
+/// Also returns how far the running sum came from `mass` at the cut, like top-p's margin.
+fn typical_cut(
+    keys: &[u32],
+    w: &[f32],
+    nucleus: impl Fn(u32) -> bool,
+    mass: f32,
+) -> (TypicalCut, f32) {
+    let kept = || (0..w.len()).filter(|&i| nucleus(keys[i]) && w[i] > 0.0);
+    let total: f32 = kept().map(|i| w[i]).sum();
+    let ln_total = total.ln();
+    let entropy: f32 = kept()
+        .map(|i| {
+            let q = w[i] / total;
+            -q * (w[i].ln() - ln_total)
+        })
+        .sum();
+    let mut cut = TypicalCut {
+        ln_total,
+        entropy,
+        score: f32::INFINITY,
+    };
+    let mut order: Vec<(f32, usize)> = kept().map(|i| (cut.score_of(w[i]), i)).collect();
+    order.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    let mut acc = 0f32;
+    let mut margin = f32::INFINITY;
+    for (n, &(score, i)) in order.iter().enumerate() {
+        let before = acc;
+        acc += w[i] / total;
+        if acc >= mass || n + 1 == order.len() {
+            margin = (mass - before).abs().min((acc - mass).abs());
+            cut.score = score;
+            break;
+        }
+    }
+    (cut, margin)
 }
 
 #[cfg(test)]

@@ -80,9 +80,6 @@ fn refuse(field: &str, why: &str) -> ApiError {
 
 fn prepare(service: &ModelService, req: &TgiRequest, stream: bool) -> Result<Prepared, ApiError> {
     let p = &req.parameters;
-    if p.typical_p.is_some() {
-        return Err(refuse("typical_p", "typical sampling is not supported yet"));
-    }
     if p.best_of.is_some_and(|n| n != 1) {
         return Err(refuse("best_of", "only best_of = 1 is supported"));
     }
@@ -108,7 +105,8 @@ fn prepare(service: &ModelService, req: &TgiRequest, stream: bool) -> Result<Pre
     let sample = p.do_sample.unwrap_or(false)
         || p.temperature.is_some_and(|t| t != 1.0)
         || p.top_k.is_some()
-        || p.top_p.is_some();
+        || p.top_p.is_some()
+        || p.typical_p.is_some_and(|t| t < 1.0);
     let top_n = p.top_n_tokens.unwrap_or(0);
     let prefill = p.decoder_input_details.unwrap_or(false);
     if prefill && stream {
@@ -129,6 +127,7 @@ fn prepare(service: &ModelService, req: &TgiRequest, stream: bool) -> Result<Pre
         },
         top_k: p.top_k.unwrap_or(0),
         top_p: p.top_p.unwrap_or(1.0),
+        typical_p: p.typical_p.unwrap_or(1.0),
         repetition_penalty: p.repetition_penalty.unwrap_or(1.0),
         relative_frequency_penalty: p.frequency_penalty.unwrap_or(0.0),
         max_new_tokens: max_new,
@@ -147,6 +146,7 @@ fn prepare(service: &ModelService, req: &TgiRequest, stream: bool) -> Result<Pre
                 ("temperature", "parameters.temperature"),
                 ("top_p", "parameters.top_p"),
                 ("top_k", "parameters.top_k"),
+                ("typical_p", "parameters.typical_p"),
                 ("repetition_penalty", "parameters.repetition_penalty"),
                 ("relative_frequency_penalty", "parameters.frequency_penalty"),
                 ("logprobs", "parameters.top_n_tokens"),

@@ -153,6 +153,12 @@ def test_huggingface_inference_client(server):
     assert all(abs(a.logprob - b) < 1e-5 for a, b in zip(prefill[1:], echo.token_logprobs[1:]))
     streamed = list(client.text_generation(prompt, max_new_tokens=8, stream=True))
     assert "".join(streamed) == text
+    # What LangChain's TGI wrappers send by default (typical_p 0.95 among them), with TGI's
+    # frequency penalty: sampled, reproducible with a seed.
+    langchain = dict(max_new_tokens=8, top_p=0.95, typical_p=0.95, temperature=0.8,
+                     frequency_penalty=0.5, seed=5)
+    first = client.text_generation(prompt, **langchain)
+    assert first and client.text_generation(prompt, **langchain) == first
     last = list(client.text_generation(prompt, max_new_tokens=8, stream=True, details=True))[-1]
     assert last.generated_text == text and last.details.finish_reason == "length"
     person = client.text_generation("Describe a person as JSON.", max_new_tokens=100,

@@ -11,6 +11,10 @@ pub struct SamplingParams {
     pub top_k: usize,
     /// Keep the smallest set of tokens whose probability reaches p; 1 disables.
     pub top_p: f32,
+    /// Typical sampling (TGI's and transformers' `typical_p`): keep the tokens whose surprisal
+    /// is closest to the entropy until this much of the probability is held; 1 disables.
+    #[serde(default = "one")]
+    pub typical_p: f32,
     /// Divides positive (multiplies negative) logits of tokens already seen; 1 disables.
     pub repetition_penalty: f32,
     /// Forbids repeating any n-gram of this size; 0 disables.
@@ -58,12 +62,17 @@ pub struct SamplingParams {
     pub constraint: Option<crate::constraint::Constraint>,
 }
 
+fn one() -> f32 {
+    1.0
+}
+
 impl Default for SamplingParams {
     fn default() -> Self {
         Self {
             temperature: 1.0,
             top_k: 0,
             top_p: 1.0,
+            typical_p: 1.0,
             repetition_penalty: 1.0,
             no_repeat_ngram_size: 0,
             min_new_tokens: 0,
@@ -123,6 +132,12 @@ impl SamplingParams {
         }
         if !self.top_p.is_finite() || self.top_p <= 0.0 || self.top_p > 1.0 {
             return bad("top_p", format!("must be in (0, 1], got {}", self.top_p));
+        }
+        if !self.typical_p.is_finite() || self.typical_p <= 0.0 || self.typical_p > 1.0 {
+            return bad(
+                "typical_p",
+                format!("must be in (0, 1], got {}", self.typical_p),
+            );
         }
         if !self.repetition_penalty.is_finite() || self.repetition_penalty <= 0.0 {
             return bad(

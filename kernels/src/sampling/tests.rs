@@ -358,3 +358,40 @@ fn the_allowed_mask_restricts_the_choice() {
     // Nothing allowed: the arg max of nothing is the first id (the scheduler never asks).
     assert_eq!(sample_row(&mut row.clone(), &s).0.token, 0);
 }
+
+/// Typical sampling on `q = [0.5, 0.25, 0.125, 0.125]`: entropy `1.75 ln 2`, surprisals `1, 2, 3,
+/// 3 (x ln 2)`, so by score the order is token 1 (0.25 ln 2), token 0 (0.75), then tokens 2 and
+/// 3 (1.25, tied); running sums 0.25, 0.75, 1.0. A mass up to 0.25 keeps token 1 alone (not
+/// the arg max), up to 0.75 tokens 1 and 0 (drawn 1:2), above that every token. After top-k
+/// 2 the renormalised `[2/3, 1/3]` puts token 0 first.
+#[test]
+fn typical_p_keeps_the_tokens_nearest_the_entropy() {
+    let logits: Vec<f32> = [0.5f32, 0.25, 0.125, 0.125]
+        .iter()
+        .map(|p| p.ln() + 3.0)
+        .collect();
+    let typical = |mass: f32, top_k: u32| RowSampling {
+        typical_p: mass,
+        ..spec(1.0, top_k, 1.0)
+    };
+    let set = |s: &RowSampling| -> std::collections::BTreeSet<u32> {
+        draw(&logits, s, 9, 400).into_iter().collect()
+    };
+    assert_eq!(set(&typical(0.2, 0)), [1].into());
+    assert_eq!(set(&typical(0.5, 0)), [0, 1].into());
+    assert_eq!(set(&typical(0.8, 0)), [0, 1, 2, 3].into());
+    assert_eq!(set(&typical(1.0, 0)), [0, 1, 2, 3].into());
+    assert_eq!(set(&typical(0.5, 2)), [0].into());
+    // Within the kept set the draw follows the renormalised probabilities (2/3 for token 0).
+    let n = 6000;
+    let tokens = draw(&logits, &typical(0.5, 0), 11, n);
+    let freq = tokens.iter().filter(|&&t| t == 0).count() as f32 / n as f32;
+    // Binomial standard deviation at n = 6000 is 0.0061; 4 sigma.
+    assert!((freq - 2.0 / 3.0).abs() < 0.025, "{freq}");
+    // Out of range: refused.
+    for bad in [0.0, -0.5, 1.5, f32::NAN] {
+        let logits = Tensor::new(&[[0.0f32, 1.0]], &Device::Cpu).unwrap();
+        let err = sample(logits, &[typical(bad, 0)]).unwrap_err().to_string();
+        assert!(err.contains("invalid parameters"), "{bad}: {err}");
+    }
+}

@@ -224,6 +224,8 @@ pub fn params(
         temperature: f.temperature.unwrap_or(1.0),
         top_k: f.top_k.unwrap_or(0),
         top_p: f.top_p.unwrap_or(1.0),
+        // TGI's; OpenAI's API has no typical sampling.
+        typical_p: 1.0,
         repetition_penalty: f.repetition_penalty.unwrap_or(1.0),
         frequency_penalty: f.frequency_penalty.unwrap_or(0.0),
         presence_penalty: f.presence_penalty.unwrap_or(0.0),
