@@ -372,6 +372,20 @@ async fn tgi_matches_takeoff_and_openai() {
     assert_eq!(info["max_total_tokens"], 1024);
 }
 
+/// A TGI answer's top 20 `(id, logprob)` of its first generated token (`top_n_tokens` 20),
+/// most likely first, every log-probability finite.
+fn first_top_20(v: &Value) -> Vec<(u64, f64)> {
+    let raw: Vec<(u64, f64)> = v["details"]["top_tokens"][0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["id"].as_u64().unwrap(), t["logprob"].as_f64().unwrap()))
+        .collect();
+    assert_eq!(raw.len(), 20, "{v}");
+    assert!(raw.iter().all(|r| r.1.is_finite()), "{raw:?}");
+    raw
+}
+
 /// TGI's `frequency_penalty` lowers each token's logit by the penalty times its share of the
 /// sequence so far, prompt included. Checked on the first generated token against the raw
 /// distribution's top 20 (`top_n_tokens`) and the prompt's ids (`decoder_input_details`): the
@@ -407,14 +421,7 @@ async fn tgi_frequency_penalty_is_relative_to_the_sequence() {
                 .iter()
                 .map(|t| t["id"].as_u64().unwrap())
                 .collect();
-            let raw: Vec<(u64, f64)> = details["top_tokens"][0]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|t| (t["id"].as_u64().unwrap(), t["logprob"].as_f64().unwrap()))
-                .collect();
-            assert_eq!(raw.len(), 20, "{v}");
-            assert!(raw.iter().all(|r| r.1.is_finite()), "{raw:?}");
+            let raw = first_top_20(&v);
             let adjusted = |(id, lp): (u64, f64)| {
                 let count = ids.iter().filter(|&&t| t == id).count() as f64;
                 lp - penalty * count / ids.len() as f64
@@ -476,14 +483,7 @@ async fn tgi_typical_p_keeps_the_token_nearest_the_entropy() {
             )
             .await;
         assert_eq!(status, 200, "{v}");
-        let raw: Vec<(u64, f64)> = v["details"]["top_tokens"][0]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|t| (t["id"].as_u64().unwrap(), t["logprob"].as_f64().unwrap()))
-            .collect();
-        assert_eq!(raw.len(), 20, "{v}");
-        assert!(raw.iter().all(|r| r.1.is_finite()), "{raw:?}");
+        let raw = first_top_20(&v);
         let z: f64 = raw.iter().map(|r| r.1.exp()).sum();
         let lq: Vec<f64> = raw.iter().map(|r| r.1 - z.ln()).collect();
         let entropy: f64 = -lq.iter().map(|l| l.exp() * l).sum::<f64>();
