@@ -2,8 +2,9 @@
 //! query and 3 KV heads of 64), f16 caches, one cache per layer for `LAYERS` layers (default
 //! 30) read in turn, so that each layer's keys and values are cold when its turn comes.
 //!
-//! `cargo run --release -p liftoff-kernels --example decode_attention [LAYERS]`; 1 layer
-//! gives the hot-cache figure.
+//! `cargo run --release -p liftoff-kernels --example decode_attention [LAYERS] [CONTEXTS]`;
+//! 1 layer gives the hot-cache figure; `CONTEXTS` (comma-separated) replaces the 12 sequences,
+//! `576` is a single stream after a 512-token prompt.
 
 use candle_core::{Device, Tensor};
 use half::f16;
@@ -17,7 +18,13 @@ fn main() -> candle_core::Result<()> {
         .and_then(|s| s.parse().ok())
         .unwrap_or(30);
     let (heads, kv_heads, d, bs) = (9, 3, 64, 16);
-    let contexts: Vec<usize> = (0..12).map(|i| 80 + i * 5).collect();
+    let contexts: Vec<usize> = match std::env::args().nth(2) {
+        Some(list) => list
+            .split(',')
+            .map(|c| c.trim().parse().expect("a context length"))
+            .collect(),
+        None => (0..12).map(|i| 80 + i * 5).collect(),
+    };
     let case = AttentionCase::decode(&contexts, heads, kv_heads, d, bs);
     let data = random_case(&case, 5);
     // Each sequence's blocks spread over a pool 40 times larger, as in a served cache.
