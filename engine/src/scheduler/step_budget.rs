@@ -83,8 +83,8 @@ impl StepCostModel {
 
     /// Predicted time of a step of `tokens` tokens.
     pub fn predict(&self, tokens: usize) -> Option<Duration> {
-        let (c0, c1) = self.coefficients()?;
-        Some(Duration::from_secs_f64(c0 + c1 * tokens as f64))
+        let c = self.coefficients()?;
+        Some(Duration::from_secs_f64(step_seconds(c, tokens)))
     }
 
     /// Prefill tokens that a step with `decode_rows` decode rows may add under `target`, when
@@ -100,17 +100,17 @@ impl StepCostModel {
             // A lone prompt (or a batch of prompts only) prefills at full speed.
             return None;
         }
-        let Some((c0, c1)) = self.coefficients() else {
+        let Some(c) = self.coefficients() else {
             return Some(COLD_PREFILL_TOKENS);
         };
-        let decode = c0 + c1 * decode_rows as f64;
-        let pace = c0 + c1 * pace_rows.max(decode_rows) as f64;
+        let decode = step_seconds(c, decode_rows);
+        let pace = step_seconds(c, pace_rows.max(decode_rows));
         let limit = match target {
             StepTarget::Auto => pace * AUTO_FACTOR,
             StepTarget::Fixed(d) => d.as_secs_f64(),
             StepTarget::Off => unreachable!("handled above"),
         };
-        let room = ((limit - decode) / c1).floor();
+        let room = ((limit - decode) / c.1).floor();
         let tokens = if room.is_finite() && room > 0.0 {
             room.min(1e9) as usize
         } else {
@@ -118,6 +118,11 @@ impl StepCostModel {
         };
         Some(tokens.max(MIN_PREFILL_TOKENS))
     }
+}
+
+/// `c0 + c1 * tokens`: the fitted cost of a step of `tokens` tokens, in seconds.
+fn step_seconds((c0, c1): (f64, f64), tokens: usize) -> f64 {
+    c0 + c1 * tokens as f64
 }
 
 #[cfg(test)]
