@@ -429,11 +429,11 @@ pub fn sample_row(x: &mut [f32], spec: &RowSampling) -> (SampledToken, f32) {
     }
     let nucleus = |k: u32| k != ninf && k >= thresh;
     let typical = (spec.typical_p < 1.0).then(|| {
-        let (cut, m) = typical_cut(&keys, &w, nucleus, spec.typical_p);
+        let (keep, m) = typical_set(&keys, &w, nucleus, spec.typical_p);
         margin = margin.min(m);
-        cut
+        keep
     });
-    let kept = |i: usize| nucleus(keys[i]) && typical.as_ref().is_none_or(|c| c.keeps(w[i]));
+    let kept = |i: usize| nucleus(keys[i]) && typical.as_ref().is_none_or(|keep| keep[i]);
     let total: f32 = (0..vocab).filter(|&i| kept(i)).map(|i| w[i]).sum();
     let target = spec.uniform * total;
     let mut acc = 0f32;
@@ -452,63 +452,47 @@ pub fn sample_row(x: &mut [f32], spec: &RowSampling) -> (SampledToken, f32) {
     done(arg, 0.0)
 }
 
-/// The typical set's bound: a token with weight `w` (of the nucleus, whose weights sum to
-/// `total`) is kept when its surprisal's distance to the entropy is at most `score`.
-struct TypicalCut {
-    ln_total: f32,
-    entropy: f32,
-    score: f32,
-}
-
-impl TypicalCut {
-    fn score_of(&self, w: f32) -> f32 {
-        ((self.ln_total - w.ln()) - self.entropy).abs()
-    }
-
-    fn keeps(&self, w: f32) -> bool {
-        w > 0.0 && self.score_of(w) <= self.score
-    }
-}
-
 /// transformers' `TypicalLogitsWarper` over the tokens `nucleus` keeps (weights `w`):
 /// `q_i = w_i / total`, the entropy `H = -sum q ln q`, each token's score `|-ln q_i - H|`;
 /// the tokens in increasing score (then id) until the running sum of `q` reaches `mass`
-/// (the one that reaches it included); the cut is that token's score, so ties with it stay.
-/// Also returns how far the running sum came from `mass` at the cut, like top-p's margin.
-fn typical_cut(
+/// (the one that reaches it included), and every token whose score ties with that one's.
+/// Returns which tokens stay (indexed by token) and how far the running sum came from `mass`
+/// at the cut, like top-p's margin.
+fn typical_set(
     keys: &[u32],
     w: &[f32],
     nucleus: impl Fn(u32) -> bool,
     mass: f32,
-) -> (TypicalCut, f32) {
-    let kept = || (0..w.len()).filter(|&i| nucleus(keys[i]) && w[i] > 0.0);
-    let total: f32 = kept().map(|i| w[i]).sum();
+) -> (Vec<bool>, f32) {
+    let cand: Vec<usize> = (0..w.len())
+        .filter(|&i| nucleus(keys[i]) && w[i] > 0.0)
+        .collect();
+    let total: f32 = cand.iter().map(|&i| w[i]).sum();
     let ln_total = total.ln();
-    let entropy: f32 = kept()
-        .map(|i| {
-            let q = w[i] / total;
-            -q * (w[i].ln() - ln_total)
-        })
+    let entropy: f32 = cand
+        .iter()
+        .map(|&i| -(w[i] / total) * (w[i].ln() - ln_total))
         .sum();
-    let mut cut = TypicalCut {
-        ln_total,
-        entropy,
-        score: f32::INFINITY,
-    };
-    let mut order: Vec<(f32, usize)> = kept().map(|i| (cut.score_of(w[i]), i)).collect();
+    let mut order: Vec<(f32, usize)> = cand
+        .iter()
+        .map(|&i| (((ln_total - w[i].ln()) - entropy).abs(), i))
+        .collect();
     order.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-    let mut acc = 0f32;
-    let mut margin = f32::INFINITY;
+    let (mut acc, mut margin, mut cut) = (0f32, f32::INFINITY, f32::INFINITY);
     for (n, &(score, i)) in order.iter().enumerate() {
         let before = acc;
         acc += w[i] / total;
         if acc >= mass || n + 1 == order.len() {
             margin = (mass - before).abs().min((acc - mass).abs());
-            cut.score = score;
+            cut = score;
             break;
         }
     }
-    (cut, margin)
+    let mut keep = vec![false; w.len()];
+    for &(_, i) in order.iter().take_while(|o| o.0 <= cut) {
+        keep[i] = true;
+    }
+    (keep, margin)
 }
 
 #[cfg(test)]
