@@ -4,7 +4,11 @@
 //!
 //! `cargo run --release -p liftoff-kernels --example decode_attention [LAYERS] [CONTEXTS]`;
 //! 1 layer gives the hot-cache figure; `CONTEXTS` (comma-separated) replaces the 12 sequences,
-//! `576` is a single stream after a 512-token prompt.
+//! `576` is a single stream after a 512-token prompt. It calls from inside a rayon pool, as
+//! the engine does (figures before 2026-12-03 were measured from outside one). Environment:
+//! `EVICT=MB` reads that many MB of other memory before each layer's call (untimed), as a
+//! decode step's weights do between two layers' attention (SmolLM2 Q4_1: about 3); `SPREAD`
+//! (default 40) places each sequence's blocks that many blocks apart; `ROUNDS` (default 5).
 
 use candle_core::{Device, Tensor};
 use half::f16;
@@ -28,7 +32,10 @@ fn main() -> candle_core::Result<()> {
     let case = AttentionCase::decode(&contexts, heads, kv_heads, d, bs);
     let data = random_case(&case, 5);
     // Each sequence's blocks spread over a pool 40 times larger, as in a served cache.
-    let spread = 40;
+    let spread: usize = std::env::var("SPREAD")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(40);
     let blocks = data.num_blocks * spread;
     let tables: Vec<Vec<u32>> = data
         .tables
@@ -64,15 +71,46 @@ fn main() -> candle_core::Result<()> {
         .map(|_| Ok((cache()?, cache()?)))
         .collect::<candle_core::Result<Vec<_>>>()?;
     let q = Tensor::from_vec(data.q.clone(), (contexts.len(), heads, d), &Device::Cpu)?;
-    for round in 0..5 {
-        let t = Instant::now();
-        let calls = 20 * layers;
+    // The engine calls from inside its compute pool; so does this.
+    let pool = rayon::ThreadPoolBuilder::new()
+        .build()
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    pool.install(|| rounds(&q, &caches, &layout, case.shape, layers))
+}
+
+/// Rounds of 20 passes over the layers' caches, the attention calls timed.
+fn rounds(
+    q: &Tensor,
+    caches: &[(Tensor, Tensor)],
+    layout: &PagedLayout,
+    shape: liftoff_kernels::AttentionShape,
+    layers: usize,
+) -> candle_core::Result<()> {
+    let env = |name: &str, default: usize| {
+        std::env::var(name)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(default)
+    };
+    let (rounds, evict_mb) = (env("ROUNDS", 5), env("EVICT", 0));
+    let other: Vec<u64> = (0..(evict_mb << 20) / 8 * layers)
+        .map(|i| i as u64)
+        .collect();
+    let per = other.len() / layers.max(1);
+    for round in 0..rounds {
+        let (mut spent, mut sink) = (std::time::Duration::ZERO, 0u64);
         for _ in 0..20 {
-            for (k, v) in &caches {
-                std::hint::black_box(paged_attention(&q, k, v, &layout, case.shape)?);
+            for (l, (k, v)) in caches.iter().enumerate() {
+                sink = other[l * per..(l + 1) * per]
+                    .iter()
+                    .fold(sink, |a, &b| a.wrapping_add(b));
+                let t = Instant::now();
+                std::hint::black_box(paged_attention(q, k, v, layout, shape)?);
+                spent += t.elapsed();
             }
         }
-        let us = t.elapsed().as_secs_f64() / calls as f64 * 1e6;
+        std::hint::black_box(sink);
+        let us = spent.as_secs_f64() / (20 * layers) as f64 * 1e6;
         println!("round {round}: {us:.1} us per layer's call ({layers} layers)");
     }
     Ok(())
