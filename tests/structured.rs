@@ -296,6 +296,32 @@ async fn lists_truncation_and_bad_constraints() {
             json!({"inputs": "x", "parameters": {"frequency_penalty": 2.5}}),
             "parameters.frequency_penalty",
         ),
+        // best_of: within 1..=2, sampling only, no seed, no stream.
+        (
+            "/generate",
+            json!({"inputs": "x", "parameters": {"best_of": 3, "do_sample": true}}),
+            "parameters.best_of",
+        ),
+        (
+            "/generate",
+            json!({"inputs": "x", "parameters": {"best_of": 0}}),
+            "parameters.best_of",
+        ),
+        (
+            "/generate",
+            json!({"inputs": "x", "parameters": {"best_of": 2}}),
+            "parameters.best_of",
+        ),
+        (
+            "/generate",
+            json!({"inputs": "x", "parameters": {"best_of": 2, "do_sample": true, "seed": 1}}),
+            "parameters.best_of",
+        ),
+        (
+            "/generate_stream",
+            json!({"inputs": "x", "parameters": {"best_of": 2, "do_sample": true}}),
+            "parameters.best_of",
+        ),
     ] {
         let (status, v) = s.post(path, body.clone()).await;
         assert_eq!(status, 400, "{body}: {v}");
@@ -501,5 +527,71 @@ async fn tgi_typical_p_keeps_the_token_nearest_the_entropy() {
     assert!(
         not_arg_max >= 1,
         "the typical token was the arg max on every prompt"
+    );
+}
+
+/// The log-probabilities of a TGI answer's tokens (`details.tokens` or a best-of sequence's),
+/// and their mean; a missing or non-finite one fails the test.
+fn mean_logprob(details: &Value) -> f64 {
+    let tokens = details["tokens"].as_array().expect("tokens");
+    assert!(!tokens.is_empty(), "{details}");
+    let lps: Vec<f64> = tokens
+        .iter()
+        .map(|t| t["logprob"].as_f64().expect("a logprob"))
+        .collect();
+    assert!(lps.iter().all(|l| l.is_finite() && *l <= 0.0), "{lps:?}");
+    lps.iter().sum::<f64>() / lps.len() as f64
+}
+
+/// TGI's `best_of`: two samples, the answer the one of higher mean token log-probability,
+/// the other in `details.best_of_sequences`, each with the seed it drew with (two seeds, one
+/// apart). Each seed, sent alone, gives back its sequence's text, so the texts, the seeds and
+/// the choice are the samples' own; `/info` says 2 at most.
+#[tokio::test]
+async fn tgi_best_of_keeps_the_likelier_sample() {
+    let s = Server::start(&["--device", "cpu"]).await;
+    let info = s.info().await;
+    assert_eq!(info["max_best_of"], 2, "{info}");
+    let prompt = "Once upon a time";
+    let params = json!({"max_new_tokens": 12, "do_sample": true, "temperature": 1.5,
+                        "details": true, "decoder_input_details": true});
+    let mut distinct = 0;
+    for _ in 0..3 {
+        let mut p = params.clone();
+        p["best_of"] = json!(2);
+        let (status, v) = s
+            .post("/generate", json!({"inputs": prompt, "parameters": p}))
+            .await;
+        assert_eq!(status, 200, "{v}");
+        let best = &v["details"];
+        let others = best["best_of_sequences"]
+            .as_array()
+            .expect("best_of_sequences");
+        assert_eq!(others.len(), 1, "{v}");
+        let other = &others[0];
+        assert_eq!(best["generated_tokens"], 12, "{v}");
+        assert_eq!(other["generated_tokens"], 12, "{v}");
+        assert!(mean_logprob(best) >= mean_logprob(other), "{v}");
+        assert_eq!(other["prefill"], best["prefill"], "{v}");
+        assert!(!best["prefill"].as_array().unwrap().is_empty(), "{v}");
+        let (a, b) = (
+            best["seed"].as_u64().unwrap(),
+            other["seed"].as_u64().unwrap(),
+        );
+        assert_eq!(a.abs_diff(b), 1, "{v}");
+        for (seed, text) in [(a, &v["generated_text"]), (b, &other["generated_text"])] {
+            let mut p = params.clone();
+            p["seed"] = json!(seed);
+            let (status, alone) = s
+                .post("/generate", json!({"inputs": prompt, "parameters": p}))
+                .await;
+            assert_eq!(status, 200, "{alone}");
+            assert_eq!(&alone["generated_text"], text, "seed {seed}");
+        }
+        distinct += usize::from(v["generated_text"] != other["generated_text"]);
+    }
+    assert!(
+        distinct >= 1,
+        "the two samples were the same text three times"
     );
 }

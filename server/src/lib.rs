@@ -292,7 +292,7 @@ async fn info(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
         "models": models,
         "readers": state.registry.readers(),
         "router": "liftoff",
-        "max_best_of": 1,
+        "max_best_of": tgi::MAX_BEST_OF,
         "max_stop_sequences": tgi::MAX_STOP_SEQUENCES,
         "max_client_batch_size": 1,
         "model_pipeline_tag": "text-generation",

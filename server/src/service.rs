@@ -216,6 +216,41 @@ impl Lease {
             }
         }
     }
+
+    /// Submits `n` samples of one prompt (OpenAI's `n`, TGI's `best_of`). The first is
+    /// computed alone; the others are sent once its prompt is in the cache, so they share its
+    /// blocks (the prefix cache) instead of computing the prompt again, as vLLM's parallel
+    /// samples share theirs. Seeded samples use `seed + i`; only the first asks for the
+    /// prompt's log-probabilities.
+    pub async fn submit_samples(
+        &self,
+        ids: Vec<u32>,
+        params: SamplingParams,
+        n: usize,
+        metrics: &Arc<Metrics>,
+    ) -> Result<Vec<TokenStream>, ApiError> {
+        let mut first = self.submit(ids.clone(), params.clone(), metrics)?;
+        if n == 1 {
+            return Ok(vec![first]);
+        }
+        // A prompt shorter than a block has nothing to share: no reason to wait.
+        if ids.len() >= self.service().info.block_size {
+            first.peek().await;
+            if let Some(e) = first.peeked_error() {
+                return Err(e);
+            }
+        }
+        let mut out = vec![first];
+        for i in 1..n {
+            let p = SamplingParams {
+                seed: params.seed.map(|s| s.wrapping_add(i as u64)),
+                prompt_logprobs: None,
+                ..params.clone()
+            };
+            out.push(self.submit(ids.clone(), p, metrics)?);
+        }
+        Ok(out)
+    }
 }
 
 /// The tokens of one request, recording latency metrics as they arrive.

@@ -6,7 +6,7 @@
 
 use crate::error::ApiError;
 use crate::logprobs::prompt_rows;
-use crate::service::{ModelService, TokenStream};
+use crate::service::{Completion, ModelService, TokenStream};
 use crate::{structured, AppState};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -22,6 +22,10 @@ use std::sync::Arc;
 
 /// Most stop sequences a TGI request may give (`max_stop_sequences` in `/info`).
 pub const MAX_STOP_SEQUENCES: usize = 16;
+
+/// Most sequences a TGI request may sample to keep the best of (`max_best_of` in `/info`;
+/// TGI's default `--max-best-of`).
+pub const MAX_BEST_OF: usize = 2;
 
 /// A TGI request body.
 #[derive(Debug, Deserialize)]
@@ -69,6 +73,8 @@ struct Prepared {
     prefill: bool,
     prefix: String,
     top_n: usize,
+    /// Sequences to sample, keeping the one of highest mean token log-probability.
+    best_of: usize,
 }
 
 fn refuse(field: &str, why: &str) -> ApiError {
@@ -80,8 +86,12 @@ fn refuse(field: &str, why: &str) -> ApiError {
 
 fn prepare(service: &ModelService, req: &TgiRequest, stream: bool) -> Result<Prepared, ApiError> {
     let p = &req.parameters;
-    if p.best_of.is_some_and(|n| n != 1) {
-        return Err(refuse("best_of", "only best_of = 1 is supported"));
+    let best_of = p.best_of.unwrap_or(1);
+    if !(1..=MAX_BEST_OF).contains(&best_of) {
+        return Err(refuse(
+            "best_of",
+            &format!("must be between 1 and {MAX_BEST_OF}"),
+        ));
     }
     if p.watermark == Some(true) {
         return Err(refuse("watermark", "watermarking is not supported"));
@@ -107,6 +117,22 @@ fn prepare(service: &ModelService, req: &TgiRequest, stream: bool) -> Result<Pre
         || p.top_k.is_some()
         || p.top_p.is_some()
         || p.typical_p.is_some_and(|t| t < 1.0);
+    if best_of > 1 {
+        // TGI's rules: several samples of greedy decoding would be the same sequence, one
+        // seed would make them the same draws, and a stream can carry one sequence.
+        let why = if !sample {
+            Some("best_of > 1 is not allowed for greedy decoding (set do_sample or a sampling parameter)")
+        } else if p.seed.is_some() {
+            Some("best_of > 1 takes no seed (each sequence draws its own; details.seed reports them)")
+        } else if stream {
+            Some("best_of > 1 is not supported when streaming tokens (as in TGI)")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return Err(refuse("best_of", why));
+        }
+    }
     let top_n = p.top_n_tokens.unwrap_or(0);
     let prefill = p.decoder_input_details.unwrap_or(false);
     if prefill && stream {
@@ -164,6 +190,7 @@ fn prepare(service: &ModelService, req: &TgiRequest, stream: bool) -> Result<Pre
             String::new()
         },
         top_n,
+        best_of,
     })
 }
 
@@ -202,15 +229,24 @@ pub async fn generate(
 ) -> Result<Response, ApiError> {
     let lease = state.lease(None, "model").await?;
     let service = lease.service().clone();
-    let p = prepare(&service, &req, stream)?;
-    let seed = p.params.seed;
-    let prompt = p.ids.clone();
-    let mut tokens = lease.submit(p.ids, p.params, &state.metrics)?;
+    let mut p = prepare(&service, &req, stream)?;
     if stream {
+        let seed = p.params.seed;
+        let tokens = lease.submit(p.ids, p.params, &state.metrics)?;
         return Ok(events(tokens, service, p.prefix, p.top_n, seed));
     }
+    if p.best_of > 1 {
+        // The samples' seeds, reported in their details: `seed + i` (below 2^53, exact as
+        // a JSON number in every client).
+        p.params.seed = Some(rand::random::<u64>() >> 11);
+    }
+    let prompt = p.ids.clone();
+    let seed = p.params.seed;
+    let mut streams = lease
+        .submit_samples(p.ids, p.params, p.best_of, &state.metrics)
+        .await?;
     let prefill: Vec<Value> = if p.prefill {
-        let rows = tokens.prompt_logprobs().await;
+        let rows = streams[0].prompt_logprobs().await;
         prompt_rows(&prompt, &rows)
             .map(|(id, row)| {
                 let text = service.tokenizer.decode(&[id], false).unwrap_or_default();
@@ -221,31 +257,90 @@ pub async fn generate(
     } else {
         Vec::new()
     };
-    let c = tokens.collect().await?;
+    let done = futures::future::try_join_all(streams.into_iter().map(|s| s.collect())).await?;
+    let sequences: Vec<(Completion, Option<u64>)> = done
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| (c, seed.map(|s| s.wrapping_add(i as u64))))
+        .collect();
+    let best = best_sequence(&sequences);
+    let (c, seed) = &sequences[best];
     let mut body = json!({"generated_text": format!("{}{}", p.prefix, c.text)});
     if p.details {
-        let last = c.token_ids.last().copied().unwrap_or_default();
-        let toks: Vec<Value> = c
-            .events
-            .iter()
-            .map(|ev| token(&service, ev.token_id, &ev.text, ev.logprob))
-            .collect();
-        body["details"] = json!({
-            "finish_reason": finish_reason(&service, c.finish_reason, last),
-            "generated_tokens": c.token_ids.len(),
-            "seed": seed,
-            "prefill": prefill,
-            "tokens": toks,
-        });
-        if p.top_n > 0 {
-            body["details"]["top_tokens"] = c
-                .events
-                .iter()
-                .map(|ev| Value::Array(top_tokens(&service, ev)))
+        let detail = |c: &Completion, seed: Option<u64>| {
+            let mut d = sequence_details(&service, c, seed, &prefill, p.top_n);
+            d["generated_text"] = json!(format!("{}{}", p.prefix, c.text));
+            d
+        };
+        let mut details = sequence_details(&service, c, *seed, &prefill, p.top_n);
+        if sequences.len() > 1 {
+            let others: Vec<Value> = (0..sequences.len())
+                .filter(|&i| i != best)
+                .map(|i| detail(&sequences[i].0, sequences[i].1))
                 .collect();
+            details["best_of_sequences"] = Value::Array(others);
         }
+        body["details"] = details;
     }
     Ok(Json(body).into_response())
+}
+
+/// The sequence of highest mean log-probability per generated token, as TGI picks among
+/// `best_of` samples (the first of equals; a sequence without tokens, or with a
+/// log-probability missing or not a number, comes last).
+fn best_sequence(sequences: &[(Completion, Option<u64>)]) -> usize {
+    let score = |c: &Completion| {
+        let lps: Option<Vec<f32>> = c.events.iter().map(|ev| ev.logprob).collect();
+        match lps {
+            Some(lps) if !lps.is_empty() => {
+                let mean = lps.iter().sum::<f32>() / lps.len() as f32;
+                if mean.is_nan() {
+                    f32::NEG_INFINITY
+                } else {
+                    mean
+                }
+            }
+            _ => f32::NEG_INFINITY,
+        }
+    };
+    let mut best = 0;
+    for (i, (c, _)) in sequences.iter().enumerate().skip(1) {
+        if score(c) > score(&sequences[best].0) {
+            best = i;
+        }
+    }
+    best
+}
+
+/// One sequence's `details`: finish reason, token count, seed, prompt rows and tokens.
+fn sequence_details(
+    service: &ModelService,
+    c: &Completion,
+    seed: Option<u64>,
+    prefill: &[Value],
+    top_n: usize,
+) -> Value {
+    let last = c.token_ids.last().copied().unwrap_or_default();
+    let toks: Vec<Value> = c
+        .events
+        .iter()
+        .map(|ev| token(service, ev.token_id, &ev.text, ev.logprob))
+        .collect();
+    let mut d = json!({
+        "finish_reason": finish_reason(service, c.finish_reason, last),
+        "generated_tokens": c.token_ids.len(),
+        "seed": seed,
+        "prefill": prefill,
+        "tokens": toks,
+    });
+    if top_n > 0 {
+        d["top_tokens"] = c
+            .events
+            .iter()
+            .map(|ev| Value::Array(top_tokens(service, ev)))
+            .collect();
+    }
+    d
 }
 
 /// TGI's stream: one `data:` event per generated token; the last one also carries the

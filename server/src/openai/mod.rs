@@ -9,15 +9,14 @@ mod stream;
 use crate::error::{ApiError, ApiJson};
 use crate::logprobs::{CompletionLogprobs, LogprobsRequest, Renderer};
 use crate::messages::to_chat;
-use crate::metrics::Metrics;
-use crate::registry::{Lease, ReaderState};
+use crate::registry::ReaderState;
 use crate::service::{Completion, ModelService, TokenStream};
 use crate::tools::{self, Tools};
 use crate::AppState;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use liftoff_engine::sampling::{SamplingParams, MAX_LOGPROBS};
+use liftoff_engine::sampling::MAX_LOGPROBS;
 use liftoff_engine::scheduler::{PromptLogprob, TokenEvent};
 use request::{ChatRequest, CompletionRequest, PromptInput, SamplingFields};
 use serde_json::{json, Value};
@@ -85,40 +84,6 @@ impl Job {
     }
 }
 
-/// Submits `n` samples of one prompt. The first is computed alone; the others are sent once
-/// its prompt is in the cache, so they share its blocks (the prefix cache) instead of
-/// computing the prompt again, as vLLM's parallel samples share theirs. Seeded samples use
-/// `seed + i`.
-async fn submit_samples(
-    lease: &Lease,
-    ids: Vec<u32>,
-    params: SamplingParams,
-    n: usize,
-    metrics: &Arc<Metrics>,
-) -> Result<Vec<TokenStream>, ApiError> {
-    let mut first = lease.submit(ids.clone(), params.clone(), metrics)?;
-    if n == 1 {
-        return Ok(vec![first]);
-    }
-    // A prompt shorter than a block has nothing to share: no reason to wait.
-    if ids.len() >= lease.service().info.block_size {
-        first.peek().await;
-        if let Some(e) = first.peeked_error() {
-            return Err(e);
-        }
-    }
-    let mut out = vec![first];
-    for i in 1..n {
-        let p = SamplingParams {
-            seed: params.seed.map(|s| s.wrapping_add(i as u64)),
-            prompt_logprobs: None,
-            ..params.clone()
-        };
-        out.push(lease.submit(ids.clone(), p, metrics)?);
-    }
-    Ok(out)
-}
-
 /// `POST /v1/completions`.
 pub async fn completions(
     State(state): State<Arc<AppState>>,
@@ -167,7 +132,7 @@ pub async fn completions(
     if echo.is_some() {
         params.prompt_logprobs = lp.map(|l| l.top);
     }
-    let mut streams = submit_samples(&lease, ids, params, n, &state.metrics).await?;
+    let mut streams = lease.submit_samples(ids, params, n, &state.metrics).await?;
     if let (Some(e), Some(_)) = (&mut echo, lp) {
         e.rows = streams[0].prompt_logprobs().await;
     }
@@ -246,7 +211,7 @@ pub async fn chat_completions(
         hide_token: false,
         tools,
     };
-    let streams = submit_samples(&lease, ids, params, n, &state.metrics).await?;
+    let streams = lease.submit_samples(ids, params, n, &state.metrics).await?;
     respond(job, streams, &req.sampling).await
 }
 
