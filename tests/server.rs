@@ -660,7 +660,6 @@ async fn unsupported_openai_fields_are_refused_by_name() {
             json!([{"type": "function", "function": {"name": "f"}}]),
         ),
         ("guided_json", json!({"type": "object"})),
-        ("best_of", json!(2)),
         ("suffix", json!(" end")),
     ] {
         let mut body = json!({"prompt": "Hi", "max_tokens": 2});
@@ -677,6 +676,65 @@ async fn unsupported_openai_fields_are_refused_by_name() {
         )
         .await;
     assert_eq!(st, 200, "{v}");
+}
+
+/// `best_of` on completions: three seeded samples drawn (seeds `seed`, `seed + 1`, `seed +
+/// 2`), the two of highest mean token log-probability returned, best first: the same texts as
+/// `n: 3` with the same seed ranked by their own log-probabilities; usage counts all three.
+/// Below `n`, streamed or greedy, it is a 400 naming it.
+#[tokio::test]
+async fn completions_best_of_keeps_the_likeliest_samples() {
+    let s = Server::start(&[]).await;
+    let body = |n: usize, best_of: usize| {
+        json!({"prompt": "Once upon a time", "max_tokens": 10, "ignore_eos": true,
+               "temperature": 1.5, "seed": 7, "logprobs": 0, "n": n, "best_of": best_of})
+    };
+    let mean = |choice: &Value| {
+        let lps: Vec<f64> = choice["logprobs"]["token_logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l.as_f64().unwrap())
+            .collect();
+        assert!(
+            lps.len() == 10 && lps.iter().all(|l| l.is_finite()),
+            "{lps:?}"
+        );
+        lps.iter().sum::<f64>() / lps.len() as f64
+    };
+    let (st, all) = s.post("/v1/completions", body(3, 3)).await;
+    assert_eq!(st, 200, "{all}");
+    let mut ranked: Vec<(f64, String)> = all["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (mean(c), c["text"].as_str().unwrap().to_string()))
+        .collect();
+    ranked.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let (st, best) = s.post("/v1/completions", body(2, 3)).await;
+    assert_eq!(st, 200, "{best}");
+    let choices = best["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 2, "{best}");
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i, "{best}");
+        assert_eq!(c["text"].as_str().unwrap(), ranked[i].1, "{best} vs {all}");
+        assert!((mean(c) - ranked[i].0).abs() < 1e-6, "{best}");
+    }
+    assert_eq!(best["usage"]["completion_tokens"], 30, "{best}");
+    for (field, value) in [
+        ("n", json!(2)),
+        ("stream", json!(true)),
+        ("temperature", json!(0)),
+    ] {
+        let mut b = body(1, 2);
+        b[field] = value;
+        if field == "n" {
+            b["best_of"] = json!(1);
+        }
+        let (st, v) = s.post("/v1/completions", b).await;
+        assert_eq!(st, 400, "{field}: {v}");
+        assert_eq!(v["error"]["param"], "best_of", "{field}: {v}");
+    }
 }
 
 /// Chat messages as OpenAI clients send them: content as parts (text joined in order) gives

@@ -372,6 +372,38 @@ pub struct Completion {
     pub prompt_tokens: usize,
 }
 
+impl Completion {
+    /// The mean log-probability of the generated tokens, how TGI and OpenAI rank `best_of`
+    /// samples: minus infinity without tokens, or with a log-probability missing (not asked
+    /// for) or not a number, so that such a sample ranks last.
+    pub fn mean_logprob(&self) -> f32 {
+        let lps: Option<Vec<f32>> = self.events.iter().map(|ev| ev.logprob).collect();
+        match lps {
+            Some(lps) if !lps.is_empty() => {
+                let mean = lps.iter().sum::<f32>() / lps.len() as f32;
+                if mean.is_nan() {
+                    f32::NEG_INFINITY
+                } else {
+                    mean
+                }
+            }
+            _ => f32::NEG_INFINITY,
+        }
+    }
+
+    /// The indices of `samples` from the highest [`Self::mean_logprob`] down (equals in
+    /// their order).
+    pub fn ranked(samples: &[Completion]) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..samples.len()).collect();
+        order.sort_by(|&a, &b| {
+            samples[b]
+                .mean_logprob()
+                .total_cmp(&samples[a].mean_logprob())
+        });
+        order
+    }
+}
+
 impl TokenStream {
     /// Reads the stream to its end.
     pub async fn collect(mut self) -> Result<Completion, ApiError> {

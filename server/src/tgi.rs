@@ -258,12 +258,13 @@ pub async fn generate(
         Vec::new()
     };
     let done = futures::future::try_join_all(streams.into_iter().map(|s| s.collect())).await?;
+    // The sequence of highest mean token log-probability, as TGI picks among its samples.
+    let best = Completion::ranked(&done)[0];
     let sequences: Vec<(Completion, Option<u64>)> = done
         .into_iter()
         .enumerate()
         .map(|(i, c)| (c, seed.map(|s| s.wrapping_add(i as u64))))
         .collect();
-    let best = best_sequence(&sequences);
     let (c, seed) = &sequences[best];
     let mut body = json!({"generated_text": format!("{}{}", p.prefix, c.text)});
     if p.details {
@@ -283,33 +284,6 @@ pub async fn generate(
         body["details"] = details;
     }
     Ok(Json(body).into_response())
-}
-
-/// The sequence of highest mean log-probability per generated token, as TGI picks among
-/// `best_of` samples (the first of equals; a sequence without tokens, or with a
-/// log-probability missing or not a number, comes last).
-fn best_sequence(sequences: &[(Completion, Option<u64>)]) -> usize {
-    let score = |c: &Completion| {
-        let lps: Option<Vec<f32>> = c.events.iter().map(|ev| ev.logprob).collect();
-        match lps {
-            Some(lps) if !lps.is_empty() => {
-                let mean = lps.iter().sum::<f32>() / lps.len() as f32;
-                if mean.is_nan() {
-                    f32::NEG_INFINITY
-                } else {
-                    mean
-                }
-            }
-            _ => f32::NEG_INFINITY,
-        }
-    };
-    let mut best = 0;
-    for (i, (c, _)) in sequences.iter().enumerate().skip(1) {
-        if score(c) > score(&sequences[best].0) {
-            best = i;
-        }
-    }
-    best
 }
 
 /// One sequence's `details`: finish reason, token count, seed, prompt rows and tokens.

@@ -23,6 +23,14 @@ def test_openai_completion_and_models(server):
     out = client.completions.create(model="primary", prompt="The capital of France is", max_tokens=8, temperature=0)
     assert out.choices[0].text.startswith(" Paris")
     assert out.usage.completion_tokens == 8
+    # best_of as the SDK sends it: two samples, the likelier one returned, both billed.
+    best = client.completions.create(model="primary", prompt="Once upon a time", max_tokens=6,
+                                     best_of=2, seed=3, logprobs=0, extra_body={"ignore_eos": True})
+    assert len(best.choices) == 1 and best.usage.completion_tokens == 12
+    both = client.completions.create(model="primary", prompt="Once upon a time", max_tokens=6,
+                                     n=2, seed=3, logprobs=0, extra_body={"ignore_eos": True})
+    mean = lambda c: sum(c.logprobs.token_logprobs) / len(c.logprobs.token_logprobs)
+    assert best.choices[0].text == max(both.choices, key=mean).text
     assert [m.id for m in client.models.list().data] == ["SmolLM2-135M-Instruct"]
 
 

@@ -128,11 +128,16 @@ pub async fn completions(
     let requested = if hide_token { Some(1) } else { requested };
     let max_new = service.max_new_tokens(ids.len(), requested, field)?;
     let n = request::samples(&service, &req.sampling)?;
+    let best_of = request::best_of(&service, &req.sampling, n, req.best_of)?;
     let mut params = request::params(&service, &req.sampling, max_new, lp, None)?;
     if echo.is_some() {
         params.prompt_logprobs = lp.map(|l| l.top);
     }
-    let mut streams = lease.submit_samples(ids, params, n, &state.metrics).await?;
+    // The samples are ranked by their tokens' log-probabilities.
+    params.token_logprobs |= best_of > n;
+    let mut streams = lease
+        .submit_samples(ids, params, best_of, &state.metrics)
+        .await?;
     if let (Some(e), Some(_)) = (&mut echo, lp) {
         e.rows = streams[0].prompt_logprobs().await;
     }
@@ -146,7 +151,7 @@ pub async fn completions(
         hide_token,
         tools: None,
     };
-    respond(job, streams, &req.sampling).await
+    respond(job, streams, n, &req.sampling).await
 }
 
 /// `POST /v1/chat/completions`.
@@ -212,7 +217,7 @@ pub async fn chat_completions(
         tools,
     };
     let streams = lease.submit_samples(ids, params, n, &state.metrics).await?;
-    respond(job, streams, &req.sampling).await
+    respond(job, streams, n, &req.sampling).await
 }
 
 /// Prompt token ids given as such: each must be in the vocabulary.
@@ -231,10 +236,13 @@ fn token_ids(service: &ModelService, ids: Vec<u32>) -> Result<Vec<u32>, ApiError
     Ok(ids)
 }
 
-/// Streams the samples as SSE chunks, or collects them into one response object.
+/// Streams the samples as SSE chunks, or collects them into one response object with the
+/// `keep` of highest mean token log-probability when there are more (`best_of`); usage
+/// counts every sample's tokens, as every one was generated.
 async fn respond(
     job: Job,
     streams: Vec<TokenStream>,
+    keep: usize,
     sampling: &SamplingFields,
 ) -> Result<Response, ApiError> {
     if sampling.stream.unwrap_or(false) {
@@ -245,19 +253,34 @@ async fn respond(
         };
         return Ok(stream::sse(Arc::new(job), streams, usage));
     }
-    let mut choices = Vec::new();
-    let (mut prompt, mut generated, mut cached) = (0, 0, 0);
-    for (i, s) in streams.into_iter().enumerate() {
-        let c = s.collect().await?;
-        if i == 0 {
-            (prompt, cached) = (c.prompt_tokens, c.cached_tokens);
-        }
-        generated += if job.hide_token { 0 } else { c.token_ids.len() };
-        choices.push(match job.kind {
-            Kind::Completion => completion_choice(&job, i, &c),
-            Kind::Chat => chat_choice(&job, i, &c),
-        });
+    let mut samples = Vec::new();
+    for s in streams {
+        samples.push(s.collect().await?);
     }
+    let (prompt, cached) = samples
+        .first()
+        .map_or((0, 0), |c| (c.prompt_tokens, c.cached_tokens));
+    let generated = if job.hide_token {
+        0
+    } else {
+        samples.iter().map(|c| c.token_ids.len()).sum()
+    };
+    let order: Vec<usize> = if samples.len() > keep {
+        Completion::ranked(&samples)
+            .into_iter()
+            .take(keep)
+            .collect()
+    } else {
+        (0..samples.len()).collect()
+    };
+    let choices: Vec<Value> = order
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| match job.kind {
+            Kind::Completion => completion_choice(&job, i, &samples[s]),
+            Kind::Chat => chat_choice(&job, i, &samples[s]),
+        })
+        .collect();
     let object = match job.kind {
         Kind::Completion => "text_completion",
         Kind::Chat => "chat.completion",

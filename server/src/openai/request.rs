@@ -74,6 +74,8 @@ pub struct CompletionRequest {
     pub logprobs: Option<usize>,
     /// The prompt before the completion (with its tokens' log-probabilities when `logprobs`).
     pub echo: Option<bool>,
+    /// Samples to draw, of which the `n` of highest mean token log-probability are returned.
+    pub best_of: Option<usize>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
     /// Every other field (refused unless it cannot change the output).
@@ -175,6 +177,34 @@ pub fn samples(service: &ModelService, f: &SamplingFields) -> Result<usize, ApiE
         ));
     }
     Ok(n)
+}
+
+/// `best_of` (completions): `n` unless given; at least `n`, at most as many as `n` may be.
+/// Above `n` the results cannot be streamed (as in OpenAI's API) and need sampling (several
+/// greedy samples would be one sequence, as vLLM says).
+pub fn best_of(
+    service: &ModelService,
+    f: &SamplingFields,
+    n: usize,
+    best_of: Option<usize>,
+) -> Result<usize, ApiError> {
+    let best_of = best_of.unwrap_or(n);
+    let max = MAX_N.min(service.info.max_batch_size.max(1));
+    let why = if best_of < n || best_of > max {
+        Some(format!(
+            "best_of must be between n ({n}) and {max}, got {best_of}"
+        ))
+    } else if best_of > n && f.stream.unwrap_or(false) {
+        Some("best_of above n cannot be streamed".to_string())
+    } else if best_of > n && f.temperature == Some(0.0) {
+        Some("best_of above n needs sampling (temperature 0 is greedy)".to_string())
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(ApiError::invalid("best_of", why)),
+        None => Ok(best_of),
+    }
 }
 
 /// `logit_bias` with its keys read as token ids of the vocabulary.
