@@ -546,7 +546,8 @@ fn mean_logprob(details: &Value) -> f64 {
 /// TGI's `best_of`: two samples, the answer the one of higher mean token log-probability,
 /// the other in `details.best_of_sequences`, each with the seed it drew with (two seeds, one
 /// apart). Each seed, sent alone, gives back its sequence's text, so the texts, the seeds and
-/// the choice are the samples' own; `/info` says 2 at most.
+/// the choice are the samples' own; `/info` says 2 at most. Six rounds: an answer that were
+/// always the first sample would pass with a chance of 1 in 64.
 #[tokio::test]
 async fn tgi_best_of_keeps_the_likelier_sample() {
     let s = Server::start(&["--device", "cpu"]).await;
@@ -556,7 +557,7 @@ async fn tgi_best_of_keeps_the_likelier_sample() {
     let params = json!({"max_new_tokens": 12, "do_sample": true, "temperature": 1.5,
                         "details": true, "decoder_input_details": true});
     let mut distinct = 0;
-    for _ in 0..3 {
+    for _ in 0..6 {
         let mut p = params.clone();
         p["best_of"] = json!(2);
         let (status, v) = s
@@ -569,11 +570,12 @@ async fn tgi_best_of_keeps_the_likelier_sample() {
             .expect("best_of_sequences");
         assert_eq!(others.len(), 1, "{v}");
         let other = &others[0];
-        assert_eq!(best["generated_tokens"], 12, "{v}");
-        assert_eq!(other["generated_tokens"], 12, "{v}");
+        for d in [best, other] {
+            let tokens = d["tokens"].as_array().unwrap().len();
+            assert!(tokens >= 1 && d["generated_tokens"] == tokens, "{v}");
+            assert!(!d["prefill"].as_array().unwrap().is_empty(), "{v}");
+        }
         assert!(mean_logprob(best) >= mean_logprob(other), "{v}");
-        assert_eq!(other["prefill"], best["prefill"], "{v}");
-        assert!(!best["prefill"].as_array().unwrap().is_empty(), "{v}");
         let (a, b) = (
             best["seed"].as_u64().unwrap(),
             other["seed"].as_u64().unwrap(),

@@ -196,6 +196,12 @@ impl ModelService {
     }
 }
 
+/// The seed sample `i` of a seeded request draws with: `seed + i` (OpenAI's `n` and the
+/// `best_of`s; TGI reports it in each sequence's details).
+pub fn sample_seed(seed: Option<u64>, i: usize) -> Option<u64> {
+    seed.map(|s| s.wrapping_add(i as u64))
+}
+
 impl Lease {
     /// Sends a request to the leased reader; the stream keeps the reader loaded until it ends
     /// and records the reader's metrics.
@@ -217,11 +223,11 @@ impl Lease {
         }
     }
 
-    /// Submits `n` samples of one prompt (OpenAI's `n`, TGI's `best_of`). The first is
-    /// computed alone; the others are sent once its prompt is in the cache, so they share its
-    /// blocks (the prefix cache) instead of computing the prompt again, as vLLM's parallel
-    /// samples share theirs. Seeded samples use `seed + i`; only the first asks for the
-    /// prompt's log-probabilities.
+    /// Submits `n` (at least one) samples of one prompt (OpenAI's `n`, the `best_of`s). The
+    /// first is computed alone; the others are sent once its prompt is in the cache, so they
+    /// share its blocks (the prefix cache) instead of computing the prompt again, as vLLM's
+    /// parallel samples share theirs. Sample `i` draws with [`sample_seed`]; only the first
+    /// asks for the prompt's log-probabilities.
     pub async fn submit_samples(
         &self,
         ids: Vec<u32>,
@@ -229,8 +235,9 @@ impl Lease {
         n: usize,
         metrics: &Arc<Metrics>,
     ) -> Result<Vec<TokenStream>, ApiError> {
+        debug_assert!(n >= 1, "no samples asked for");
         let mut first = self.submit(ids.clone(), params.clone(), metrics)?;
-        if n == 1 {
+        if n <= 1 {
             return Ok(vec![first]);
         }
         // A prompt shorter than a block has nothing to share: no reason to wait.
@@ -243,7 +250,7 @@ impl Lease {
         let mut out = vec![first];
         for i in 1..n {
             let p = SamplingParams {
-                seed: params.seed.map(|s| s.wrapping_add(i as u64)),
+                seed: sample_seed(params.seed, i),
                 prompt_logprobs: None,
                 ..params.clone()
             };
@@ -377,10 +384,13 @@ impl Completion {
     /// samples: minus infinity without tokens, or with a log-probability missing (not asked
     /// for) or not a number, so that such a sample ranks last.
     pub fn mean_logprob(&self) -> f32 {
-        let lps: Option<Vec<f32>> = self.events.iter().map(|ev| ev.logprob).collect();
-        match lps {
-            Some(lps) if !lps.is_empty() => {
-                let mean = lps.iter().sum::<f32>() / lps.len() as f32;
+        let sum = self
+            .events
+            .iter()
+            .try_fold(0f32, |sum, ev| ev.logprob.map(|l| sum + l));
+        match sum {
+            Some(sum) if !self.events.is_empty() => {
+                let mean = sum / self.events.len() as f32;
                 if mean.is_nan() {
                     f32::NEG_INFINITY
                 } else {
@@ -394,17 +404,19 @@ impl Completion {
     /// The indices of `samples` from the highest [`Self::mean_logprob`] down (equals in
     /// their order).
     pub fn ranked(samples: &[Completion]) -> Vec<usize> {
+        let keys: Vec<f32> = samples.iter().map(Self::mean_logprob).collect();
         let mut order: Vec<usize> = (0..samples.len()).collect();
-        order.sort_by(|&a, &b| {
-            samples[b]
-                .mean_logprob()
-                .total_cmp(&samples[a].mean_logprob())
-        });
+        order.sort_by(|&a, &b| keys[b].total_cmp(&keys[a]));
         order
     }
 }
 
 impl TokenStream {
+    /// Reads every stream to its end, all at once.
+    pub async fn collect_all(streams: Vec<TokenStream>) -> Result<Vec<Completion>, ApiError> {
+        futures::future::try_join_all(streams.into_iter().map(TokenStream::collect)).await
+    }
+
     /// Reads the stream to its end.
     pub async fn collect(mut self) -> Result<Completion, ApiError> {
         let mut c = Completion {
@@ -427,5 +439,66 @@ impl TokenStream {
             }
         }
         Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(logprobs: &[Option<f32>]) -> Completion {
+        let events = logprobs
+            .iter()
+            .enumerate()
+            .map(|(i, &logprob)| TokenEvent {
+                token_id: i as u32,
+                text: String::new(),
+                top_logprobs: Vec::new(),
+                logprob,
+                finished: None,
+                prompt_tokens: 1,
+                cached_tokens: 0,
+                generated_tokens: i + 1,
+                queue_time: None,
+                prompt_logprobs: None,
+            })
+            .collect();
+        Completion {
+            events,
+            ..Default::default()
+        }
+    }
+
+    /// Samples rank by their mean token log-probability (not the sum: a longer sample is not
+    /// worse for it), equals in their order, and one without tokens, with a log-probability
+    /// missing or one that is not a number after every finite one.
+    #[test]
+    fn samples_rank_by_mean_logprob() {
+        let samples = [
+            sample(&[Some(-1.0), Some(-1.0)]), // mean -1
+            sample(&[Some(-0.5), Some(-0.5), Some(-0.5), Some(-0.5)]), // mean -0.5, sum -2
+            sample(&[]),                       // no tokens
+            sample(&[Some(-0.1), None]),       // a missing one
+            sample(&[Some(f32::NAN)]),         // not a number
+            sample(&[Some(-2.0), Some(0.0)]),  // mean -1, after its equal
+            sample(&[Some(f32::NEG_INFINITY)]), // an impossible token
+        ];
+        assert_eq!(samples[1].mean_logprob(), -0.5);
+        let order = Completion::ranked(&samples);
+        assert_eq!(&order[..3], &[1, 0, 5]);
+        let mut rest = order[3..].to_vec();
+        rest.sort();
+        assert_eq!(rest, vec![2, 3, 4, 6]);
+        assert!(order[3..]
+            .iter()
+            .all(|&i| samples[i].mean_logprob() == f32::NEG_INFINITY));
+    }
+
+    #[test]
+    fn sample_seeds_count_up_from_the_request_seed() {
+        assert_eq!(sample_seed(Some(7), 0), Some(7));
+        assert_eq!(sample_seed(Some(7), 2), Some(9));
+        assert_eq!(sample_seed(Some(u64::MAX), 1), Some(0));
+        assert_eq!(sample_seed(None, 3), None);
     }
 }

@@ -6,7 +6,7 @@
 
 use crate::error::ApiError;
 use crate::logprobs::prompt_rows;
-use crate::service::{Completion, ModelService, TokenStream};
+use crate::service::{sample_seed, Completion, ModelService, TokenStream};
 use crate::{structured, AppState};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -119,7 +119,9 @@ fn prepare(service: &ModelService, req: &TgiRequest, stream: bool) -> Result<Pre
         || p.typical_p.is_some_and(|t| t < 1.0);
     if best_of > 1 {
         // TGI's rules: several samples of greedy decoding would be the same sequence, one
-        // seed would make them the same draws, and a stream can carry one sequence.
+        // seed would make them the same draws, and a stream can carry one sequence. (TGI takes
+        // any temperature given as sampling; here a temperature of 1 alone is greedy, as
+        // everywhere in this API, so it is refused rather than repeated.)
         let why = if !sample {
             Some("best_of > 1 is not allowed for greedy decoding (set do_sample or a sampling parameter)")
         } else if p.seed.is_some() {
@@ -257,13 +259,13 @@ pub async fn generate(
     } else {
         Vec::new()
     };
-    let done = futures::future::try_join_all(streams.into_iter().map(|s| s.collect())).await?;
+    let done = TokenStream::collect_all(streams).await?;
     // The sequence of highest mean token log-probability, as TGI picks among its samples.
     let best = Completion::ranked(&done)[0];
     let sequences: Vec<(Completion, Option<u64>)> = done
         .into_iter()
         .enumerate()
-        .map(|(i, c)| (c, seed.map(|s| s.wrapping_add(i as u64))))
+        .map(|(i, c)| (c, sample_seed(seed, i)))
         .collect();
     let (c, seed) = &sequences[best];
     let mut body = json!({"generated_text": format!("{}{}", p.prefix, c.text)});

@@ -129,6 +129,8 @@ pub async fn completions(
     let max_new = service.max_new_tokens(ids.len(), requested, field)?;
     let n = request::samples(&service, &req.sampling)?;
     let best_of = request::best_of(&service, &req.sampling, n, req.best_of)?;
+    // Scoring the prompt alone (`max_tokens: 0`): every sample would be the same echo.
+    let best_of = if hide_token { n } else { best_of };
     let mut params = request::params(&service, &req.sampling, max_new, lp, None)?;
     if echo.is_some() {
         params.prompt_logprobs = lp.map(|l| l.top);
@@ -253,10 +255,7 @@ async fn respond(
         };
         return Ok(stream::sse(Arc::new(job), streams, usage));
     }
-    let mut samples = Vec::new();
-    for s in streams {
-        samples.push(s.collect().await?);
-    }
+    let samples = TokenStream::collect_all(streams).await?;
     let (prompt, cached) = samples
         .first()
         .map_or((0, 0), |c| (c.prompt_tokens, c.cached_tokens));
