@@ -8,6 +8,8 @@ mod common;
 
 use common::Server;
 use futures::StreamExt;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -15,22 +17,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const CONCURRENCY: usize = 32;
-
-/// A small deterministic generator.
-struct Lcg(u64);
-
-impl Lcg {
-    fn next(&mut self) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        self.0 >> 33
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// What one client does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -83,15 +69,16 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 async fn one(client: &reqwest::Client, base: &str, i: u64) -> (Kind, u16) {
-    let mut rng = Lcg(i.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xDEAD_BEEF);
-    let kind = match rng.below(10) {
+    // Each client's choices, reproducible from its number.
+    let mut rng = StdRng::seed_from_u64(i);
+    let kind = match rng.random_range(0..10) {
         0 => Kind::Bad,
         1..=3 => Kind::HangUp,
         4..=6 => Kind::Stream,
         _ => Kind::Whole,
     };
     if kind == Kind::Bad {
-        let (path, body) = bad_request(rng.next());
+        let (path, body) = bad_request(rng.random());
         let r = client
             .post(format!("{base}{path}"))
             .header("content-type", "application/json")
@@ -105,11 +92,11 @@ async fn one(client: &reqwest::Client, base: &str, i: u64) -> (Kind, u16) {
         assert!(v["error"]["message"].is_string(), "{v}");
         return (kind, status);
     }
-    let words = 1 + rng.below(40) as usize;
+    let words = rng.random_range(1..=40);
     let prompt: Vec<&str> = (0..words)
-        .map(|_| WORDS[rng.below(WORDS.len() as u64) as usize])
+        .map(|_| WORDS[rng.random_range(0..WORDS.len())])
         .collect();
-    let max_tokens = 1 + rng.below(24);
+    let max_tokens: u64 = rng.random_range(1..=24);
     let stream = kind != Kind::Whole;
     let r = client
         .post(format!("{base}/v1/completions"))
@@ -136,7 +123,7 @@ async fn one(client: &reqwest::Client, base: &str, i: u64) -> (Kind, u16) {
         _ => {
             // Hang up after a few chunks (or at once).
             let mut chunks = r.bytes_stream();
-            for _ in 0..rng.below(4) {
+            for _ in 0..rng.random_range(0..4) {
                 if chunks.next().await.is_none() {
                     break;
                 }
