@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::Server;
+use common::{refused_param, Server};
 use futures::stream::{self, StreamExt};
 use serde_json::{json, Value};
 
@@ -296,6 +296,17 @@ async fn lists_truncation_and_bad_constraints() {
             json!({"inputs": "x", "parameters": {"frequency_penalty": 2.5}}),
             "parameters.frequency_penalty",
         ),
+        // A `stream` that contradicts the route.
+        (
+            "/generate",
+            json!({"inputs": "x", "stream": true}),
+            "stream",
+        ),
+        (
+            "/generate_stream",
+            json!({"inputs": "x", "stream": false}),
+            "stream",
+        ),
         // best_of: within 1..=2, sampling only, no seed, no stream.
         (
             "/generate",
@@ -324,8 +335,7 @@ async fn lists_truncation_and_bad_constraints() {
         ),
     ] {
         let (status, v) = s.post(path, body.clone()).await;
-        assert_eq!(status, 400, "{body}: {v}");
-        assert_eq!(v["error"]["param"], field, "{body}: {v}");
+        assert_eq!(refused_param(status, &v, &body), field, "{body}: {v}");
     }
 }
 

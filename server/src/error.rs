@@ -1,5 +1,6 @@
 //! API errors: every failure is a JSON body `{"error": {"message", "type", "param", "code"}}`
-//! (OpenAI's shape, also used for the Takeoff routes) with a 4xx or 5xx status.
+//! (OpenAI's shape, also used for the Takeoff routes) with a 4xx or 5xx status; requests in
+//! TGI's schema get TGI's shape instead (`tgi::error_response`).
 
 use axum::extract::rejection::JsonRejection;
 use axum::http::{header, HeaderValue, StatusCode};

@@ -123,17 +123,9 @@ const TAKEOFF_NAMES: &[(&str, &str)] = &[
     ("top_k", "sampling_topk"),
 ];
 
-/// The schema of a `/generate` body: Takeoff's (`text`) or TGI's (`inputs`).
-enum Body {
-    Takeoff(GenerateRequest),
-    Tgi(tgi::TgiRequest),
-}
-
-fn parse(body: Value) -> Result<Body, ApiError> {
-    if body.get("inputs").is_some() && body.get("text").is_none() {
-        return Ok(Body::Tgi(tgi::parse(body)?));
-    }
-    crate::error::from_json(body).map(Body::Takeoff)
+/// Whether a body is TGI's (`inputs`, no `text`): it gets TGI's answers and errors.
+fn is_tgi(body: &Value) -> bool {
+    body.get("inputs").is_some() && body.get("text").is_none()
 }
 
 /// `POST /generate`: the whole text at once (`text` is a list when the request's was); a TGI
@@ -142,20 +134,19 @@ pub async fn generate(
     State(state): State<Arc<AppState>>,
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Response, ApiError> {
-    match parse(body)? {
-        Body::Takeoff(req) => Ok(generate_takeoff(state, req).await?.into_response()),
-        Body::Tgi(req) => tgi::generate(state, req, false).await,
+    if is_tgi(&body) {
+        return Ok(tgi::serve(state, body, Some(false)).await);
     }
+    let req = crate::error::from_json(body)?;
+    Ok(generate_takeoff(state, req).await?.into_response())
 }
 
 /// `POST /`: TGI's compatibility route, streamed when the body's `stream` is true.
 pub async fn tgi_compat(
     State(state): State<Arc<AppState>>,
     ApiJson(body): ApiJson<Value>,
-) -> Result<Response, ApiError> {
-    let req = tgi::parse(body)?;
-    let stream = req.stream.unwrap_or(false);
-    tgi::generate(state, req, stream).await
+) -> Response {
+    tgi::serve(state, body, None).await
 }
 
 async fn generate_takeoff(
@@ -204,10 +195,10 @@ pub async fn generate_stream(
     State(state): State<Arc<AppState>>,
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Response, ApiError> {
-    let req = match parse(body)? {
-        Body::Takeoff(req) => req,
-        Body::Tgi(req) => return tgi::generate(state, req, true).await,
-    };
+    if is_tgi(&body) {
+        return Ok(tgi::serve(state, body, Some(true)).await);
+    }
+    let req: GenerateRequest = crate::error::from_json(body)?;
     let p = prepare(&state, req).await?;
     let mut streams = Vec::new();
     for (ids, params) in p.prompts {

@@ -8,6 +8,7 @@ use crate::error::ApiError;
 use crate::logprobs::prompt_rows;
 use crate::service::{sample_seed, Completion, ModelService, TokenStream};
 use crate::{structured, AppState};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -221,6 +222,53 @@ fn top_tokens(service: &ModelService, ev: &TokenEvent) -> Vec<Value> {
             token(service, id, &text, Some(lp))
         })
         .collect()
+}
+
+/// Serves a TGI body on a route that streams (`Some(true)`), answers at once
+/// (`Some(false)`) or follows the body's `stream` (`None`, `POST /`). Errors come in TGI's
+/// shape (see [`error_response`]).
+pub async fn serve(state: Arc<AppState>, body: Value, route_streams: Option<bool>) -> Response {
+    let run = async {
+        let req = parse(body)?;
+        let stream = match (route_streams, req.stream) {
+            (None, s) => s.unwrap_or(false),
+            (Some(r), Some(s)) if r != s => {
+                return Err(ApiError::invalid(
+                    "stream",
+                    format!(
+                        "stream: {s} on a route that {} (use POST / to choose)",
+                        if r { "streams" } else { "does not stream" }
+                    ),
+                ))
+            }
+            (Some(r), _) => r,
+        };
+        generate(state, req, stream).await
+    };
+    run.await.unwrap_or_else(error_response)
+}
+
+/// An error in TGI's shape, which TGI's clients (huggingface_hub, text-generation) read to
+/// raise their own exceptions: `{"error": message, "error_type"}`, plus `param` naming the
+/// field. Bad input is TGI's 422 `validation`; a full queue or no replica `overloaded` (503,
+/// with `Retry-After`); a failed generation `generation`.
+pub fn error_response(e: ApiError) -> Response {
+    let (status, error_type) = match e.status {
+        StatusCode::BAD_REQUEST => (StatusCode::UNPROCESSABLE_ENTITY, "validation"),
+        StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS => (e.status, "overloaded"),
+        StatusCode::INTERNAL_SERVER_ERROR => (e.status, "generation"),
+        s if s.is_client_error() => (s, "validation"),
+        s => (s, "unknown"),
+    };
+    let body = json!({"error": e.message, "error_type": error_type, "param": e.param});
+    let mut resp = (status, Json(body)).into_response();
+    if let Some(v) = e
+        .retry_after
+        .and_then(|s| HeaderValue::from_str(&s.to_string()).ok())
+    {
+        resp.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    resp
 }
 
 /// Runs a TGI request: the whole answer, or a stream of events.

@@ -6,6 +6,24 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// The field a refused request names. A TGI body (`inputs`, no `text`) gets TGI's 422
+/// `{"error": message, "error_type": "validation", "param"}`, which TGI's clients read; any
+/// other a 400 `{"error": {"message", "param", ...}}`. Panics on another status or shape.
+pub fn refused_param(status: u16, v: &Value, body: &Value) -> Value {
+    if body.get("inputs").is_some() && body.get("text").is_none() {
+        assert_eq!(status, 422, "{body}: {v}");
+        assert_eq!(v["error_type"], "validation", "{body}: {v}");
+        assert!(
+            v["error"].as_str().is_some_and(|m| !m.is_empty()),
+            "{body}: {v}"
+        );
+        v["param"].clone()
+    } else {
+        assert_eq!(status, 400, "{body}: {v}");
+        v["error"]["param"].clone()
+    }
+}
+
 /// The workspace's `tests/fixtures`.
 pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")

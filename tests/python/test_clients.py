@@ -10,6 +10,7 @@ import time
 import pytest
 
 from huggingface_hub import InferenceClient
+from huggingface_hub.errors import ValidationError
 from openai import OpenAI
 from takeoff_client import TakeoffClient
 from takeoff_client.exceptions import TakeoffException
@@ -174,6 +175,9 @@ def test_huggingface_inference_client(server):
     mean = lambda tokens: sum(t.logprob for t in tokens) / len(tokens)
     assert mean(best.details.tokens) >= mean(other.tokens)
     assert abs(best.details.seed - other.seed) == 1 and other.generated_text is not None
+    # Errors come in TGI's shape, so the client raises its own ValidationError.
+    with pytest.raises(ValidationError, match="best_of"):
+        client.text_generation(prompt, max_new_tokens=8, do_sample=True, best_of=3)
     last = list(client.text_generation(prompt, max_new_tokens=8, stream=True, details=True))[-1]
     assert last.generated_text == text and last.details.finish_reason == "length"
     person = client.text_generation("Describe a person as JSON.", max_new_tokens=100,
