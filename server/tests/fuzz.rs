@@ -2,7 +2,7 @@
 //! negative and out-of-range numbers, deep nesting, invalid UTF-8, long strings, unknown and
 //! duplicate fields, empty bodies, wrong content types) go to every route of the in-process
 //! routers, over a real scheduler whose model is a stand-in that answers at once. Never a 5xx,
-//! never a panic, every error JSON with a message.
+//! never a panic, every error JSON with a message (OpenAI's shape, or TGI's for a TGI body).
 
 use axum::body::Body;
 use axum::http::{header, Method, Request, StatusCode};
@@ -333,8 +333,15 @@ fn generated_requests_never_get_a_5xx_or_a_panic() {
         if status.is_client_error() {
             let v: Value = serde_json::from_slice(&body)
                 .map_err(|e| TestCaseError::fail(format!("{status} not JSON ({e}): {:?}", String::from_utf8_lossy(&body))))?;
-            prop_assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
-            prop_assert_eq!(v["error"]["code"].as_u64(), Some(status.as_u16() as u64));
+            if v["error"].is_string() {
+                // TGI's shape, for a TGI body (`inputs`) on a route that takes one.
+                prop_assert!(["/", "/generate", "/generate_stream"].contains(&path), "{path}: {v}");
+                prop_assert!(v["error"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+                prop_assert!(["validation", "overloaded", "generation"].contains(&v["error_type"].as_str().unwrap_or("")), "{v}");
+            } else {
+                prop_assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+                prop_assert_eq!(v["error"]["code"].as_u64(), Some(status.as_u16() as u64));
+            }
         } else if status == StatusCode::OK && ctype.as_deref().is_some_and(|c| c.contains("text/event-stream")) {
             // A stream runs to its end (with an error event, at worst).
             let text = String::from_utf8_lossy(&body).to_string();
