@@ -111,9 +111,12 @@ impl ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let mut resp = (self.status, axum::Json(self.body())).into_response();
+impl ApiError {
+    /// The response with `status` and `body` in place of this error's own (another API's
+    /// shape of the same error), with its headers: `WWW-Authenticate` on a 401 and
+    /// `Retry-After` when it has one.
+    pub fn response_as(&self, status: StatusCode, body: serde_json::Value) -> Response {
+        let mut resp = (status, axum::Json(body)).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
             resp.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -124,6 +127,12 @@ impl IntoResponse for ApiError {
             }
         }
         resp
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        self.response_as(self.status, self.body())
     }
 }
 

@@ -8,7 +8,7 @@ use crate::error::ApiError;
 use crate::logprobs::prompt_rows;
 use crate::service::{sample_seed, Completion, ModelService, TokenStream};
 use crate::{structured, AppState};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -260,15 +260,10 @@ pub fn error_response(e: ApiError) -> Response {
         s if s.is_client_error() => (s, "validation"),
         s => (s, "unknown"),
     };
-    let body = json!({"error": e.message, "error_type": error_type, "param": e.param});
-    let mut resp = (status, Json(body)).into_response();
-    if let Some(v) = e
-        .retry_after
-        .and_then(|s| HeaderValue::from_str(&s.to_string()).ok())
-    {
-        resp.headers_mut().insert(header::RETRY_AFTER, v);
-    }
-    resp
+    e.response_as(
+        status,
+        json!({"error": e.message, "error_type": error_type, "param": e.param}),
+    )
 }
 
 /// Runs a TGI request: the whole answer, or a stream of events.
@@ -310,28 +305,24 @@ pub async fn generate(
     let done = TokenStream::collect_all(streams).await?;
     // The sequence of highest mean token log-probability, as TGI picks among its samples.
     let best = Completion::ranked(&done)[0];
-    let sequences: Vec<(Completion, Option<u64>)> = done
-        .into_iter()
-        .enumerate()
-        .map(|(i, c)| (c, sample_seed(seed, i)))
-        .collect();
-    let (c, seed) = &sequences[best];
-    let mut body = json!({"generated_text": format!("{}{}", p.prefix, c.text)});
+    // Sample `i`'s details (its seed is `sample_seed(seed, i)`).
+    let details =
+        |i: usize| sequence_details(&service, &done[i], sample_seed(seed, i), &prefill, p.top_n);
+    let mut body = json!({"generated_text": format!("{}{}", p.prefix, done[best].text)});
     if p.details {
-        let detail = |c: &Completion, seed: Option<u64>| {
-            let mut d = sequence_details(&service, c, seed, &prefill, p.top_n);
-            d["generated_text"] = json!(format!("{}{}", p.prefix, c.text));
-            d
-        };
-        let mut details = sequence_details(&service, c, *seed, &prefill, p.top_n);
-        if sequences.len() > 1 {
-            let others: Vec<Value> = (0..sequences.len())
+        let mut d = details(best);
+        if done.len() > 1 {
+            let others: Vec<Value> = (0..done.len())
                 .filter(|&i| i != best)
-                .map(|i| detail(&sequences[i].0, sequences[i].1))
+                .map(|i| {
+                    let mut o = details(i);
+                    o["generated_text"] = json!(format!("{}{}", p.prefix, done[i].text));
+                    o
+                })
                 .collect();
-            details["best_of_sequences"] = Value::Array(others);
+            d["best_of_sequences"] = Value::Array(others);
         }
-        body["details"] = details;
+        body["details"] = d;
     }
     Ok(Json(body).into_response())
 }

@@ -166,10 +166,15 @@ pub fn check_stream_options(f: &SamplingFields) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// `n`: 1 unless given; at most [`MAX_N`] and the model's batch size.
+/// Most samples one request may draw: [`MAX_N`], and no more than the model's batch size.
+fn max_samples(service: &ModelService) -> usize {
+    MAX_N.min(service.info.max_batch_size.max(1))
+}
+
+/// `n`: 1 unless given; at most [`max_samples`].
 pub fn samples(service: &ModelService, f: &SamplingFields) -> Result<usize, ApiError> {
     let n = f.n.unwrap_or(1);
-    let max = MAX_N.min(service.info.max_batch_size.max(1));
+    let max = max_samples(service);
     if n == 0 || n > max {
         return Err(ApiError::invalid(
             "n",
@@ -189,7 +194,7 @@ pub fn best_of(
     best_of: Option<usize>,
 ) -> Result<usize, ApiError> {
     let best_of = best_of.unwrap_or(n);
-    let max = MAX_N.min(service.info.max_batch_size.max(1));
+    let max = max_samples(service);
     let why = if best_of < n || best_of > max {
         Some(format!(
             "best_of must be between n ({n}) and {max}, got {best_of}"
