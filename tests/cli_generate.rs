@@ -304,3 +304,51 @@ fn kernel_check_on_the_cpu() {
         "unknown device",
     );
 }
+
+/// `liftoff bench bandwidth` times every pass for the time asked: the mean over the stretch is
+/// finite, positive and at most the best pass, every pass is listed, and a non-positive time
+/// is a one-line error.
+#[test]
+fn bench_bandwidth_reports_every_pass() {
+    let out = liftoff(&["bench", "bandwidth", "--seconds", "0.2", "--mib", "8"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let num = |k: &str| v[k].as_f64().unwrap_or_else(|| panic!("{k} in {v}"));
+    let (mean, best, seconds) = (
+        num("mean_bytes_per_s"),
+        num("best_bytes_per_s"),
+        num("seconds"),
+    );
+    assert!(
+        mean.is_finite() && mean > 0.0 && best.is_finite() && mean <= best,
+        "{v}"
+    );
+    assert_eq!(v["bytes_per_pass"].as_u64(), Some(8 << 20), "{v}");
+    let passes: Vec<f64> = v["pass_bytes_per_s"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_f64().unwrap())
+        .collect();
+    assert!(passes.len() >= 2, "{v}");
+    assert!(
+        passes
+            .iter()
+            .all(|p| p.is_finite() && *p > 0.0 && *p <= best),
+        "{v}"
+    );
+    // The mean is all bytes over all time: the passes' harmonic mean.
+    let harmonic = passes.len() as f64 / passes.iter().map(|p| 1.0 / p).sum::<f64>();
+    assert!(
+        (harmonic - mean).abs() <= 1e-6 * mean,
+        "{harmonic} vs {mean}"
+    );
+    assert!(seconds > 0.0 && seconds <= 1.0, "{v}");
+    for bad in ["--seconds=0", "--seconds=-1", "--seconds=nan", "--mib=0"] {
+        assert_one_line_error(&liftoff(&["bench", "bandwidth", bad]), "--seconds");
+    }
+}

@@ -1,17 +1,19 @@
 //! A dense decode step's matmuls, as SmolLM2-135M has them dequantized: 30 layers of q/k/v
 //! (960 x 576), o (576 x 576), gate/up (3072 x 576) and down (576 x 1536), then the LM head
 //! (49152 x 576), in f32 or bf16, for `ROWS` activation rows (default 1), inside a rayon pool
-//! as the engine runs them. Prints the weights' read rate per step and its fraction of the
-//! read bandwidth (`liftoff bench limits`' loop) measured just before.
+//! with its threads kept awake as the engine runs them. Three rounds, each printing the
+//! weights' read rate per step and its fraction of the mean read bandwidth
+//! (`liftoff bench bandwidth`' loop) over 1 s before and 1 s after it.
 //!
-//! `--hot` reuses layer 0's matrices and a small LM head (8192 rows), so that the weights stay
-//! in cache and the step measures the kernel's arithmetic and per-call costs instead.
+//! `--hot` reuses layer 0's packed matrices and a small LM head (8192 rows), so that the
+//! weights (7-14 MB) come from L3 and the step measures the kernel's arithmetic and per-call
+//! costs instead.
 //!
 //! `cargo run --release -p liftoff-engine --example dense_step [f32|bf16] [ROWS] [STEPS] [--hot]`
 
 use candle_core::{DType, Device, Tensor};
 use liftoff_engine::dense::PackedDense;
-use liftoff_engine::quant::limits::read_bandwidth;
+use liftoff_engine::quant::limits::read_bandwidth_series;
 use std::time::Instant;
 
 fn main() -> candle_core::Result<()> {
@@ -30,24 +32,26 @@ fn main() -> candle_core::Result<()> {
             .collect();
         Tensor::from_vec(v, (n, k), &cpu)?.to_dtype(dtype)
     };
-    let mut mats: Vec<Tensor> = Vec::new();
+    // The step's matmuls in order, as indices into `mats` (`--hot` repeats layer 0's).
+    let (mut mats, mut order): (Vec<Tensor>, Vec<usize>) = (Vec::new(), Vec::new());
     for l in 0..30 {
         for (i, (n, k)) in [(960, 576), (576, 576), (3072, 576), (576, 1536)]
             .into_iter()
             .enumerate()
         {
-            let m = if hot && l > 0 {
-                mats[i].clone()
+            if hot && l > 0 {
+                order.push(i);
             } else {
-                matrix(n, k, l)?
-            };
-            mats.push(m);
+                order.push(mats.len());
+                mats.push(matrix(n, k, l)?);
+            }
         }
     }
+    order.push(mats.len());
     mats.push(matrix(if hot { 8192 } else { 49152 }, 576, 0)?);
-    let bytes: usize = mats
+    let bytes: usize = order
         .iter()
-        .map(|m| m.elem_count() * dtype.size_in_bytes())
+        .map(|&i| mats[i].elem_count() * dtype.size_in_bytes())
         .sum();
     let x = |k: usize| {
         Tensor::from_vec(
@@ -67,30 +71,39 @@ fn main() -> candle_core::Result<()> {
     let pool = rayon::ThreadPoolBuilder::new()
         .build()
         .expect("a rayon pool");
-    let mut times = Vec::new();
-    let bandwidth = pool.install(|| read_bandwidth(256 << 20, 3));
-    pool.install(|| -> candle_core::Result<()> {
-        for _ in 0..steps {
-            let t = Instant::now();
-            for m in &packed {
-                let xs = if m.dims().1 == 576 { &x576 } else { &x1536 };
-                m.matmul_t(xs)
-                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    for round in 0..3 {
+        let before = pool
+            .install(|| read_bandwidth_series(256 << 20, 1.0))
+            .mean();
+        let mut times = Vec::new();
+        liftoff_engine::model::warm_threads::install(&pool, || -> candle_core::Result<()> {
+            for _ in 0..steps {
+                let t = Instant::now();
+                for m in order.iter().map(|&i| &packed[i]) {
+                    let xs = if m.dims().1 == 576 { &x576 } else { &x1536 };
+                    m.matmul_t(xs)
+                        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                }
+                times.push(t.elapsed().as_secs_f64());
             }
-            times.push(t.elapsed().as_secs_f64());
-        }
-        Ok(())
-    })?;
-    times.sort_by(f64::total_cmp);
-    let med = times[times.len() / 2];
-    println!(
-        "{dtype:?} rows={rows}: {:.2} ms per step (median of {steps}), {:.1} GB/s of weights \
-         ({} MB), {:.0} % of the read bandwidth measured before ({:.1} GB/s)",
-        med * 1e3,
-        bytes as f64 / med / 1e9,
-        bytes / 1_000_000,
-        100.0 * bytes as f64 / med / bandwidth,
-        bandwidth / 1e9
-    );
+            Ok(())
+        })?;
+        let after = pool
+            .install(|| read_bandwidth_series(256 << 20, 1.0))
+            .mean();
+        let bandwidth = (before + after) / 2.0;
+        let total: f64 = times.iter().sum();
+        let mean = total / steps as f64;
+        println!(
+            "round {round}: {dtype:?} rows={rows}: {:.2} ms per step (mean of {steps}), {:.1} GB/s of weights \
+             ({} MB), {:.0} % of the mean read bandwidth around it ({:.1} / {:.1} GB/s)",
+            mean * 1e3,
+            bytes as f64 / mean / 1e9,
+            bytes / 1_000_000,
+            100.0 * bytes as f64 / mean / bandwidth,
+            before / 1e9,
+            after / 1e9
+        );
+    }
     Ok(())
 }

@@ -28,6 +28,20 @@ enum BenchCommand {
     /// Measure this machine's limits (read bandwidth, int8 multiply-add peak per kernel
     /// family, the int8 GEMM's achieved rate) and print them as JSON.
     Limits,
+    /// Time every pass of the read-bandwidth loop for a while and print the series as JSON:
+    /// the mean over the whole stretch (the fair bound for a run as long), the best pass and
+    /// each pass's rate.
+    Bandwidth(BandwidthArgs),
+}
+
+#[derive(Args, Debug)]
+struct BandwidthArgs {
+    /// How long to keep reading, in seconds.
+    #[arg(long, default_value_t = 2.0)]
+    seconds: f64,
+    /// Bytes read by one pass, in MiB.
+    #[arg(long, default_value_t = 256)]
+    mib: usize,
 }
 
 #[derive(Args, Debug)]
@@ -277,6 +291,19 @@ pub fn run(args: BenchArgs) -> Result<()> {
             println!(
                 "{}",
                 serde_json::to_string_pretty(&crate::bench_limits::measure())?
+            );
+            Ok(())
+        }
+        BenchCommand::Bandwidth(b) => {
+            if !(b.seconds.is_finite() && b.seconds > 0.0) || b.mib == 0 {
+                bail!("--seconds must be a positive number and --mib at least 1");
+            }
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&crate::bench_limits::bandwidth(
+                    b.mib << 20,
+                    b.seconds
+                ))?
             );
             Ok(())
         }

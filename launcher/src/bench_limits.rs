@@ -63,3 +63,15 @@ pub fn measure() -> Value {
         "kernels": families,
     })
 }
+
+/// The read-bandwidth loop timed pass by pass for `seconds`, as JSON.
+pub fn bandwidth(bytes: usize, seconds: f64) -> Value {
+    let s = limits::read_bandwidth_series(bytes, seconds);
+    json!({
+        "bytes_per_pass": s.bytes_per_pass,
+        "seconds": s.pass_seconds.iter().sum::<f64>(),
+        "mean_bytes_per_s": s.mean(),
+        "best_bytes_per_s": s.best(),
+        "pass_bytes_per_s": s.rates(),
+    })
+}

@@ -3,6 +3,6 @@
 mod cpu_ops;
 pub mod llama;
 pub mod rope;
-mod warm_threads;
+pub mod warm_threads;
 
 pub use llama::Llama;

@@ -10,30 +10,93 @@ use std::time::Instant;
 
 /// Best-of-`reps` read bandwidth in bytes per second over `bytes` (all rayon threads).
 pub fn read_bandwidth(bytes: usize, reps: usize) -> f64 {
-    let words = bytes / 8;
-    let buf: Vec<u64> = (0..words as u64).collect();
-    let chunk = words.div_ceil(rayon::current_num_threads().max(1));
-    let mut best = f64::INFINITY;
-    let mut sink = 0u64;
-    for _ in 0..reps.max(1) {
-        let t = Instant::now();
-        sink ^= buf
-            .par_chunks(chunk)
-            .map(|c| {
-                // Eight independent sums keep the loads, not the adds, the bottleneck.
-                let mut acc = [0u64; 8];
-                for w in c.chunks_exact(8) {
-                    for i in 0..8 {
-                        acc[i] = acc[i].wrapping_add(w[i]);
-                    }
-                }
-                acc.iter().fold(0u64, |a, &b| a.wrapping_add(b))
-            })
-            .reduce(|| 0, u64::wrapping_add);
-        best = best.min(t.elapsed().as_secs_f64());
+    let buf = bandwidth_buffer(bytes);
+    let best = (0..reps.max(1))
+        .map(|_| read_pass(&buf))
+        .fold(f64::INFINITY, f64::min);
+    (buf.len() * 8) as f64 / best
+}
+
+/// Every pass of a read-bandwidth loop over a stretch of time.
+#[derive(Debug, Clone)]
+pub struct BandwidthSeries {
+    /// Bytes read by one pass.
+    pub bytes_per_pass: usize,
+    /// Seconds each pass took, in order.
+    pub pass_seconds: Vec<f64>,
+}
+
+impl BandwidthSeries {
+    /// Bytes per second over the whole stretch (all bytes over all time): the rate a reader
+    /// streaming for that whole stretch could have had. When the bandwidth moves during the
+    /// stretch this is the fair bound for a run as long, where the best pass is not.
+    pub fn mean(&self) -> f64 {
+        let total: f64 = self.pass_seconds.iter().sum();
+        (self.bytes_per_pass * self.pass_seconds.len()) as f64 / total
     }
+
+    /// Bytes per second of the fastest pass.
+    pub fn best(&self) -> f64 {
+        let fastest = self
+            .pass_seconds
+            .iter()
+            .copied()
+            .fold(f64::INFINITY, f64::min);
+        self.bytes_per_pass as f64 / fastest
+    }
+
+    /// Bytes per second of each pass, in order.
+    pub fn rates(&self) -> Vec<f64> {
+        self.pass_seconds
+            .iter()
+            .map(|s| self.bytes_per_pass as f64 / s)
+            .collect()
+    }
+}
+
+/// Passes over `bytes` (all rayon threads) for at least `seconds` (and at least two passes),
+/// each timed.
+pub fn read_bandwidth_series(bytes: usize, seconds: f64) -> BandwidthSeries {
+    let buf = bandwidth_buffer(bytes);
+    read_pass(&buf); // the first pass after the buffer was written is not timed
+    let start = Instant::now();
+    let mut pass_seconds = Vec::new();
+    while pass_seconds.len() < 2 || start.elapsed().as_secs_f64() < seconds {
+        pass_seconds.push(read_pass(&buf));
+    }
+    BandwidthSeries {
+        bytes_per_pass: buf.len() * 8,
+        pass_seconds,
+    }
+}
+
+fn bandwidth_buffer(bytes: usize) -> Vec<u64> {
+    (0..(bytes / 8) as u64).collect()
+}
+
+/// Seconds to read `buf` once, split across the rayon threads.
+fn read_pass(buf: &[u64]) -> f64 {
+    let chunk = buf
+        .len()
+        .div_ceil(rayon::current_num_threads().max(1))
+        .max(8);
+    let t = Instant::now();
+    let sink = buf
+        .par_chunks(chunk)
+        .map(|c| {
+            // Eight independent sums keep the loads, not the adds, the bottleneck.
+            let mut acc = [0u64; 8];
+            for w in c.chunks_exact(8) {
+                for i in 0..8 {
+                    acc[i] = acc[i].wrapping_add(w[i]);
+                }
+            }
+            acc.iter().fold(0u64, |a, &b| a.wrapping_add(b))
+        })
+        .reduce(|| 0, u64::wrapping_add);
+    let seconds = t.elapsed().as_secs_f64();
     std::hint::black_box(sink);
-    (words * 8) as f64 / best
+    seconds
 }
 
 /// Int8 multiply-adds per second of `isa`'s dot-product instruction in a register-only loop,
@@ -135,5 +198,33 @@ mod x86 {
         }
         std::hint::black_box(acc);
         iters * 8 * 32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_series_mean_weighs_passes_by_their_time() {
+        // 4 bytes in 1 s and 4 bytes in 3 s: 8 bytes in 4 s, not the mean of 4 and 1.33 B/s.
+        let s = BandwidthSeries {
+            bytes_per_pass: 4,
+            pass_seconds: vec![1.0, 3.0],
+        };
+        assert_eq!(s.mean(), 2.0);
+        assert_eq!(s.best(), 4.0);
+        assert_eq!(s.rates(), vec![4.0, 4.0 / 3.0]);
+    }
+
+    #[test]
+    fn a_series_runs_for_its_time_and_at_least_two_passes() {
+        let t = Instant::now();
+        let s = read_bandwidth_series(1 << 20, 0.05);
+        assert!(t.elapsed().as_secs_f64() >= 0.05);
+        assert!(s.pass_seconds.len() >= 2);
+        assert!(s.pass_seconds.iter().all(|p| p.is_finite() && *p > 0.0));
+        let (mean, best) = (s.mean(), s.best());
+        assert!(mean.is_finite() && mean > 0.0 && best.is_finite() && best >= mean);
     }
 }
