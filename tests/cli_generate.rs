@@ -348,7 +348,13 @@ fn bench_bandwidth_reports_every_pass() {
         "{harmonic} vs {mean}"
     );
     assert!(seconds > 0.0 && seconds <= 1.0, "{v}");
-    for bad in ["--seconds=0", "--seconds=-1", "--seconds=nan", "--mib=0"] {
+    for bad in [
+        "--seconds=0",
+        "--seconds=-1",
+        "--seconds=nan",
+        "--mib=0",
+        "--mib=65537",
+    ] {
         assert_one_line_error(&liftoff(&["bench", "bandwidth", bad]), "--seconds");
     }
 }

@@ -39,7 +39,7 @@ struct BandwidthArgs {
     /// How long to keep reading, in seconds.
     #[arg(long, default_value_t = 2.0)]
     seconds: f64,
-    /// Bytes read by one pass, in MiB.
+    /// Bytes read by one pass, in MiB (1 to 65536).
     #[arg(long, default_value_t = 256)]
     mib: usize,
 }
@@ -295,8 +295,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
             Ok(())
         }
         BenchCommand::Bandwidth(b) => {
-            if !(b.seconds.is_finite() && b.seconds > 0.0) || b.mib == 0 {
-                bail!("--seconds must be a positive number and --mib at least 1");
+            if !(b.seconds.is_finite() && b.seconds > 0.0) || !(1..=1 << 16).contains(&b.mib) {
+                bail!("--seconds must be a positive number and --mib from 1 to 65536");
             }
             println!(
                 "{}",
