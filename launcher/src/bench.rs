@@ -295,7 +295,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             Ok(())
         }
         BenchCommand::Bandwidth(b) => {
-            if !(b.seconds.is_finite() && b.seconds > 0.0) || !(1..=1 << 16).contains(&b.mib) {
+            if !(b.seconds.is_finite() && b.seconds > 0.0 && (1..=1 << 16).contains(&b.mib)) {
                 bail!("--seconds must be a positive number and --mib from 1 to 65536");
             }
             println!(
