@@ -348,13 +348,14 @@ fn bench_bandwidth_reports_every_pass() {
         "{harmonic} vs {mean}"
     );
     assert!(seconds > 0.0 && seconds <= 1.0, "{v}");
-    for bad in [
-        "--seconds=0",
-        "--seconds=-1",
-        "--seconds=nan",
-        "--mib=0",
-        "--mib=65537",
+    for (bad, named) in [
+        ("--seconds=0", "--seconds"),
+        ("--seconds=-1", "--seconds"),
+        ("--seconds=nan", "--seconds"),
+        ("--seconds=601", "--seconds"),
+        ("--mib=0", "--mib"),
+        ("--mib=4097", "--mib"),
     ] {
-        assert_one_line_error(&liftoff(&["bench", "bandwidth", bad]), "--seconds");
+        assert_one_line_error(&liftoff(&["bench", "bandwidth", bad]), named);
     }
 }

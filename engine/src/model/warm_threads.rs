@@ -53,9 +53,9 @@ pub fn install<R: Send>(pool: &ThreadPool, f: impl FnOnce() -> R + Send) -> R {
         for _ in 0..helpers {
             s.spawn(move |_| {
                 // A helper that starts after the pass ended leaves at once. So does one that
-                // this thread runs itself, while it waits inside the pass for a stolen job
-                // (the other workers were slow to wake): it would poll until the pass it is
-                // holding up ends. The pass then goes on without helpers.
+                // this thread runs itself (at the scope's end, or while the pass waits on
+                // something other than its own jobs, such as another pool): it would poll
+                // until the pass it is holding up ends. The pass then goes on without helpers.
                 if done.load(Ordering::Acquire) {
                     return;
                 }
