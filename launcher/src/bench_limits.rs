@@ -69,7 +69,7 @@ pub fn bandwidth(bytes: usize, seconds: f64) -> Value {
     let s = limits::read_bandwidth_series(bytes, seconds);
     json!({
         "bytes_per_pass": s.bytes_per_pass,
-        "seconds": s.pass_seconds.iter().sum::<f64>(),
+        "seconds": s.seconds(),
         "mean_bytes_per_s": s.mean(),
         "best_bytes_per_s": s.best(),
         "pass_bytes_per_s": s.rates(),

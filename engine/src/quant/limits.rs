@@ -31,8 +31,12 @@ impl BandwidthSeries {
     /// streaming for that whole stretch could have had. When the bandwidth moves during the
     /// stretch this is the fair bound for a run as long, where the best pass is not.
     pub fn mean(&self) -> f64 {
-        let total: f64 = self.pass_seconds.iter().sum();
-        (self.bytes_per_pass * self.pass_seconds.len()) as f64 / total
+        (self.bytes_per_pass * self.pass_seconds.len()) as f64 / self.seconds()
+    }
+
+    /// Seconds all passes took together (the time between them not counted).
+    pub fn seconds(&self) -> f64 {
+        self.pass_seconds.iter().sum()
     }
 
     /// Bytes per second of the fastest pass.
