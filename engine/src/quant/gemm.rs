@@ -11,7 +11,7 @@ use super::activation::BlockQ8;
 #[cfg(target_arch = "x86_64")]
 use super::amx;
 use super::isa::Isa;
-use super::microkernel::{tile, MAX_ACTS};
+use super::microkernel::{has_pairs, tile, tile_pair, MAX_ACTS, PAIR_ACTS};
 use super::packed::{PackedMatrix, PANEL};
 use liftoff_kernels::shares::for_each_chunk;
 use liftoff_kernels::DisjointOut;
@@ -43,27 +43,48 @@ pub fn gemm(w: &PackedMatrix, acts: &[BlockQ8], m: usize, isa: Isa) -> Vec<f32> 
         return out;
     }
     let panels = w.panels();
+    let pairs = has_pairs(isa) && m >= PAIR_MIN_ROWS;
     // A chunk of panels is a few microseconds of work whatever the batch: about
-    // [`CHUNK_BYTES`] of weights at one tile of activation rows, fewer panels for more rows.
+    // [`CHUNK_BYTES`] of weights at one tile of activation rows, fewer panels for more rows;
+    // whole pairs of panels when the kernels take two at once.
     let per_panel = w.panel(0).len() * m.div_ceil(MAX_ACTS);
-    let chunk = (CHUNK_BYTES / per_panel.max(1)).max(1);
+    let mut chunk = (CHUNK_BYTES / per_panel.max(1)).max(1);
+    if pairs {
+        chunk = chunk.next_multiple_of(2);
+    }
     let ptr = DisjointOut::new(&mut out);
+    // SAFETY (both stores): `a < m` and `col + cols <= n`, so the write is inside `out`; no
+    // other chunk holds the columns of this chunk's panels.
     for_each_chunk(panels, chunk, |range| {
         for a0 in (0..m).step_by(ACT_CHUNK) {
             let a_end = (a0 + ACT_CHUNK).min(m);
-            for p in range.clone() {
+            let mut p = range.start;
+            while pairs && p + 1 < range.end {
+                let col = p * PANEL;
+                let cols = (2 * PANEL).min(n - col);
+                pair_rows(isa, w, p, acts, a0..a_end, |a, vals| unsafe {
+                    store_row(ptr.at(a * n + col), vals, cols)
+                });
+                p += 2;
+            }
+            for p in p..range.end {
                 let col = p * PANEL;
                 let cols = PANEL.min(n - col);
-                panel_rows(isa, w, p, acts, a0..a_end, |a, vals| {
-                    // SAFETY: `a < m` and `col + cols <= n`, so the write is inside `out`; no
-                    // other chunk holds panel `p`'s columns.
-                    unsafe { store_row(ptr.at(a * n + col), vals, cols) }
+                panel_rows(isa, w, p, acts, a0..a_end, |a, vals| unsafe {
+                    store_row(ptr.at(a * n + col), vals, cols)
                 });
             }
         }
     });
     out
 }
+
+/// Activation rows from which the kernels take two panels at once where the CPU has them
+/// ([`has_pairs`]). Below it the matmuls stream their weights from memory, and the two
+/// panels' streams cost more than the work saved: a served step's Q4_1 matmuls on a Zen 4
+/// (AVX-512 VNNI, 2 threads, alternated per step) took 10-26 % longer with pairs at 4 rows,
+/// about the same at 6, 13-26 % less at 8 and 16-27 % less at 16 to 64 rows.
+const PAIR_MIN_ROWS: usize = 8;
 
 /// Writes `vals[..cols]` to `dst`; a whole row of `W` values as one fixed-size copy, since a
 /// `memcpy` call per tile row (hundreds of thousands per step) costs more than the copy. The
@@ -100,6 +121,72 @@ unsafe fn store_partial_row<const W: usize>(dst: *mut f32, vals: &[f32; W], cols
 /// single-stream decodes), 2 rows 5.77 / 5.95, 4 rows 8.52 / 8.60, 7 rows 9.56 / 11.51.
 fn prefetch_panels(rows: usize) -> bool {
     rows > 1
+}
+
+/// Activation rows `rows` against panels `p` and `p + 1` in tiles of up to [`PAIR_ACTS`]
+/// rows; `store(a, values)` gets row `a`'s `2 * PANEL` outputs.
+fn pair_rows(
+    isa: Isa,
+    w: &PackedMatrix,
+    p: usize,
+    acts: &[BlockQ8],
+    rows: Range<usize>,
+    store: impl Fn(usize, &[f32; 2 * PANEL]),
+) {
+    let pair = Pair {
+        isa,
+        kind: w.kind(),
+        p0: w.panel(p),
+        p1: w.panel(p + 1),
+        nb: w.blocks_per_row(),
+        acts,
+        prefetch: prefetch_panels(rows.len()),
+    };
+    let mut a = rows.start;
+    while a + PAIR_ACTS <= rows.end {
+        pair.tile::<PAIR_ACTS>(a, &store);
+        a += PAIR_ACTS;
+    }
+    if a + 4 <= rows.end {
+        pair.tile::<4>(a, &store);
+        a += 4;
+    }
+    match rows.end - a {
+        3 => pair.tile::<3>(a, &store),
+        2 => pair.tile::<2>(a, &store),
+        1 => pair.tile::<1>(a, &store),
+        _ => {}
+    }
+}
+
+/// Two panels and the activations, for [`pair_rows`]' tiles.
+struct Pair<'a> {
+    isa: Isa,
+    kind: super::packed::WeightKind,
+    p0: &'a [u8],
+    p1: &'a [u8],
+    nb: usize,
+    acts: &'a [BlockQ8],
+    prefetch: bool,
+}
+
+impl Pair<'_> {
+    /// Activation rows `a..a + A`.
+    #[inline]
+    fn tile<const A: usize>(&self, a: usize, store: &impl Fn(usize, &[f32; 2 * PANEL])) {
+        let nb = self.nb;
+        let rows = std::array::from_fn(|j| &self.acts[(a + j) * nb..(a + j + 1) * nb]);
+        let r = tile_pair::<A>(
+            self.isa,
+            self.kind,
+            self.p0,
+            self.p1,
+            nb,
+            rows,
+            self.prefetch,
+        );
+        r.iter().enumerate().for_each(|(j, v)| store(a + j, v));
+    }
 }
 
 /// Activation rows `rows` against panel `p` in tiles of up to [`MAX_ACTS`] rows;
@@ -305,11 +392,14 @@ mod tests {
     }
 
     /// Shapes: one panel, odd rows, odd panel counts (a pair with one panel), and activation
-    /// row counts below, at and around whole AMX tiles and chunks.
-    const SHAPES: [(usize, usize, usize); 8] = [
+    /// row counts below, at and around whole AMX tiles, chunks and tiles of two-panel kernels
+    /// (8 + 3 rows; one panel with enough rows for pairs).
+    const SHAPES: [(usize, usize, usize); 10] = [
         (8, 32, 1),
         (13, 64, 3),
         (40, 96, 5),
+        (40, 96, 11),
+        (8, 64, 9),
         (130, 256, 7),
         (64, 576, 70),
         (24, 64, 16),

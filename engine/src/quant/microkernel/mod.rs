@@ -5,6 +5,8 @@
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+#[cfg(target_arch = "x86_64")]
+mod x86_pair;
 
 use super::activation::BlockQ8;
 use super::isa::Isa;
@@ -12,6 +14,57 @@ use super::packed::{WeightKind, PANEL};
 
 /// Activation rows per tile: 4 accumulators and 4 partial sums stay in registers.
 pub const MAX_ACTS: usize = 4;
+
+/// Activation rows per tile of the two-panel kernels ([`tile_pair`]): 8 accumulators and 8
+/// block sums of 512 bits stay in registers.
+pub const PAIR_ACTS: usize = 8;
+
+/// Whether `isa` has kernels over two panels at once ([`tile_pair`]): AVX-512 VNNI. (Under
+/// AMX, the rows left after whole AMX tiles take the one-panel VNNI kernels.)
+pub fn has_pairs(isa: Isa) -> bool {
+    isa == Isa::Avx512Vnni
+}
+
+/// Panels `p0` and `p1` (`nb` blocks each) against `A` activation rows; returns
+/// `[activation][row]`, `p0`'s rows first. A family without two-panel kernels
+/// ([`has_pairs`]) runs [`tile`] on each panel.
+#[inline]
+pub fn tile_pair<const A: usize>(
+    isa: Isa,
+    kind: WeightKind,
+    p0: &[u8],
+    p1: &[u8],
+    nb: usize,
+    acts: [&[BlockQ8]; A],
+    prefetch: bool,
+) -> [[f32; 2 * PANEL]; A] {
+    let need = nb * kind.panel_block_bytes();
+    assert!(p0.len() >= need && p1.len() >= need);
+    assert!(acts.iter().all(|a| a.len() >= nb));
+    #[cfg(target_arch = "x86_64")]
+    if has_pairs(isa) {
+        let a = acts.map(|a| a.as_ptr());
+        let (p0, p1) = (p0.as_ptr(), p1.as_ptr());
+        // SAFETY: the sizes were checked above; `Isa::Avx512Vnni` is only chosen when
+        // `Isa::available` found its features on this CPU.
+        unsafe {
+            return match kind {
+                WeightKind::Q4_1 => x86_pair::q4_1::<A>(p0, p1, nb, a, prefetch),
+                WeightKind::Q8_0 => x86_pair::q8_0::<A>(p0, p1, nb, a, prefetch),
+            };
+        }
+    }
+    let (first, second) = (
+        tile(isa, kind, p0, nb, acts, prefetch),
+        tile(isa, kind, p1, nb, acts, prefetch),
+    );
+    let mut out = [[0f32; 2 * PANEL]; A];
+    for j in 0..A {
+        out[j][..PANEL].copy_from_slice(&first[j]);
+        out[j][PANEL..].copy_from_slice(&second[j]);
+    }
+    out
+}
 
 /// `PANEL` rows of `panel` (`nb` blocks) against `A` activation rows of at least `nb` blocks;
 /// returns `[activation][row]`. `prefetch`: ask for the next panel's weights as this one's
