@@ -82,8 +82,9 @@ pub fn gemm(w: &PackedMatrix, acts: &[BlockQ8], m: usize, isa: Isa) -> Vec<f32> 
 /// Activation rows from which the kernels take two panels at once where the CPU has them
 /// ([`has_pairs`]). Below it the matmuls stream their weights from memory, and the two
 /// panels' streams cost more than the work saved: a served step's Q4_1 matmuls on a Zen 4
-/// (AVX-512 VNNI, 2 threads, alternated per step) took 10-26 % longer with pairs at 4 rows,
-/// about the same at 6, 13-26 % less at 8 and 16-27 % less at 16 to 64 rows.
+/// (AVX-512 VNNI, 2 threads, `examples/step_matmuls.rs` alternated per step) took 10-26 %
+/// longer with pairs at 4 rows, about the same at 6, 13-26 % less at 8 and 16-29 % less at 16
+/// to 512 rows.
 const PAIR_MIN_ROWS: usize = 8;
 
 /// Writes `vals[..cols]` to `dst`; a whole row of `W` values as one fixed-size copy, since a

@@ -8,7 +8,8 @@
 //! broadcast activation word and each `vpdpbusd` serves 16 rows instead of 8, and a tile of 8
 //! activation rows unpacks each weight vector once for 8 rows instead of 4. With 8 or more
 //! activation rows the matmuls are bound by those instructions, not by memory: a served step's
-//! Q4_1 matmuls at 16 rows went from 8.5-9 to 6.5-7 ms on a Zen 4 (see docs/benchmarks.md).
+//! Q4_1 matmuls at 16 rows went from 9.4-10.6 to 7.1-7.6 ms on a 2-core Zen 4
+//! (`examples/step_matmuls.rs`; see docs/benchmarks.md, "Two panels at once").
 
 #![allow(clippy::needless_range_loop)] // tiles are indexed by activation row
 
