@@ -19,10 +19,12 @@ pub const MAX_ACTS: usize = 4;
 /// block sums of 512 bits stay in registers.
 pub const PAIR_ACTS: usize = 8;
 
-/// Whether `isa` has kernels over two panels at once ([`tile_pair`]): AVX-512 VNNI. (Under
-/// AMX, the rows left after whole AMX tiles take the one-panel VNNI kernels.)
+/// Whether `isa` has kernels over two panels at once ([`tile_pair`]): AVX-512 VNNI, which
+/// every CPU with AMX has (AMX itself takes whole tiles of 16 activation rows; fewer rows go
+/// through [`tile_pair`] or [`tile`], and the rows left after whole AMX tiles take the
+/// one-panel VNNI kernels).
 pub fn has_pairs(isa: Isa) -> bool {
-    isa == Isa::Avx512Vnni
+    matches!(isa, Isa::Avx512Vnni | Isa::Amx)
 }
 
 /// Panels `p0` and `p1` (`nb` blocks each) against `A` activation rows; returns
@@ -45,8 +47,8 @@ pub fn tile_pair<const A: usize>(
     if has_pairs(isa) {
         let a = acts.map(|a| a.as_ptr());
         let (p0, p1) = (p0.as_ptr(), p1.as_ptr());
-        // SAFETY: the sizes were checked above; `Isa::Avx512Vnni` is only chosen when
-        // `Isa::available` found its features on this CPU.
+        // SAFETY: the sizes were checked above; `Isa::Avx512Vnni` and `Isa::Amx` are only
+        // chosen when `Isa::available` found AVX-512 VNNI on this CPU.
         unsafe {
             return match kind {
                 WeightKind::Q4_1 => x86_pair::q4_1::<A>(p0, p1, nb, a, prefetch),
