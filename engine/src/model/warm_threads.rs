@@ -145,6 +145,91 @@ mod tests {
         }
     }
 
+    /// Makes `workers` workers of `pool` sleep for `busy`; returns once they sleep.
+    fn occupy(pool: &ThreadPool, workers: usize, busy: Duration) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        for _ in 0..workers {
+            let tx = tx.clone();
+            pool.spawn(move || {
+                tx.send(()).unwrap();
+                std::thread::sleep(busy);
+            });
+        }
+        for _ in 0..workers {
+            rx.recv().unwrap();
+        }
+    }
+
+    /// Runs `f` on another thread; fails if it has not returned within `limit` (a pass that
+    /// waits on itself would hang the test run instead).
+    fn within<R: Send + 'static>(limit: Duration, f: impl FnOnce() -> R + Send + 'static) -> R {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(f()).unwrap());
+        rx.recv_timeout(limit)
+            .expect("the pass did not return: it waits on itself")
+    }
+
+    /// A pass that waits on another pool, its other worker busy: the pass's own thread runs
+    /// its helper job while it waits, and that job must end instead of polling under the pass
+    /// (which would wait for the pass, which waits for it).
+    #[test]
+    fn a_helper_on_the_pass_thread_ends() {
+        let v = within(Duration::from_secs(20), || {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(2)
+                .build()
+                .unwrap();
+            let other = rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .build()
+                .unwrap();
+            occupy(&pool, 1, Duration::from_millis(300));
+            install(&pool, || {
+                other.install(|| {
+                    std::thread::sleep(Duration::from_millis(20));
+                    7
+                })
+            })
+        });
+        assert_eq!(v, 7);
+    }
+
+    /// Three threads, one busy: the helper that starts waits at most `START_WAIT` for the
+    /// other and then becomes a plain worker, which takes some of the pass's parallel work
+    /// (polling for the other helper until the pass ended, it would take none). Helpers only
+    /// run when the pool has no more threads than the machine has cores, so this needs 3.
+    #[test]
+    fn a_helper_alone_stops_waiting_for_the_others() {
+        if cores() < 3 {
+            println!(
+                "skipped: a helper waiting for another (needs 3 cores, this machine has {})",
+                cores()
+            );
+            return;
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
+        occupy(&pool, 1, Duration::from_millis(300));
+        let (pass_thread, workers) = install(&pool, || {
+            let me = rayon::current_thread_index();
+            let workers: Vec<Option<usize>> = (0..200)
+                .into_par_iter()
+                .with_max_len(1)
+                .map(|_| {
+                    std::thread::sleep(Duration::from_micros(500));
+                    rayon::current_thread_index()
+                })
+                .collect();
+            (me, workers)
+        });
+        assert!(
+            workers.iter().any(|&w| w != pass_thread),
+            "all 200 items ran on the pass's thread"
+        );
+    }
+
     /// Passes of several pools at once, more threads than cores in all: each completes (the
     /// helpers leave or never start).
     #[test]
