@@ -55,7 +55,10 @@ unsafe fn accumulate<const A: usize>(
 /// Block `b` of each activation row. (A loop, not `array::map`: a closure would be compiled
 /// without the kernels' target features and called, not inlined.)
 #[inline(always)]
-unsafe fn offset<const A: usize>(acts: [*const BlockQ8; A], b: usize) -> [*const BlockQ8; A] {
+pub(super) unsafe fn offset<const A: usize>(
+    acts: [*const BlockQ8; A],
+    b: usize,
+) -> [*const BlockQ8; A] {
     let mut a = acts;
     for p in a.iter_mut() {
         *p = p.add(b);
@@ -71,7 +74,7 @@ unsafe fn offset<const A: usize>(acts: [*const BlockQ8; A], b: usize) -> [*const
 /// AVX2 Q4_1 projections went from 11.8 to 9.1 ms and the LM head from 4.2 to 3.5 ms. Asked
 /// for by the caller, which does not for a single activation row (`gemm::prefetch_panels`).
 #[inline(always)]
-unsafe fn prefetch_next<const BYTES: usize>(blk: *const u8, panel_bytes: usize) {
+pub(super) unsafe fn prefetch_next<const BYTES: usize>(blk: *const u8, panel_bytes: usize) {
     let next = blk.wrapping_add(panel_bytes) as *const i8;
     let mut off = 0;
     while off < BYTES {

@@ -15,6 +15,7 @@
 
 use super::super::activation::BlockQ8;
 use super::super::packed::PANEL;
+use super::x86::{offset, prefetch_next};
 use std::arch::x86_64::*;
 
 /// The 32-byte vector at `off` of both panels' block, as one 512-bit vector.
@@ -41,28 +42,12 @@ unsafe fn bcast4(a: *const BlockQ8, byte: usize) -> __m512i {
     ))
 }
 
-/// Block `b` of each activation row.
-#[inline(always)]
-unsafe fn offset<const A: usize>(acts: [*const BlockQ8; A], b: usize) -> [*const BlockQ8; A] {
-    let mut a = acts;
-    for p in a.iter_mut() {
-        *p = p.add(b);
-    }
-    a
-}
-
 /// Asks for the same block of the next pair of panels (`BYTES` bytes of each), which follows
 /// this pair in memory; past the matrix's end the addresses are never read.
 #[inline(always)]
 unsafe fn prefetch_next_pair<const BYTES: usize>(b0: *const u8, panel_bytes: usize) {
-    for next in [2 * panel_bytes, 3 * panel_bytes] {
-        let p = b0.wrapping_add(next) as *const i8;
-        let mut off = 0;
-        while off < BYTES {
-            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off));
-            off += 64;
-        }
-    }
+    prefetch_next::<BYTES>(b0, 2 * panel_bytes);
+    prefetch_next::<BYTES>(b0, 3 * panel_bytes);
 }
 
 /// Adds one block's contribution for every activation row.
