@@ -12,7 +12,7 @@ use super::activation::BlockQ8;
 use super::amx;
 use super::isa::Isa;
 use super::microkernel::{has_pairs, tile, tile_pair, MAX_ACTS, PAIR_ACTS};
-use super::packed::{PackedMatrix, PANEL};
+use super::packed::{PackedMatrix, WeightKind, PANEL};
 use liftoff_kernels::shares::for_each_chunk;
 use liftoff_kernels::DisjointOut;
 use std::ops::Range;
@@ -26,9 +26,12 @@ pub const ACT_CHUNK: usize = 64;
 const CHUNK_BYTES: usize = 32 << 10;
 
 /// `acts` holds `m` rows of `w.blocks_per_row()` blocks; returns `[m, n]` row-major.
+///
+/// Panics if this CPU lacks `isa`'s instructions (the kernels would be undefined behaviour).
 pub fn gemm(w: &PackedMatrix, acts: &[BlockQ8], m: usize, isa: Isa) -> Vec<f32> {
     let (n, nb) = (w.n(), w.blocks_per_row());
     assert_eq!(acts.len(), m * nb, "activations do not hold {m} rows");
+    assert!(isa.available(), "this CPU lacks the {} kernels", isa.name());
     let mut out = vec![0f32; m * n];
     if m == 0 || n == 0 {
         return out;
@@ -53,8 +56,6 @@ pub fn gemm(w: &PackedMatrix, acts: &[BlockQ8], m: usize, isa: Isa) -> Vec<f32> 
         chunk = chunk.next_multiple_of(2);
     }
     let ptr = DisjointOut::new(&mut out);
-    // SAFETY (both stores): `a < m` and `col + cols <= n`, so the write is inside `out`; no
-    // other chunk holds the columns of this chunk's panels.
     for_each_chunk(panels, chunk, |range| {
         for a0 in (0..m).step_by(ACT_CHUNK) {
             let a_end = (a0 + ACT_CHUNK).min(m);
@@ -62,16 +63,19 @@ pub fn gemm(w: &PackedMatrix, acts: &[BlockQ8], m: usize, isa: Isa) -> Vec<f32> 
             while pairs && p + 1 < range.end {
                 let col = p * PANEL;
                 let cols = (2 * PANEL).min(n - col);
-                pair_rows(isa, w, p, acts, a0..a_end, |a, vals| unsafe {
-                    store_row(ptr.at(a * n + col), vals, cols)
+                pair_rows(isa, w, p, acts, a0..a_end, |a, vals| {
+                    // SAFETY: `a < m` and `col + cols <= n`, so the write is inside `out`; no
+                    // other chunk holds panels `p` and `p + 1`'s columns.
+                    unsafe { store_row(ptr.at(a * n + col), vals, cols) }
                 });
                 p += 2;
             }
             for p in p..range.end {
                 let col = p * PANEL;
                 let cols = PANEL.min(n - col);
-                panel_rows(isa, w, p, acts, a0..a_end, |a, vals| unsafe {
-                    store_row(ptr.at(a * n + col), vals, cols)
+                panel_rows(isa, w, p, acts, a0..a_end, |a, vals| {
+                    // SAFETY: as above, for panel `p`'s columns.
+                    unsafe { store_row(ptr.at(a * n + col), vals, cols) }
                 });
             }
         }
@@ -85,7 +89,7 @@ pub fn gemm(w: &PackedMatrix, acts: &[BlockQ8], m: usize, isa: Isa) -> Vec<f32> 
 /// (AVX-512 VNNI, 2 threads, `examples/step_matmuls.rs` alternated per step) took 10-26 %
 /// longer with pairs at 4 rows, about the same at 6, 13-26 % less at 8 and 16-29 % less at 16
 /// to 512 rows.
-const PAIR_MIN_ROWS: usize = 8;
+pub(super) const PAIR_MIN_ROWS: usize = 8;
 
 /// Writes `vals[..cols]` to `dst`; a whole row of `W` values as one fixed-size copy, since a
 /// `memcpy` call per tile row (hundreds of thousands per step) costs more than the copy. The
@@ -125,8 +129,9 @@ fn prefetch_panels(rows: usize) -> bool {
 }
 
 /// Activation rows `rows` against panels `p` and `p + 1` in tiles of up to [`PAIR_ACTS`]
-/// rows; `store(a, values)` gets row `a`'s `2 * PANEL` outputs.
-fn pair_rows(
+/// rows; `store(a, values)` gets row `a`'s `2 * PANEL` outputs. `isa` must have two-panel
+/// kernels ([`has_pairs`]) for this to be worth it.
+pub(super) fn pair_rows(
     isa: Isa,
     w: &PackedMatrix,
     p: usize,
@@ -134,7 +139,7 @@ fn pair_rows(
     rows: Range<usize>,
     store: impl Fn(usize, &[f32; 2 * PANEL]),
 ) {
-    let pair = Pair {
+    let pair = PanelPair {
         isa,
         kind: w.kind(),
         p0: w.panel(p),
@@ -161,9 +166,9 @@ fn pair_rows(
 }
 
 /// Two panels and the activations, for [`pair_rows`]' tiles.
-struct Pair<'a> {
+struct PanelPair<'a> {
     isa: Isa,
-    kind: super::packed::WeightKind,
+    kind: WeightKind,
     p0: &'a [u8],
     p1: &'a [u8],
     nb: usize,
@@ -171,7 +176,7 @@ struct Pair<'a> {
     prefetch: bool,
 }
 
-impl Pair<'_> {
+impl PanelPair<'_> {
     /// Activation rows `a..a + A`.
     #[inline]
     fn tile<const A: usize>(&self, a: usize, store: &impl Fn(usize, &[f32; 2 * PANEL])) {
@@ -394,13 +399,17 @@ mod tests {
 
     /// Shapes: one panel, odd rows, odd panel counts (a pair with one panel), and activation
     /// row counts below, at and around whole AMX tiles, chunks and tiles of two-panel kernels
-    /// (8 + 3 rows; one panel with enough rows for pairs).
-    const SHAPES: [(usize, usize, usize); 10] = [
+    /// (8 + 3 rows; one panel with enough rows for pairs; pairs whose second panel is partial;
+    /// 11 rows left after a whole AMX tile).
+    const SHAPES: [(usize, usize, usize); 13] = [
         (8, 32, 1),
         (13, 64, 3),
         (40, 96, 5),
         (40, 96, 11),
         (8, 64, 9),
+        (12, 64, 9),
+        (28, 96, 16),
+        (40, 64, 27),
         (130, 256, 7),
         (64, 576, 70),
         (24, 64, 16),

@@ -26,7 +26,7 @@ pub fn gemm_into<T: tiles::Tiles>(
     out: &mut [f32],
     new_tiles: impl Fn() -> T + Sync,
 ) {
-    use super::gemm::{panel_rows, store_row};
+    use super::gemm::{pair_rows, panel_rows, store_row, PAIR_MIN_ROWS};
     use super::isa::Isa;
     use super::packed::PANEL;
     use kernel::{ActScales, Pair};
@@ -93,6 +93,15 @@ pub fn gemm_into<T: tiles::Tiles>(
                         // task's pairs only.
                         unsafe { store_row(ptr.at((a + i) * n + col), vals, cols) }
                     }
+                }
+                // The rows left after whole tiles: both panels at once where there are two and
+                // enough rows (as `gemm` does), else panel by panel.
+                if a_end - full >= PAIR_MIN_ROWS && 2 * q + 1 < panels {
+                    pair_rows(Isa::Avx512Vnni, w, 2 * q, acts, full..a_end, |a, vals| {
+                        // SAFETY: as above, for the pair's columns.
+                        unsafe { store_row(ptr.at(a * n + col), vals, cols) }
+                    });
+                    continue;
                 }
                 for p in [2 * q, 2 * q + 1].into_iter().filter(|&p| p < panels) {
                     let col = p * PANEL;

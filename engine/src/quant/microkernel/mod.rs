@@ -20,9 +20,11 @@ pub const MAX_ACTS: usize = 4;
 pub const PAIR_ACTS: usize = 8;
 
 /// Whether `isa` has kernels over two panels at once ([`tile_pair`]): AVX-512 VNNI, which
-/// every CPU with AMX has (AMX itself takes whole tiles of 16 activation rows; fewer rows go
-/// through [`tile_pair`] or [`tile`], and the rows left after whole AMX tiles take the
-/// one-panel VNNI kernels).
+/// every CPU with AMX has. Which kernels a GEMM of `m` activation rows then uses:
+/// - fewer than 8 rows: one panel at a time ([`tile`]);
+/// - 8 rows or more: two panels at once;
+/// - under AMX, from 16 rows: AMX tiles for whole tiles of 16 rows, two panels at once for 8
+///   to 15 rows left over, one panel for fewer.
 pub fn has_pairs(isa: Isa) -> bool {
     matches!(isa, Isa::Avx512Vnni | Isa::Amx)
 }
@@ -105,4 +107,62 @@ pub fn tile<const A: usize>(
     }
     let _ = (isa, prefetch);
     scalar::tile(kind, panel, nb, acts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::activation::{quantize_rows, QK};
+
+    /// [`tile_pair`] equals [`tile`] on each panel, bit for bit, for every family this CPU has
+    /// (its two-panel kernels where [`has_pairs`], its fallback elsewhere), with a second
+    /// panel that is not the one after the first.
+    #[test]
+    fn a_pair_equals_its_two_panels() {
+        let nb = 5;
+        for kind in [WeightKind::Q4_1, WeightKind::Q8_0] {
+            let len = nb * kind.panel_block_bytes();
+            let mut x = 0x2545F4914F6CDD1Du64;
+            let mut byte = || {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            };
+            // Scales: f16 values in [1/16, 2) with either sign.
+            let mut panel = || -> Vec<u8> {
+                let mut p: Vec<u8> = (0..len).map(|_| byte()).collect();
+                for b in 0..nb {
+                    let blk = &mut p[b * kind.panel_block_bytes()..];
+                    let first = match kind {
+                        WeightKind::Q4_1 => 128,
+                        WeightKind::Q8_0 => 256,
+                    };
+                    for s in blk[first..kind.panel_block_bytes()].chunks_exact_mut(2) {
+                        s[1] = 0x2C + (s[1] & 0x07) + (s[1] & 0x80);
+                    }
+                }
+                p
+            };
+            let (p0, p1) = (panel(), panel());
+            let xs: Vec<f32> = (0..3 * nb * QK)
+                .map(|i| ((i * 37) % 23) as f32 - 11.0)
+                .collect();
+            let acts = quantize_rows(&xs, nb * QK);
+            let rows: [&[BlockQ8]; 3] = std::array::from_fn(|j| &acts[j * nb..(j + 1) * nb]);
+            for isa in Isa::ALL.into_iter().filter(|i| i.available()) {
+                let pair = tile_pair(isa, kind, &p0, &p1, nb, rows, false);
+                let (a, b) = (
+                    tile(isa, kind, &p0, nb, rows, false),
+                    tile(isa, kind, &p1, nb, rows, false),
+                );
+                for j in 0..3 {
+                    let want: Vec<u32> = a[j].iter().chain(&b[j]).map(|v| v.to_bits()).collect();
+                    let got: Vec<u32> = pair[j].iter().map(|v| v.to_bits()).collect();
+                    assert_eq!(got, want, "{kind:?} {} row {j}", isa.name());
+                    assert!(pair[j].iter().all(|v| v.is_finite() && *v != 0.0));
+                }
+            }
+        }
+    }
 }

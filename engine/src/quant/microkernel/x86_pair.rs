@@ -43,7 +43,8 @@ unsafe fn bcast4(a: *const BlockQ8, byte: usize) -> __m512i {
 }
 
 /// Asks for the same block of the next pair of panels (`BYTES` bytes of each), which follows
-/// this pair in memory; past the matrix's end the addresses are never read.
+/// this pair in memory when `p1` directly follows `p0` (as `gemm` pairs them; otherwise the
+/// prefetch is only wasted); past the matrix's end the addresses are never read.
 #[inline(always)]
 unsafe fn prefetch_next_pair<const BYTES: usize>(b0: *const u8, panel_bytes: usize) {
     prefetch_next::<BYTES>(b0, 2 * panel_bytes);
@@ -64,6 +65,7 @@ unsafe fn accumulate<const A: usize>(
     }
 }
 
+/// The accumulators as `[activation][row]`, `p0`'s rows first.
 #[inline(always)]
 unsafe fn finish<const A: usize>(acc: [__m512; A]) -> [[f32; 2 * PANEL]; A] {
     let mut out = [[0f32; 2 * PANEL]; A];
