@@ -456,6 +456,7 @@ impl<E: Executor> Scheduler<E> {
                 specs.push(state.sampling(&self.eos));
             }
         }
+        let predicted = self.cost.predict(batch.num_tokens());
         let t0 = Instant::now();
         let result = if constrained.is_empty() {
             self.executor.execute(&batch, &specs, None)
@@ -473,6 +474,10 @@ impl<E: Executor> Scheduler<E> {
             "step"
         );
         if result.is_ok() {
+            if let Some(predicted) = predicted {
+                let prefill = batch.num_tokens() - decode_rows.min(batch.num_tokens());
+                self.cost.calibrate(decode_rows, prefill, predicted, took);
+            }
             self.cost.observe(batch.num_tokens(), took);
         }
         if let Some(t) = self.executor.last_timing() {
