@@ -475,8 +475,11 @@ impl<E: Executor> Scheduler<E> {
         );
         if result.is_ok() {
             if let Some(predicted) = predicted {
-                let prefill = batch.num_tokens() - decode_rows.min(batch.num_tokens());
-                self.cost.calibrate(decode_rows, prefill, predicted, took);
+                // The rows the step really decoded (the plan's one-token chunks that end their
+                // sequence), not `decode_rows`, which counts them before a preemption.
+                let decoded = plan.iter().filter(|c| c.took == 1 && c.wants).count();
+                let prefill = batch.num_tokens() - decoded;
+                self.cost.calibrate(decoded, prefill, predicted, took);
             }
             self.cost.observe(batch.num_tokens(), took);
         }
