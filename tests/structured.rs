@@ -250,6 +250,32 @@ async fn lists_truncation_and_bad_constraints() {
         .await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["choices"][0]["finish_reason"], "length");
+    // A regex only the empty string matches: the answer is empty, ended by the model's end of
+    // sequence (not by the token limit), and the stream carries only its metadata event.
+    let (status, v) = s
+        .post(
+            "/generate",
+            json!({"text": "Say something.", "regex_string": "", "max_new_tokens": 8}),
+        )
+        .await;
+    assert_eq!((status, &v["text"]), (200, &json!("")), "{v}");
+    let stream = reqwest::Client::new()
+        .post(format!("{}/generate_stream", s.base))
+        .json(&json!({"text": "Say something.", "regex_string": "", "max_new_tokens": 8, "return_metadata": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    let text = stream.text().await.unwrap();
+    let events: Vec<&str> = text
+        .split("\n\n")
+        .filter(|e| !e.trim().is_empty())
+        .collect();
+    assert_eq!(events.len(), 1, "{text:?}");
+    assert!(events[0].starts_with("event: metadata\n"), "{text:?}");
+    let m: Value = serde_json::from_str(events[0].split_once("data: ").unwrap().1).unwrap();
+    assert_eq!(m["finish_reason"], "stop", "{m}");
+    assert!(m["generated_tokens"].as_u64().unwrap() <= 1, "{m}");
     for (path, body, field) in [
         (
             "/generate",

@@ -4,7 +4,7 @@
 //! the engine runs them. The weights (96 MB) stream from memory as in serving; `--hot` reuses
 //! layer 0's matrices so that they stay in cache.
 //!
-//! `cargo run --release -p liftoff-engine --example step_matmuls [avx2|avx512vnni|scalar] [ROWS] [--hot]`
+//! `cargo run --release -p liftoff-engine --example step_matmuls [avx2|avx512vnni|amx|scalar] [ROWS] [--hot] [--vs FAMILY]`
 
 use liftoff_engine::quant::{gemm::gemm, quantize_rows, Isa, PackedMatrix, WeightKind};
 use std::time::Instant;
@@ -65,28 +65,46 @@ fn main() {
         pool.current_num_threads(),
         if hot { "in cache" } else { "from memory" }
     );
+    // `--vs ISA`: alternate with a second family step by step in the same process, so that
+    // both see the same machine (a shared host's speed moves within seconds).
+    let other = args
+        .iter()
+        .position(|a| a == "--vs")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|name| Isa::ALL.into_iter().find(|i| i.name() == name));
+    let isas: Vec<Isa> = std::iter::once(isa).chain(other).collect();
+    if let Some(o) = other {
+        if !o.available() {
+            eprintln!("{} is not available on this CPU", o.name());
+            std::process::exit(2);
+        }
+    }
     pool.install(|| {
         for round in 0..5 {
-            let (mut q4, mut lm) = (0.0, 0.0);
+            let (mut q4, mut lm) = (vec![0.0; isas.len()], vec![0.0; isas.len()]);
             let steps = 10;
-            for _ in 0..steps {
+            for step in 0..steps * isas.len() {
+                let (x, isa) = (step % isas.len(), isas[step % isas.len()]);
                 for (i, w) in layers.iter().enumerate() {
                     let w = if hot { &layers[i % 4] } else { w };
                     let a = if w.k() == 576 { &acts576 } else { &acts1536 };
                     let t = Instant::now();
                     std::hint::black_box(gemm(w, a, rows, isa));
-                    q4 += t.elapsed().as_secs_f64();
+                    q4[x] += t.elapsed().as_secs_f64();
                 }
                 let t = Instant::now();
                 std::hint::black_box(gemm(&head, &acts576, rows, isa));
-                lm += t.elapsed().as_secs_f64();
+                lm[x] += t.elapsed().as_secs_f64();
             }
             let ms = |s: f64| s / steps as f64 * 1e3;
-            println!(
-                "round {round}: Q4_1 projections {:.2} ms, Q8_0 LM head {:.2} ms per step",
-                ms(q4),
-                ms(lm)
-            );
+            for (x, isa) in isas.iter().enumerate() {
+                println!(
+                    "round {round}: {}: Q4_1 projections {:.2} ms, Q8_0 LM head {:.2} ms per step",
+                    isa.name(),
+                    ms(q4[x]),
+                    ms(lm[x])
+                );
+            }
         }
     });
 }

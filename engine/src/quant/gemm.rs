@@ -37,7 +37,7 @@ pub fn gemm(w: &PackedMatrix, acts: &[BlockQ8], m: usize, isa: Isa) -> Vec<f32> 
         return out;
     }
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Amx && amx::worth_it(m) {
+    if isa == Isa::Amx && amx::worth_it(w.kind(), m) {
         // SAFETY: `Isa::Amx` is only chosen when `amx::tiles::usable()`; each task's tiles
         // are configured and released on its own thread.
         amx::gemm_into(w, acts, m, &mut out, || unsafe {
@@ -452,16 +452,22 @@ mod tests {
         });
     }
 
-    /// The AMX GEMM's layouts (B tiles from panel pairs, activation tiles read in place, the
-    /// scaling of each block's sums) on a model of the tile instructions, so that they are
-    /// checked on CPUs without AMX; the hardware runs in the test above where the CPU has it.
+    /// The AMX GEMM for both weight kinds and every shape, whichever `gemm` would dispatch to
+    /// it (Q8_0 from 64 rows, [`amx::worth_it`]): on a model of the tile instructions, so that
+    /// its layouts (B tiles from panel pairs, packed activation tiles, the scaling of each
+    /// block's sums) are checked on CPUs without AMX, and on the tiles themselves where the CPU
+    /// has them.
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn amx_layouts_on_the_instruction_model() {
-        use super::super::amx::{gemm_into, tiles::Model};
+    fn the_amx_gemm_equals_the_reference_for_both_kinds() {
+        use super::super::amx::{gemm_into, tiles};
         if !Isa::Avx512Vnni.available() {
             println!("skipped: the AMX GEMM on the instruction model (this CPU lacks AVX-512)");
             return;
+        }
+        let hardware = tiles::usable();
+        if !hardware {
+            println!("skipped: the AMX GEMM on the tiles (this CPU lacks AMX)");
         }
         for kind in [WeightKind::Q4_1, WeightKind::Q8_0] {
             for (i, &(n, k, m)) in SHAPES.iter().enumerate() {
@@ -476,10 +482,30 @@ mod tests {
                         7 + i as u64,
                         |w, acts, m| {
                             let mut out = vec![0f32; m * w.n()];
-                            gemm_into(w, acts, m, &mut out, Model::new);
+                            gemm_into(w, acts, m, &mut out, tiles::Model::new);
                             out
                         },
                     );
+                    if hardware {
+                        check_with(
+                            kind,
+                            n,
+                            k,
+                            m,
+                            fill,
+                            "amx tiles",
+                            7 + i as u64,
+                            |w, acts, m| {
+                                let mut out = vec![0f32; m * w.n()];
+                                // SAFETY: `usable()` said the process may use the tiles; each
+                                // task configures its own.
+                                gemm_into(w, acts, m, &mut out, || unsafe {
+                                    tiles::Amx::configure()
+                                });
+                                out
+                            },
+                        );
+                    }
                 }
             }
         }

@@ -2,10 +2,10 @@
 //! AMX intrinsics are not stable), and in tests a model of the instructions written from
 //! Intel's pseudocode, so that the kernel's layouts are checked on machines without AMX too.
 //!
-//! The kernel uses two sets of three tiles, so that consecutive blocks never wait on each
-//! other: `C[s]` (tmm0/1: 16 activation rows x 16 int32), `A[s]` (tmm2/3: 16 activation rows
-//! x 32 signed bytes, one block) and `B[s]` (tmm4/5: 8 rows x 64 bytes, row `k` holding bytes
-//! `4k..4k+4` of each of 16 weight rows).
+//! The kernel keeps several blocks in flight: four accumulators `C[c]` (tmm0-3: 16 activation
+//! rows x 16 int32) and two sets of operands, `A[s]` (tmm4/5: 16 activation rows x 32 signed
+//! bytes, one block) and `B[s]` (tmm6/7: 8 rows x 64 bytes, row `k` holding bytes `4k..4k+4` of
+//! each of 16 weight rows). Accumulator `c` always takes its operands from set `c % 2`.
 
 /// Rows of an activation tile and weight rows of a B tile.
 pub const TILE: usize = 16;
@@ -13,13 +13,17 @@ pub const TILE: usize = 16;
 /// Bytes of one B tile (8 rows of 64 bytes).
 pub const B_BYTES: usize = 512;
 
-/// The tile operations the kernel needs; `s` (0 or 1) picks the set.
+/// Accumulators, and the operand sets they take from (`c % 2`).
+pub const ACCUMULATORS: usize = 4;
+
+/// The tile operations the kernel needs; `c` (0..4) picks an accumulator, `s` (0 or 1) a set
+/// of operands.
 pub trait Tiles {
-    /// `C[s] = 0`.
+    /// `C[c] = 0`.
     ///
     /// # Safety
     /// The tiles must be configured (hardware).
-    unsafe fn zero_c(&mut self, s: usize);
+    unsafe fn zero_c(&mut self, c: usize);
     /// `A[s]` = 16 rows of 32 bytes, row `r` at `src + r * stride`.
     ///
     /// # Safety
@@ -30,17 +34,17 @@ pub trait Tiles {
     /// # Safety
     /// `src` must hold [`B_BYTES`] readable bytes.
     unsafe fn load_b(&mut self, s: usize, src: *const u8);
-    /// `C[s] += A[s] · B[s]`: signed activation bytes against signed (`tdpbssd`) or unsigned
-    /// (`tdpbsud`) weight bytes.
+    /// `C[c] += A[c % 2] · B[c % 2]`: signed activation bytes against signed (`tdpbssd`) or
+    /// unsigned (`tdpbsud`) weight bytes.
     ///
     /// # Safety
     /// The tiles must be configured (hardware).
-    unsafe fn dot(&mut self, s: usize, unsigned_b: bool);
-    /// Stores `C[s]` as 16 rows of 16 `i32` at `dst`.
+    unsafe fn dot(&mut self, c: usize, unsigned_b: bool);
+    /// Stores `C[c]` as 16 rows of 16 `i32` at `dst`.
     ///
     /// # Safety
     /// `dst` must hold 256 writable `i32`.
-    unsafe fn store_c(&mut self, s: usize, dst: *mut i32);
+    unsafe fn store_c(&mut self, c: usize, dst: *mut i32);
 }
 
 /// Whether this CPU has AMX-TILE and AMX-INT8 and the kernel lets this process use them
@@ -108,10 +112,12 @@ mod hardware {
                 colsb: [0; 16],
                 rows: [0; 16],
             };
+            for t in 0..4 {
+                (c.rows[t], c.colsb[t]) = (TILE as u8, 64); // C
+            }
             for s in 0..2 {
-                (c.rows[s], c.colsb[s]) = (TILE as u8, 64); // C
-                (c.rows[2 + s], c.colsb[2 + s]) = (TILE as u8, 32); // A: one block
-                (c.rows[4 + s], c.colsb[4 + s]) = (8, 64); // B: 32 bytes / 4 rows
+                (c.rows[4 + s], c.colsb[4 + s]) = (TILE as u8, 32); // A: one block
+                (c.rows[6 + s], c.colsb[6 + s]) = (8, 64); // B: 32 bytes / 4 rows
             }
             c
         }
@@ -141,21 +147,22 @@ mod hardware {
 
     impl Tiles for Amx {
         #[inline(always)]
-        unsafe fn zero_c(&mut self, s: usize) {
-            if s == 0 {
-                asm!("tilezero tmm0", options(nostack, nomem));
-            } else {
-                asm!("tilezero tmm1", options(nostack, nomem));
+        unsafe fn zero_c(&mut self, c: usize) {
+            match c {
+                0 => asm!("tilezero tmm0", options(nostack, nomem)),
+                1 => asm!("tilezero tmm1", options(nostack, nomem)),
+                2 => asm!("tilezero tmm2", options(nostack, nomem)),
+                _ => asm!("tilezero tmm3", options(nostack, nomem)),
             }
         }
 
         #[inline(always)]
         unsafe fn load_a(&mut self, s: usize, src: *const u8, stride: usize) {
             if s == 0 {
-                asm!("tileloadd tmm2, [{p} + {s}*1]", p = in(reg) src, s = in(reg) stride,
+                asm!("tileloadd tmm4, [{p} + {s}*1]", p = in(reg) src, s = in(reg) stride,
                     options(nostack, readonly));
             } else {
-                asm!("tileloadd tmm3, [{p} + {s}*1]", p = in(reg) src, s = in(reg) stride,
+                asm!("tileloadd tmm5, [{p} + {s}*1]", p = in(reg) src, s = in(reg) stride,
                     options(nostack, readonly));
             }
         }
@@ -163,32 +170,39 @@ mod hardware {
         #[inline(always)]
         unsafe fn load_b(&mut self, s: usize, src: *const u8) {
             if s == 0 {
-                asm!("tileloadd tmm4, [{p} + {s}*1]", p = in(reg) src, s = in(reg) 64usize,
+                asm!("tileloadd tmm6, [{p} + {s}*1]", p = in(reg) src, s = in(reg) 64usize,
                     options(nostack, readonly));
             } else {
-                asm!("tileloadd tmm5, [{p} + {s}*1]", p = in(reg) src, s = in(reg) 64usize,
+                asm!("tileloadd tmm7, [{p} + {s}*1]", p = in(reg) src, s = in(reg) 64usize,
                     options(nostack, readonly));
             }
         }
 
         #[inline(always)]
-        unsafe fn dot(&mut self, s: usize, unsigned_b: bool) {
-            match (s, unsigned_b) {
-                (0, false) => asm!("tdpbssd tmm0, tmm2, tmm4", options(nostack, nomem)),
-                (0, true) => asm!("tdpbsud tmm0, tmm2, tmm4", options(nostack, nomem)),
-                (_, false) => asm!("tdpbssd tmm1, tmm3, tmm5", options(nostack, nomem)),
-                (_, true) => asm!("tdpbsud tmm1, tmm3, tmm5", options(nostack, nomem)),
+        unsafe fn dot(&mut self, c: usize, unsigned_b: bool) {
+            match (c, unsigned_b) {
+                (0, false) => asm!("tdpbssd tmm0, tmm4, tmm6", options(nostack, nomem)),
+                (0, true) => asm!("tdpbsud tmm0, tmm4, tmm6", options(nostack, nomem)),
+                (1, false) => asm!("tdpbssd tmm1, tmm5, tmm7", options(nostack, nomem)),
+                (1, true) => asm!("tdpbsud tmm1, tmm5, tmm7", options(nostack, nomem)),
+                (2, false) => asm!("tdpbssd tmm2, tmm4, tmm6", options(nostack, nomem)),
+                (2, true) => asm!("tdpbsud tmm2, tmm4, tmm6", options(nostack, nomem)),
+                (_, false) => asm!("tdpbssd tmm3, tmm5, tmm7", options(nostack, nomem)),
+                (_, true) => asm!("tdpbsud tmm3, tmm5, tmm7", options(nostack, nomem)),
             }
         }
 
         #[inline(always)]
-        unsafe fn store_c(&mut self, s: usize, dst: *mut i32) {
-            if s == 0 {
-                asm!("tilestored [{p} + {s}*1], tmm0", p = in(reg) dst, s = in(reg) 64usize,
-                    options(nostack));
-            } else {
-                asm!("tilestored [{p} + {s}*1], tmm1", p = in(reg) dst, s = in(reg) 64usize,
-                    options(nostack));
+        unsafe fn store_c(&mut self, c: usize, dst: *mut i32) {
+            match c {
+                0 => asm!("tilestored [{p} + {s}*1], tmm0", p = in(reg) dst, s = in(reg) 64usize,
+                    options(nostack)),
+                1 => asm!("tilestored [{p} + {s}*1], tmm1", p = in(reg) dst, s = in(reg) 64usize,
+                    options(nostack)),
+                2 => asm!("tilestored [{p} + {s}*1], tmm2", p = in(reg) dst, s = in(reg) 64usize,
+                    options(nostack)),
+                _ => asm!("tilestored [{p} + {s}*1], tmm3", p = in(reg) dst, s = in(reg) 64usize,
+                    options(nostack)),
             }
         }
     }
@@ -200,7 +214,7 @@ mod hardware {
     /// [`super::usable`] must have returned true.
     pub unsafe fn peak_loop(iters: u64) -> u64 {
         let mut cfg = Config::kernel();
-        for t in 0..6 {
+        for t in 0..8 {
             (cfg.rows[t], cfg.colsb[t]) = (TILE as u8, 64);
         }
         asm!("ldtilecfg [{}]", in(reg) &cfg, options(nostack, readonly));
@@ -233,7 +247,7 @@ pub use hardware::peak_loop;
 /// The instructions as Intel's pseudocode defines them, on tiles in memory (tests only).
 #[cfg(test)]
 pub struct Model {
-    c: [[i32; TILE * TILE]; 2],
+    c: [[i32; TILE * TILE]; ACCUMULATORS],
     a: [[i8; TILE * 32]; 2],
     b: [[u8; B_BYTES]; 2],
 }
@@ -242,7 +256,7 @@ pub struct Model {
 impl Model {
     pub fn new() -> Self {
         Model {
-            c: [[0; TILE * TILE]; 2],
+            c: [[0; TILE * TILE]; ACCUMULATORS],
             a: [[0; TILE * 32]; 2],
             b: [[0; B_BYTES]; 2],
         }
@@ -251,8 +265,8 @@ impl Model {
 
 #[cfg(test)]
 impl Tiles for Model {
-    unsafe fn zero_c(&mut self, s: usize) {
-        self.c[s] = [0; TILE * TILE];
+    unsafe fn zero_c(&mut self, c: usize) {
+        self.c[c] = [0; TILE * TILE];
     }
 
     unsafe fn load_a(&mut self, s: usize, src: *const u8, stride: usize) {
@@ -267,7 +281,8 @@ impl Tiles for Model {
         self.b[s].copy_from_slice(std::slice::from_raw_parts(src, B_BYTES));
     }
 
-    unsafe fn dot(&mut self, s: usize, unsigned_b: bool) {
+    unsafe fn dot(&mut self, c: usize, unsigned_b: bool) {
+        let s = c % 2;
         // for m < C.rows, k < A.colsb / 4, n < C.colsb / 4:
         //     C[m].dword[n] += sum over i < 4 of A[m].byte[4k + i] * B[k].byte[4n + i]
         for m in 0..TILE {
@@ -279,14 +294,14 @@ impl Tiles for Model {
                         let b = if unsigned_b { b as i32 } else { b as i8 as i32 };
                         sum += self.a[s][m * 32 + 4 * k + i] as i32 * b;
                     }
-                    self.c[s][m * TILE + n] = self.c[s][m * TILE + n].wrapping_add(sum);
+                    self.c[c][m * TILE + n] = self.c[c][m * TILE + n].wrapping_add(sum);
                 }
             }
         }
     }
 
-    unsafe fn store_c(&mut self, s: usize, dst: *mut i32) {
-        std::ptr::copy_nonoverlapping(self.c[s].as_ptr(), dst, TILE * TILE);
+    unsafe fn store_c(&mut self, c: usize, dst: *mut i32) {
+        std::ptr::copy_nonoverlapping(self.c[c].as_ptr(), dst, TILE * TILE);
     }
 }
 
