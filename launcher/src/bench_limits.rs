@@ -1,6 +1,6 @@
 //! `liftoff bench limits`: the machine's limits as JSON, for `benches/cpu.sh`.
 
-use liftoff_engine::quant::{limits, Isa};
+use liftoff_engine::quant::{limits, Isa, WeightKind};
 use serde_json::{json, Value};
 
 /// Measures and describes this machine.
@@ -50,8 +50,9 @@ pub fn measure() -> Value {
             "isa": isa.name(),
             "available": true,
             "int8_peak_macs_per_s": limits::int8_peak(isa),
-            "gemm_q4_1_512x1536x576_macs_per_s": limits::gemm_rate(isa, 512, 1536, 576, 3),
-            "gemm_q4_1_16x1536x576_macs_per_s": limits::gemm_rate(isa, 16, 1536, 576, 20),
+            "gemm_q4_1_512x1536x576_macs_per_s": limits::gemm_rate(isa, WeightKind::Q4_1, 512, 1536, 576, 3),
+            "gemm_q4_1_16x1536x576_macs_per_s": limits::gemm_rate(isa, WeightKind::Q4_1, 16, 1536, 576, 20),
+            "gemm_q8_0_512x1536x576_macs_per_s": limits::gemm_rate(isa, WeightKind::Q8_0, 512, 1536, 576, 3),
         }));
     }
     json!({

@@ -4,7 +4,7 @@
 
 use super::activation::quantize_rows;
 use super::isa::Isa;
-use super::packed::{PackedMatrix, WeightKind, Q4_1_BYTES};
+use super::packed::{PackedMatrix, WeightKind};
 use rayon::prelude::*;
 use std::time::Instant;
 
@@ -128,9 +128,9 @@ pub fn int8_peak(isa: Isa) -> Option<f64> {
     Some(macs as f64 / t.elapsed().as_secs_f64())
 }
 
-/// Achieved int8 multiply-adds per second of the Q4_1 GEMM, `m` activation rows against an
-/// `n x k` matrix, best of `reps`.
-pub fn gemm_rate(isa: Isa, m: usize, n: usize, k: usize, reps: usize) -> f64 {
+/// Achieved int8 multiply-adds per second of the GEMM on a `kind` matrix, `m` activation rows
+/// against an `n x k` matrix, best of `reps`.
+pub fn gemm_rate(isa: Isa, kind: WeightKind, m: usize, n: usize, k: usize, reps: usize) -> f64 {
     let mut s = 0x9E3779B97F4A7C15u64;
     let mut next = || {
         s = s
@@ -138,13 +138,18 @@ pub fn gemm_rate(isa: Isa, m: usize, n: usize, k: usize, reps: usize) -> f64 {
             .wrapping_add(1442695040888963407);
         (s >> 33) as u32
     };
-    let mut ggml = Vec::with_capacity(n * k / 32 * Q4_1_BYTES);
+    let mut ggml = Vec::with_capacity(n * k / 32 * kind.ggml_block_bytes());
     for _ in 0..n * k / 32 {
         ggml.extend_from_slice(&half::f16::from_f32(0.01).to_bits().to_le_bytes());
-        ggml.extend_from_slice(&half::f16::from_f32(-0.05).to_bits().to_le_bytes());
-        ggml.extend((0..16).map(|_| next() as u8));
+        match kind {
+            WeightKind::Q4_1 => {
+                ggml.extend_from_slice(&half::f16::from_f32(-0.05).to_bits().to_le_bytes());
+                ggml.extend((0..16).map(|_| next() as u8));
+            }
+            WeightKind::Q8_0 => ggml.extend((0..32).map(|_| next() as u8)),
+        }
     }
-    let w = PackedMatrix::pack(WeightKind::Q4_1, &ggml, n, k);
+    let w = PackedMatrix::pack(kind, &ggml, n, k);
     let xs: Vec<f32> = (0..m * k)
         .map(|_| next() as f32 / u32::MAX as f32 - 0.5)
         .collect();
