@@ -9,7 +9,7 @@
 //! weights (16.5 MB of bf16, 33 MB of f32 with the head) come mostly from L3 and the step measures the kernel's arithmetic and per-call
 //! costs instead.
 //!
-//! `cargo run --release -p liftoff-engine --example dense_step [f32|bf16] [ROWS] [STEPS] [--hot]`
+//! `cargo run --release -p liftoff-engine --example dense_step [f32|bf16] [ROWS] [STEPS] [--hot] [--prefetch-ab]`
 
 use candle_core::{DType, Device, Tensor};
 use liftoff_engine::dense::PackedDense;
@@ -29,6 +29,8 @@ fn main() -> candle_core::Result<()> {
         .unwrap_or(20)
         .max(1);
     let hot = args.iter().any(|a| a == "--hot");
+    // `--prefetch-ab`: single-row software prefetch on and off on alternate steps.
+    let prefetch_ab = args.iter().any(|a| a == "--prefetch-ab");
     let cpu = Device::Cpu;
     let matrix = |n: usize, k: usize, seed: usize| -> candle_core::Result<Tensor> {
         let v: Vec<f32> = (0..n * k)
@@ -80,8 +82,12 @@ fn main() -> candle_core::Result<()> {
             .install(|| read_bandwidth_series(256 << 20, 1.0))
             .mean();
         let mut times = Vec::new();
+        let mut ab = [Vec::new(), Vec::new()];
         liftoff_engine::model::warm_threads::install(&pool, || -> candle_core::Result<()> {
-            for _ in 0..steps {
+            for step in 0..steps {
+                if prefetch_ab {
+                    liftoff_engine::prefetch::set_single_row(step % 2 == 1);
+                }
                 let t = Instant::now();
                 for m in order.iter().map(|&i| &packed[i]) {
                     let xs = if m.dims().1 == 576 { &x576 } else { &x1536 };
@@ -89,6 +95,7 @@ fn main() -> candle_core::Result<()> {
                         .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
                 }
                 times.push(t.elapsed().as_secs_f64());
+                ab[step % 2].push(t.elapsed().as_secs_f64());
             }
             Ok(())
         })?;
@@ -108,6 +115,14 @@ fn main() -> candle_core::Result<()> {
             before / 1e9,
             after / 1e9
         );
+        if prefetch_ab {
+            let ms = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64 * 1e3;
+            println!(
+                "round {round}: single-row prefetch on {:.2} ms, off {:.2} ms per step (alternate steps)",
+                ms(&ab[1]),
+                ms(&ab[0])
+            );
+        }
     }
     Ok(())
 }

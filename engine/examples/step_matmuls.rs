@@ -4,7 +4,7 @@
 //! the engine runs them. The weights (96 MB) stream from memory as in serving; `--hot` reuses
 //! layer 0's matrices so that they stay in cache.
 //!
-//! `cargo run --release -p liftoff-engine --example step_matmuls [avx2|avx512vnni|amx|scalar] [ROWS] [--hot] [--vs FAMILY]`
+//! `cargo run --release -p liftoff-engine --example step_matmuls [avx2|avx512vnni|amx|scalar] [ROWS] [--hot] [--vs FAMILY | --prefetch-ab]`
 
 use liftoff_engine::quant::{gemm::gemm, quantize_rows, Isa, PackedMatrix, WeightKind};
 use std::time::Instant;
@@ -72,7 +72,12 @@ fn main() {
         .position(|a| a == "--vs")
         .and_then(|i| args.get(i + 1))
         .and_then(|name| Isa::ALL.into_iter().find(|i| i.name() == name));
-    let isas: Vec<Isa> = std::iter::once(isa).chain(other).collect();
+    // `--prefetch-ab`: single-row software prefetch off and on on alternate steps.
+    let prefetch_ab = args.iter().any(|a| a == "--prefetch-ab");
+    let mut isas: Vec<Isa> = std::iter::once(isa).chain(other).collect();
+    if prefetch_ab {
+        isas = vec![isa, isa];
+    }
     if let Some(o) = other {
         if !o.available() {
             eprintln!("{} is not available on this CPU", o.name());
@@ -84,7 +89,11 @@ fn main() {
             let (mut q4, mut lm) = (vec![0.0; isas.len()], vec![0.0; isas.len()]);
             let steps = 10;
             for step in 0..steps * isas.len() {
-                let (x, isa) = (step % isas.len(), isas[step % isas.len()]);
+                let (mut x, isa) = (step % isas.len(), isas[step % isas.len()]);
+                if prefetch_ab {
+                    x = step % 2;
+                    liftoff_engine::prefetch::set_single_row(x == 1);
+                }
                 for (i, w) in layers.iter().enumerate() {
                     let w = if hot { &layers[i % 4] } else { w };
                     let a = if w.k() == 576 { &acts576 } else { &acts1536 };
@@ -98,9 +107,13 @@ fn main() {
             }
             let ms = |s: f64| s / steps as f64 * 1e3;
             for (x, isa) in isas.iter().enumerate() {
+                let label = match (prefetch_ab, x) {
+                    (true, 0) => format!("{} without single-row prefetch", isa.name()),
+                    (true, _) => format!("{} with single-row prefetch", isa.name()),
+                    _ => isa.name().to_string(),
+                };
                 println!(
-                    "round {round}: {}: Q4_1 projections {:.2} ms, Q8_0 LM head {:.2} ms per step",
-                    isa.name(),
+                    "round {round}: {label}: Q4_1 projections {:.2} ms, Q8_0 LM head {:.2} ms per step",
                     ms(q4[x]),
                     ms(lm[x])
                 );

@@ -14,6 +14,7 @@ pub mod model;
 pub mod model_runner;
 pub mod oneshot;
 pub mod parallel;
+pub mod prefetch;
 pub mod profile;
 pub mod quant;
 pub mod sampling;

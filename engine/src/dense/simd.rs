@@ -14,12 +14,12 @@ use std::ops::Range;
 /// Groups ahead of the one being computed whose weights are prefetched (2 KB of bf16, 4 KB of
 /// f32): enough reads in flight for one core to stream at the machine's rate.
 ///
-/// Not for a single activation row: its steps stream the tiles in order at a pace the
-/// hardware prefetcher keeps up with, and the prefetches only cost issue slots. Alternating
-/// per token in one decode (2 x 123 tokens a run, Zen 4, 2026-12-03), a token took 4-8 % less
-/// time without them in f32 (5 runs of 5) and 0.7-6 % less in bf16 (4 runs of 5), while at
-/// concurrency 16 they saved 2 % (1 run per dtype). The int8 GEMM draws the same line (see
-/// `quant::gemm`).
+/// For a single activation row only where [`crate::prefetch::single_row`] says so: on a Zen 4
+/// its steps stream the tiles in order at a pace the hardware prefetcher keeps up with, and the
+/// prefetches only cost issue slots. Alternating per token in one decode (2 x 123 tokens a
+/// run, Zen 4, 2026-12-03), a token took 4-8 % less time without them in f32 (5 runs of 5) and
+/// 0.7-6 % less in bf16 (4 runs of 5), while at concurrency 16 they saved 2 % (1 run per
+/// dtype). On a Xeon a bf16 token took 22 % less with them.
 const PREFETCH_GROUPS: usize = 32;
 
 /// Weight bytes of a block of tiles that every step of activation rows walks in turn: half
@@ -164,7 +164,7 @@ unsafe fn chunk_in<V: Vector, W: Lane, const S: usize>(
                         groups: g0..g1,
                         resume: g0 > 0,
                         last: g1 == groups,
-                        prefetch: m > 1 && s == step_block.start,
+                        prefetch: (m > 1 || crate::prefetch::single_row()) && s == step_block.start,
                     };
                     let mut acc = partial.get_mut(s);
                     for t in b..block_end {

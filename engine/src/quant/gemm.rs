@@ -118,14 +118,15 @@ unsafe fn store_partial_row<const W: usize>(dst: *mut f32, vals: &[f32; W], cols
     std::ptr::copy_nonoverlapping(vals.as_ptr(), dst, cols.min(W))
 }
 
-/// Whether tiles over `rows` activation rows ask for the next panel's weights: not for a
-/// single row, whose tiles stream the panels in order at a pace the hardware prefetcher
-/// keeps up with, so the prefetches only cost issue slots. Chosen per served step in one
-/// process (a pseudo-random half of the steps with them, Zen 4, AVX-512 VNNI, 2026-12-03),
-/// in ms per step with / without: 1 row 5.71 / 5.45 (and 5.20 / 5.00, 5.38 / 5.15 in
-/// single-stream decodes), 2 rows 5.77 / 5.95, 4 rows 8.52 / 8.60, 7 rows 9.56 / 11.51.
+/// Whether tiles over `rows` activation rows ask for the next panel's weights: for a single
+/// row only where [`crate::prefetch::single_row`] says so. On a Zen 4 a single row's tiles
+/// stream the panels in order at a pace the hardware prefetcher keeps up with, so the
+/// prefetches only cost issue slots. Chosen per served step in one process (a pseudo-random
+/// half of the steps with them, Zen 4, AVX-512 VNNI, 2026-12-03), in ms per step with /
+/// without: 1 row 5.71 / 5.45 (and 5.20 / 5.00, 5.38 / 5.15 in single-stream decodes), 2 rows
+/// 5.77 / 5.95, 4 rows 8.52 / 8.60, 7 rows 9.56 / 11.51.
 fn prefetch_panels(rows: usize) -> bool {
-    rows > 1
+    rows > 1 || crate::prefetch::single_row()
 }
 
 /// Activation rows `rows` against panels `p` and `p + 1` in tiles of up to [`PAIR_ACTS`]
