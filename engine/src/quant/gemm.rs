@@ -470,8 +470,19 @@ mod tests {
         if !hardware {
             println!("skipped: the AMX GEMM on the tiles (this CPU lacks AMX)");
         }
+        /// The GEMM with tiles made by `new` on each task's thread.
+        fn on<T: tiles::Tiles>(
+            new: impl Fn() -> T + Sync + Copy,
+        ) -> impl Fn(&PackedMatrix, &[BlockQ8], usize) -> Vec<f32> {
+            move |w, acts, m| {
+                let mut out = vec![0f32; m * w.n()];
+                gemm_into(w, acts, m, &mut out, new);
+                out
+            }
+        }
         for kind in [WeightKind::Q4_1, WeightKind::Q8_0] {
             for (i, &(n, k, m)) in SHAPES.iter().enumerate() {
+                let seed = 7 + i as u64;
                 for fill in FILLS {
                     check_with(
                         kind,
@@ -480,32 +491,14 @@ mod tests {
                         m,
                         fill,
                         "amx model",
-                        7 + i as u64,
-                        |w, acts, m| {
-                            let mut out = vec![0f32; m * w.n()];
-                            gemm_into(w, acts, m, &mut out, tiles::Model::new);
-                            out
-                        },
+                        seed,
+                        on(tiles::Model::new),
                     );
                     if hardware {
-                        check_with(
-                            kind,
-                            n,
-                            k,
-                            m,
-                            fill,
-                            "amx tiles",
-                            7 + i as u64,
-                            |w, acts, m| {
-                                let mut out = vec![0f32; m * w.n()];
-                                // SAFETY: `usable()` said the process may use the tiles; each
-                                // task configures its own.
-                                gemm_into(w, acts, m, &mut out, || unsafe {
-                                    tiles::Amx::configure()
-                                });
-                                out
-                            },
-                        );
+                        // SAFETY: `usable()` said the process may use the tiles; each task
+                        // configures its own.
+                        let new = || unsafe { tiles::Amx::configure() };
+                        check_with(kind, n, k, m, fill, "amx tiles", seed, on(new));
                     }
                 }
             }
