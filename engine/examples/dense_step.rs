@@ -94,8 +94,9 @@ fn main() -> candle_core::Result<()> {
                     m.matmul_t(xs)
                         .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
                 }
-                times.push(t.elapsed().as_secs_f64());
-                ab[step % 2].push(t.elapsed().as_secs_f64());
+                let took = t.elapsed().as_secs_f64();
+                times.push(took);
+                ab[step % 2].push(took);
             }
             Ok(())
         })?;

@@ -74,10 +74,17 @@ fn main() {
         .and_then(|name| Isa::ALL.into_iter().find(|i| i.name() == name));
     // `--prefetch-ab`: single-row software prefetch off and on on alternate steps.
     let prefetch_ab = args.iter().any(|a| a == "--prefetch-ab");
-    let mut isas: Vec<Isa> = std::iter::once(isa).chain(other).collect();
-    if prefetch_ab {
-        isas = vec![isa, isa];
+    if prefetch_ab && other.is_some() {
+        eprintln!("--vs and --prefetch-ab each alternate steps: give one of them");
+        std::process::exit(2);
     }
+    // The families alternated step by step; with `--prefetch-ab` the same one twice, the
+    // second with the prefetch.
+    let isas: Vec<Isa> = if prefetch_ab {
+        vec![isa, isa]
+    } else {
+        std::iter::once(isa).chain(other).collect()
+    };
     if let Some(o) = other {
         if !o.available() {
             eprintln!("{} is not available on this CPU", o.name());
@@ -89,9 +96,8 @@ fn main() {
             let (mut q4, mut lm) = (vec![0.0; isas.len()], vec![0.0; isas.len()]);
             let steps = 10;
             for step in 0..steps * isas.len() {
-                let (mut x, isa) = (step % isas.len(), isas[step % isas.len()]);
+                let (x, isa) = (step % isas.len(), isas[step % isas.len()]);
                 if prefetch_ab {
-                    x = step % 2;
                     liftoff_engine::prefetch::set_single_row(x == 1);
                 }
                 for (i, w) in layers.iter().enumerate() {

@@ -15,10 +15,11 @@ use super::packed::{PackedMatrix, WeightKind};
 /// Whether the AMX GEMM is used for `m` activation rows of a `kind` matrix: where it was
 /// measured faster than the AVX-512 VNNI kernels. On a Xeon with AMX (2 threads,
 /// `examples/step_matmuls.rs --vs avx512vnni`, alternated step by step) the Q8_0 LM head took
-/// 3.6 against 3.5 ms at 32 rows, 4.6 against 5.1 at 48, 6.1 against 7.0 at 64 and 50 against
-/// 66 at 512. Q4_1 never gained: its nibbles must be unpacked into B tiles, which the VNNI
-/// kernels do in registers, and its projections took 10-11 against 5.2 ms at 16 rows, 46-48
-/// against 40 at 128 and the same (148-157 ms) at 512.
+/// 3.6 against 3.5 ms at 32 rows and 4.6 against 5.1 at 48 (a version before the last), then
+/// 5.5 against 6.4 at 64, 14.8 against 15.5 at 128 and 49-51 against 65 at 512. Q4_1 never
+/// gained: its nibbles must be unpacked into B tiles, which the VNNI kernels do in registers,
+/// and its projections took 11.3 against 5.2 ms at 16 rows, 45.9 against 39.6 at 128 and
+/// 157 against 159 at 512.
 pub fn worth_it(kind: WeightKind, m: usize) -> bool {
     kind == WeightKind::Q8_0 && m >= 64
 }
